@@ -1,0 +1,188 @@
+"""The model contract shared by every architecture of the zoo.
+
+A :class:`ForceField` maps a batch (a torch-geometric ``Batch`` holding the fields of
+:mod:`datapipe.keys`) to ``{"energy": [B] eV, "forces": [N, 3] eV/Å}``. Subclasses implement
+:meth:`ForceField.interact`, which returns per-atom energies in normalised units and, for a
+direct force head, per-atom forces in normalised units. The base class does everything that is
+the same for all architectures:
+
+- input checks with clear errors (unsupported elements, coincident atoms), naming the structure;
+- edge vectors from positions (differentiable, so conservative forces are exact);
+- the sum of per-atom energies per structure;
+- de-normalisation: ``E = Σ_i E_ref[Z_i] + σ · Ê`` and ``F = σ · F̂`` with per-element linear
+  references ``E_ref`` (eV) and the training force RMS ``σ`` (eV/Å), so that the training loss in
+  normalised units is the paper's loss (arXiv 2510.09768: per-atom energy MAE + per-atom force
+  L2 norm, forces divided by the force RMS);
+- forces either from the direct head or as ``F = −∂E/∂positions`` (computed inside ``forward``,
+  as DeepSpeed requires).
+
+References and σ are kept in float64 outside the parameter/buffer tree, so that an engine that
+casts the module to bf16 cannot round a −10⁴ eV reference to the nearest 64 eV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from datapipe import keys
+
+
+class ForceField(nn.Module):
+    """Base class of every zoo model.
+
+    Parameters
+    ----------
+    cutoff : float
+        Radius of the interaction graph, Å. Edges of the batch longer than this are dropped.
+    direct_forces : bool
+        True: forces from a direct (non-conservative) head, the paper's choice.
+        False: forces are ``−∂E/∂positions`` (conservative; needs a double backward to train).
+    max_atomic_number : int
+        Largest Z the embedding accepts; Z < 1 or Z > this raises ``ValueError``.
+    min_distance : float
+        Two atoms of one structure closer than this (Å) raise ``ValueError`` naming the
+        structure (coincident atoms give undefined directions and infinite energies).
+    """
+
+    def __init__(
+        self,
+        *,
+        cutoff: float = keys.DEFAULT_CUTOFF,
+        direct_forces: bool = True,
+        max_atomic_number: int = keys.MAX_ATOMIC_NUMBER,
+        min_distance: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.direct_forces = bool(direct_forces)
+        self.max_atomic_number = int(max_atomic_number)
+        self.min_distance = float(min_distance)
+        self.element_references = torch.zeros(self.max_atomic_number + 1, dtype=torch.float64)
+        self.force_rms = 1.0
+
+    # ------------------------------------------------------------------------------------------
+    def set_normalization(self, element_references: Sequence[float] | None, force_rms: float) -> None:
+        """Set per-element energy references (eV, indexed by Z) and the force scale σ (eV/Å).
+
+        Raises ``ValueError`` if σ is not positive and finite or the references are not finite.
+        """
+        if not (force_rms > 0 and torch.isfinite(torch.tensor(force_rms))):
+            raise ValueError(f"force_rms must be positive and finite, got {force_rms}")
+        refs = torch.zeros(self.max_atomic_number + 1, dtype=torch.float64)
+        if element_references is not None:
+            given = torch.as_tensor(list(element_references), dtype=torch.float64)
+            if not torch.isfinite(given).all():
+                raise ValueError("element_references contain NaN or inf")
+            n = min(len(given), len(refs))
+            refs[:n] = given[:n]
+        self.element_references = refs
+        self.force_rms = float(force_rms)
+
+    def normalization(self) -> dict:
+        """The normalisation as JSON-ready data: ``{"element_references": [...], "force_rms": σ}``."""
+        return {"element_references": self.element_references.tolist(), "force_rms": self.force_rms}
+
+    # ------------------------------------------------------------------------------------------
+    def interact(
+        self,
+        atomic_numbers: torch.Tensor,
+        positions: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        batch: torch.Tensor,
+        charge: torch.Tensor,
+        spin: torch.Tensor,
+        num_graphs: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Architecture-specific part. Implemented by subclasses.
+
+        Parameters
+        ----------
+        atomic_numbers : ``[N]`` int64. positions : ``[N, 3]`` Å. edge_index : ``[2, E]``
+        (source, target), only edges shorter than ``self.cutoff``. edge_vectors : ``[E, 3]`` Å,
+        positions[source] − positions[target]. batch : ``[N]`` int64. charge, spin : ``[B]`` int64.
+
+        Returns
+        -------
+        node_energy : ``[N]`` per-atom energy, normalised units (divided by σ).
+        forces : ``[N, 3]`` normalised direct forces, or None when ``direct_forces`` is False.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------
+    def check_input(self, batch) -> None:
+        """Raise ``ValueError`` naming the structure for unsupported elements or coincident atoms."""
+        z = batch[keys.ATOMIC_NUMBERS]
+        bad = (z < 1) | (z > self.max_atomic_number)
+        if bool(bad.any()):
+            atom = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"structure {_structure_name(batch, atom)}: unsupported element Z={int(z[atom])} "
+                f"(this model embeds Z = 1..{self.max_atomic_number})"
+            )
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        """Energy ``[B]`` (eV) and forces ``[N, 3]`` (eV/Å) of every structure in ``batch``."""
+        self.check_input(batch)
+        atomic_numbers = batch[keys.ATOMIC_NUMBERS]  # [N]
+        node_batch = batch[keys.BATCH]  # [N]
+        num_graphs = int(batch.num_graphs)
+        dtype = next(self.parameters()).dtype
+        positions = batch[keys.POSITIONS].to(dtype)  # [N, 3]
+        if not self.direct_forces:
+            # a non-leaf view: autograd.grad w.r.t. it works under engines and flop counters
+            positions = positions.detach().requires_grad_(True).view_as(positions)
+        edge_index = batch[keys.EDGE_INDEX]  # [2, E]
+        source, target = edge_index[0], edge_index[1]
+        edge_vectors = positions[source] - positions[target]  # [E, 3]
+        lengths = edge_vectors.detach().norm(dim=-1)  # [E]
+        if lengths.numel() and bool((lengths < self.min_distance).any()):
+            edge = int((lengths < self.min_distance).nonzero()[0, 0])
+            raise ValueError(
+                f"structure {_structure_name(batch, int(target[edge]))}: atoms {int(source[edge])} and "
+                f"{int(target[edge])} are {float(lengths[edge]):.3g} Å apart (coincident atoms)"
+            )
+        keep = lengths < self.cutoff
+        if not bool(keep.all()):
+            edge_index, edge_vectors = edge_index[:, keep], edge_vectors[keep]
+
+        node_energy, direct = self.interact(
+            atomic_numbers,
+            positions,
+            edge_index,
+            edge_vectors,
+            node_batch,
+            batch[keys.CHARGE],
+            batch[keys.SPIN],
+            num_graphs,
+        )  # [N], [N, 3] | None
+        normalised = torch.zeros(num_graphs, dtype=node_energy.dtype, device=node_energy.device)
+        normalised = normalised.index_add(0, node_batch, node_energy)  # [B]
+
+        refs = self.element_references.to(positions.device)
+        reference = torch.zeros(num_graphs, dtype=torch.float64, device=positions.device)
+        reference = reference.index_add(0, node_batch, refs[atomic_numbers])  # [B] eV
+        energy = reference + self.force_rms * normalised.double()  # [B] eV
+
+        if self.direct_forces:
+            forces = self.force_rms * direct  # [N, 3] eV/Å
+        else:
+            (gradient,) = torch.autograd.grad(
+                normalised.sum(), positions, create_graph=self.training, allow_unused=True
+            )
+            if gradient is None:  # no edge anywhere and no position dependence
+                gradient = torch.zeros_like(positions)
+            forces = -self.force_rms * gradient  # [N, 3] eV/Å
+        return {keys.ENERGY: energy, keys.FORCES: forces}
+
+
+def _structure_name(batch, atom: int) -> str:
+    """The id of the structure that holds ``atom`` (falls back to its index in the batch)."""
+    index = int(batch[keys.BATCH][atom])
+    ids = getattr(batch, keys.STRUCTURE_ID, None)
+    if isinstance(ids, (list, tuple)) and index < len(ids) and ids[index]:
+        return f"{ids[index]!r} (#{index} in batch)"
+    return f"#{index} in batch"
