@@ -254,7 +254,8 @@ def xtb_single_point(numbers: np.ndarray, positions: np.ndarray, charge: int, sp
     energy : float
         Total energy, eV (Hartree x 27.211386245988).
     forces : np.ndarray
-        ``[n_atoms, 3]`` forces ``-dE/dr``, eV/Å (gradient in Hartree/Bohr x Hartree/Bohr).
+        ``[n_atoms, 3]`` forces ``-dE/dr``, eV/Å: minus the gradient in Hartree/Bohr times
+        27.211386245988 / 0.529177210903.
 
     Raises
     ------
@@ -272,7 +273,9 @@ def xtb_single_point(numbers: np.ndarray, positions: np.ndarray, charge: int, sp
     calc.set("verbosity", 0)
     calc.set("accuracy", cfg.xtb_accuracy)
     calc.set("max-iter", cfg.xtb_max_iter)
-    calc.set("temperature", cfg.xtb_temperature * 3.166808578545117e-06)  # K -> Hartree (k_B)
+    # K -> Hartree with k_B = 3.166808578545117e-6 Eh/K (xtb's value; 300 K is tblite's default)
+    calc.set("temperature", cfg.xtb_temperature * 3.166808578545117e-06)
+
     res = calc.singlepoint()
     energy = float(res.get("energy")) * HARTREE_EV
     forces = -np.asarray(res.get("gradient"), dtype=np.float64) * (HARTREE_EV / BOHR_ANGSTROM)

@@ -130,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sigma-max", type=float, default=d.sigma_max, help="Å")
     p.add_argument("--max-atoms", type=int, default=d.max_atoms)
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--rows-per-file", type=int, default=2000)
+    p.add_argument("--rows-per-file", type=int, default=1000, help="structures per .aselmdb file")
     p.add_argument("--overwrite", action="store_true", help="replace existing .aselmdb files in --out")
     return p.parse_args(argv)
 
@@ -177,7 +177,8 @@ def main(argv=None) -> dict:
 
     splits = {"train": [], "val": []}
     for r in results:
-        splits["val" if is_validation(cfg.seed, r.candidate.nci_index, cfg.val_fraction) else "train"].append(r)
+        in_val = is_validation(cfg.seed, r.candidate.nci_index, cfg.val_fraction)
+        splits["val" if in_val else "train"].append(r)
     summary = {
         "command": "python -m datapipe.generate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "config": asdict(cfg),
@@ -197,6 +198,7 @@ def main(argv=None) -> dict:
     summary["wall_time_s"] = round(time.time() - t0, 1)
     summary["label_time_s"] = round(t_label, 1)
     summary["workers"] = args.workers
+    summary["rows_per_file"] = args.rows_per_file
     (args.out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n")
     for name, s in summary["splits"].items():
         print(f"[generate] {name}: {s['molecules']} molecules, {s['structures']} structures, "
