@@ -1,0 +1,229 @@
+"""Layers, bases and scale factors of GemNet-OC (Gasteiger et al. 2022, arXiv 2204.02782).
+
+- :class:`Dense`, :class:`ResidualLayer`: bias-free linear layers with the scaled SiLU
+  ``silu(x)/0.6`` and He-orthogonal initialisation (GemNet, arXiv 2106.08903, App. B).
+- :class:`ScaleFactor` and :func:`fit_scale_factors`: scalars fitted on sample batches so that
+  summed messages keep the variance of their inputs (GemNet App. B "Scaling factors"; GemNet-OC
+  notes training is unstable without them).
+- :class:`RadialBasis` (Gaussians × polynomial envelope, GemNet-OC Sec. 3 "Basis functions"),
+  :func:`legendre_basis` (real spherical harmonics with m = 0 of an angle's cosine),
+  :class:`BasisEmbedding` (the shared down-projection of radial ⊗ angular bases).
+- :func:`aggregate_outer`: ``Σ_t basis[t] ⊗ x[t]`` grouped by an output index, the "efficient
+  bilinear layer" of GemNet-OC (Sec. 3 "Efficient basis calculation"), as zero-padded matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from zoo.common import GaussianBasis, PolynomialEnvelope
+from zoo.gemnet_graph import inner_index
+
+
+def he_orthogonal_(weight: torch.Tensor) -> torch.Tensor:
+    """Orthogonal init rescaled to variance ``1/fan_in`` (GemNet's "HeOrthogonal").
+
+    Skipped on the meta device (no data there; the model is built without memory for counting).
+    """
+    if weight.is_meta:
+        return weight
+    with torch.no_grad():
+        flat = weight.view(weight.shape[0], -1)
+        nn.init.orthogonal_(flat)
+        fan_in = flat.shape[1]
+        flat -= flat.mean(dim=1, keepdim=True)
+        flat /= flat.var(dim=1, keepdim=True).add(1e-12).sqrt()
+        flat *= math.sqrt(1.0 / fan_in)
+    return weight
+
+
+class ScaledSiLU(nn.Module):
+    """``silu(x) / 0.6``: keeps unit variance for unit-normal inputs (GemNet App. B)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(x) * (1.0 / 0.6)
+
+
+class Dense(nn.Module):
+    """Bias-free linear layer ``[..., in] → [..., out]`` with optional scaled SiLU."""
+
+    def __init__(self, in_features: int, out_features: int, activation: bool = True) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        he_orthogonal_(self.linear.weight)
+        self.activation = ScaledSiLU() if activation else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.linear(x))
+
+
+class ResidualLayer(nn.Module):
+    """``(x + Dense(Dense(x))) / √2`` (GemNet Fig. 3 "Residual")."""
+
+    def __init__(self, units: int) -> None:
+        super().__init__()
+        self.dense = nn.Sequential(Dense(units, units), Dense(units, units))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.dense(x)) * (1.0 / math.sqrt(2.0))
+
+
+def dense_stack(units_in: int, units: int, num_residual: int) -> nn.Sequential:
+    """``Dense(in → units)`` (only if sizes differ) then ``num_residual`` residual layers."""
+    layers: list[nn.Module] = [Dense(units_in, units)] if units_in != units else []
+    layers += [ResidualLayer(units) for _ in range(num_residual)]
+    return nn.Sequential(*layers)
+
+
+class ScaleFactor(nn.Module):
+    """A fitted scalar ``s``: ``forward(x, ref) = s · x``.
+
+    ``s`` is a buffer (1.0 at construction, also on the meta device) set by
+    :func:`fit_scale_factors` to ``sqrt(E[ref²] / E[x²])`` over sample batches, so that a sum
+    over a variable number of neighbours keeps the second moment of its input ``ref`` (as
+    fairchem's ``ScaleFactor`` is fitted), or to ``1 / sqrt(E[x²])`` without ``ref``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(()))
+        self._stats: list[float] | None = None  # [Σ x², n_x, Σ ref², n_ref] while fitting
+
+    def forward(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+        if self._stats is not None:
+            with torch.no_grad():
+                self._stats[0] += float(x.detach().double().pow(2).sum())
+                self._stats[1] += x.numel()
+                if ref is not None:
+                    self._stats[2] += float(ref.detach().double().pow(2).sum())
+                    self._stats[3] += ref.numel()
+        return x * self.scale
+
+
+@torch.no_grad()
+def _set_scale(factor: ScaleFactor, name: str) -> None:
+    sum_x, n_x, sum_ref, n_ref = factor._stats
+    if n_x == 0 or sum_x == 0.0:
+        raise ValueError(f"scale factor {name}: no non-zero activations seen; give batches with edges")
+    target = sum_ref / n_ref if n_ref else 1.0
+    factor.scale.fill_(math.sqrt(target / (sum_x / n_x)))
+
+
+def fit_scale_factors(model: nn.Module, batches: Iterable) -> dict[str, float]:
+    """Fit every :class:`ScaleFactor` of ``model`` on ``batches``, one after the other.
+
+    Factors are fitted in module order (a factor's input depends on the ones before it), each
+    from one pass of ``model(batch)`` over all batches, as fairchem's ``fit.py`` does. Call it
+    once before training, on a few training batches (e.g. 8–16), then save the model: the
+    factors are buffers and travel with the state dict.
+
+    Parameters
+    ----------
+    model : a module containing ScaleFactor submodules (e.g. :class:`zoo.gemnet_oc.GemNetOC`).
+    batches : re-iterable collection of batches the model accepts (a list).
+
+    Returns
+    -------
+    ``{module name: fitted scale}``.
+
+    Raises
+    ------
+    ValueError
+        if a factor sees no non-zero activation (batches without edges, triplets, …).
+    """
+    batches = list(batches)
+    factors = [(name, m) for name, m in model.named_modules() if isinstance(m, ScaleFactor)]
+    was_training = model.training
+    model.eval()
+    fitted: dict[str, float] = {}
+    try:
+        for name, factor in factors:
+            factor.scale.fill_(1.0)
+            factor._stats = [0.0, 0, 0.0, 0]
+            with torch.enable_grad():  # conservative models differentiate inside forward
+                for batch in batches:
+                    model(batch)
+            _set_scale(factor, name)
+            factor._stats = None
+            fitted[name] = float(factor.scale)
+    finally:
+        for _, factor in factors:
+            factor._stats = None
+        model.train(was_training)
+    return fitted
+
+
+class RadialBasis(nn.Module):
+    """Gaussian radial basis times DimeNet's polynomial envelope (p = 5).
+
+    GemNet-OC's choice (arXiv 2204.02782, Sec. 3 "Basis functions": Gaussians instead of
+    spherical Bessel functions). ``[E]`` Å → ``[E, num_radial]``; exactly 0 beyond ``cutoff``
+    with zero first and second derivatives there (smooth energy at the cutoff).
+    """
+
+    def __init__(self, cutoff: float, num_radial: int) -> None:
+        super().__init__()
+        self.gaussians = GaussianBasis(cutoff, num_radial)
+        self.envelope = PolynomialEnvelope(cutoff, exponent=5)
+
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        return self.gaussians(distance) * self.envelope(distance).unsqueeze(-1)  # [E, R]
+
+
+def legendre_basis(cosine: torch.Tensor, num_spherical: int) -> torch.Tensor:
+    """Real spherical harmonics ``Y_l^0`` of an angle, ``l = 0..num_spherical−1``.
+
+    ``Y_l^0(θ) = sqrt((2l+1)/4π) · P_l(cos θ)`` with Bonnet's recursion for the Legendre
+    polynomials ``P_l``; a polynomial in the cosine, so no ``acos`` and finite gradients at
+    ``cos = ±1``. ``[T]`` → ``[T, num_spherical]``.
+    """
+    x = cosine.clamp(-1.0, 1.0)
+    polys = [torch.ones_like(x), x]
+    for l in range(1, num_spherical - 1):
+        polys.append(((2 * l + 1) * x * polys[l] - l * polys[l - 1]) / (l + 1))
+    norms = [math.sqrt((2 * l + 1) / (4 * math.pi)) for l in range(num_spherical)]
+    return torch.stack([n * p for n, p in zip(norms, polys[:num_spherical])], dim=-1)  # [T, S]
+
+
+class BasisEmbedding(nn.Module):
+    """Shared projection of a raw radial basis, optionally per angular component.
+
+    ``[E, R] → [E, I, S]`` with weight ``[R, S, I]`` (``num_spherical`` given), else
+    ``[E, R] → [E, I]`` (GemNet-OC's ``BasisEmbedding``; the radial part of the
+    ``rbf ⊗ cbf`` / ``rbf ⊗ sbf`` bases before the bilinear layer).
+    """
+
+    def __init__(self, num_radial: int, emb_size: int, num_spherical: int | None = None) -> None:
+        super().__init__()
+        self.num_spherical = num_spherical
+        shape = (num_radial, num_spherical, emb_size) if num_spherical else (emb_size, num_radial)
+        self.weight = nn.Parameter(torch.empty(shape))
+        he_orthogonal_(self.weight)
+
+    def forward(self, rad: torch.Tensor) -> torch.Tensor:
+        if self.num_spherical is None:
+            return rad @ self.weight.T  # [E, I]
+        num_radial, num_spherical, emb_size = self.weight.shape
+        w = self.weight.reshape(num_radial, num_spherical * emb_size)  # [R, S*I]
+        return (rad @ w).reshape(rad.shape[0], num_spherical, emb_size).transpose(1, 2)  # [E, I, S]
+
+
+def aggregate_outer(basis: torch.Tensor, x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """``y[o] = Σ_{t: index[t] = o} basis[t] ⊗ x[t]``: ``[T, K], [T, C] → [size, K, C]``.
+
+    ``index`` must be sorted (non-decreasing). Rows are scattered into zero-padded
+    ``[size, Kmax, ·]`` blocks and contracted with one batched matmul (GemNet-OC's efficient
+    reformulation), which never materialises the ``[T, K, C]`` outer products.
+    """
+    k, c = basis.shape[-1], x.shape[-1]
+    if index.numel() == 0:
+        return x.new_zeros(size, k, c)
+    inner = inner_index(index, size)  # [T]
+    kmax = int(inner.max()) + 1
+    basis_pad = basis.new_zeros(size, kmax, k).index_put((index, inner), basis)  # [size, Kmax, K]
+    x_pad = x.new_zeros(size, kmax, c).index_put((index, inner), x)  # [size, Kmax, C]
+    return basis_pad.transpose(1, 2) @ x_pad  # [size, K, C]

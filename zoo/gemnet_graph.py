@@ -1,0 +1,216 @@
+"""Interaction graphs and index sets of GemNet-OC: radius graphs with neighbour limits,
+counter-edges, triplets (angles) and quadruplets (dihedrals).
+
+GemNet-OC (Gasteiger et al. 2022, arXiv 2204.02782, Sec. 3 and Fig. 2) uses four graphs on the
+same atoms: the *main* (embedding) graph, whose directed edges carry the edge embeddings
+``m_ca``; the *quadruplet* graph (``qint``), the *atom-to-edge / edge-to-atom* graph
+(``aeaint``) and the *atom-to-atom* graph (``aint``), each with its own cutoff and its own
+maximum number of neighbours per atom. Everything here is index bookkeeping: vectorised
+(sorting, ``repeat_interleave``), no Python loop over atoms, edges or structures.
+
+Conventions (as :mod:`datapipe.keys`): ``edge_index[0]`` is the source ``c``, ``edge_index[1]``
+the target ``a``; an edge ``c → a`` carries the vector ``pos[c] − pos[a]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from datapipe.graph import radius_graph
+
+
+@dataclass
+class Graph:
+    """A directed graph with differentiable geometry.
+
+    Attributes
+    ----------
+    edge_index : ``[2, E]`` int64, (source c, target a), sorted by target.
+    distance : ``[E]`` Å, ``|pos[c] − pos[a]|`` (differentiable w.r.t. positions).
+    unit : ``[E, 3]``, ``(pos[c] − pos[a]) / distance`` (points from target to source).
+    """
+
+    edge_index: torch.Tensor
+    distance: torch.Tensor
+    unit: torch.Tensor
+
+    @property
+    def source(self) -> torch.Tensor:
+        return self.edge_index[0]
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.edge_index[1]
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.edge_index.shape[1])
+
+    def select(self, mask: torch.Tensor) -> Graph:
+        """The sub-graph of the edges where ``mask`` ``[E]`` is True (order kept)."""
+        return Graph(self.edge_index[:, mask], self.distance[mask], self.unit[mask])
+
+
+def graph_from_edges(positions: torch.Tensor, edge_index: torch.Tensor) -> Graph:
+    """Geometry of fixed pairs: vectors recomputed from ``positions`` ``[N, 3]`` (differentiable).
+
+    The edges are re-sorted by (target, source) so that every graph has the same order whatever
+    order the data pipeline produced.
+    """
+    num_atoms = positions.shape[0]
+    order = torch.argsort(edge_index[1] * num_atoms + edge_index[0])
+    edge_index = edge_index[:, order]  # [2, E]
+    vectors = positions[edge_index[0]] - positions[edge_index[1]]  # [E, 3]
+    distance = vectors.norm(dim=-1)  # [E]
+    return Graph(edge_index, distance, vectors / distance.clamp_min(1e-9).unsqueeze(-1))
+
+
+def build_radius_graph(positions: torch.Tensor, batch: torch.Tensor, cutoff: float) -> Graph:
+    """Uncapped radius graph of every structure in a batch, rebuilt from positions.
+
+    The pairs are found by one vesin call on detached float64 positions in which structure
+    ``b`` is shifted by ``b · (span + 2·cutoff)`` along x, so that structures never see each
+    other (no Python loop over structures); the geometry is then recomputed from ``positions``
+    and stays differentiable. Pairs are those with distance strictly below ``cutoff`` (Å).
+
+    Parameters
+    ----------
+    positions : ``[N, 3]`` Å. batch : ``[N]`` structure index of each atom. cutoff : Å.
+
+    Returns
+    -------
+    :class:`Graph` with both directions of every pair, sorted by (target, source).
+    """
+    device = positions.device
+    if positions.shape[0] < 2:
+        empty = torch.zeros((2, 0), dtype=torch.long, device=device)
+        return graph_from_edges(positions, empty)
+    points = positions.detach().to("cpu", torch.float64).numpy()
+    shift = float(np.ptp(points, axis=0).max()) + 2.0 * float(cutoff) + 1.0
+    points = points + np.outer(batch.detach().cpu().numpy().astype(np.float64) * shift, [1.0, 0.0, 0.0])
+    edge_index = torch.as_tensor(radius_graph(points, cutoff), dtype=torch.long, device=device)
+    graph = graph_from_edges(positions, edge_index)
+    return graph.select(graph.distance < cutoff)  # the same strict rule on the model's dtype
+
+
+def subgraph(graph: Graph, cutoff: float, max_neighbors: int | None, num_atoms: int) -> Graph:
+    """Edges shorter than ``cutoff`` (Å), then at most ``max_neighbors`` nearest per target atom.
+
+    The neighbour limit is GemNet-OC's ``max_neighbors`` hyperparameter (Gasteiger et al. 2022,
+    Sec. 3 "Interaction cutoffs and max. neighbors"). Ties are kept (every edge no longer than the
+    k-th nearest one), fairchem's non-strict mode, so the graph does not depend on atom order.
+    """
+    graph = graph.select(graph.distance < cutoff)
+    if max_neighbors is None:
+        return graph
+    return graph.select(knn_mask(graph.distance, graph.target, num_atoms, max_neighbors))
+
+
+def knn_mask(distance: torch.Tensor, target: torch.Tensor, num_atoms: int, k: int) -> torch.Tensor:
+    """``[E]`` bool: edges no longer than the ``k``-th shortest edge into the same target atom."""
+    if distance.numel() == 0:
+        return torch.ones_like(distance, dtype=torch.bool)
+    d = distance.detach()
+    order = torch.argsort(d)
+    order = order[torch.argsort(target[order], stable=True)]  # by target, then distance
+    rank = torch.empty_like(order)
+    rank[order] = inner_index(target[order], num_atoms)
+    kth = torch.full((num_atoms,), float("inf"), dtype=d.dtype, device=d.device)
+    at_k = rank == k - 1
+    kth[target[at_k]] = d[at_k]
+    return d <= kth[target]
+
+
+def symmetric_knn_mask(graph: Graph, reverse: torch.Tensor, num_atoms: int, k: int | None) -> torch.Tensor:
+    """``[E]`` bool: pairs where either direction is among the ``k`` nearest (symmetric graph)."""
+    if k is None:
+        return torch.ones(graph.num_edges, dtype=torch.bool, device=graph.distance.device)
+    mask = knn_mask(graph.distance, graph.target, num_atoms, k)
+    return mask | mask[reverse]
+
+
+def reverse_edges(edge_index: torch.Tensor, num_atoms: int) -> torch.Tensor:
+    """``[E]`` index of the counter-edge ``a → c`` of every edge ``c → a`` (fairchem's ``id_swap``).
+
+    Raises ``ValueError`` if some edge has no counter-edge (the main graph must be symmetric).
+    """
+    key = edge_index[1] * num_atoms + edge_index[0]  # [E]
+    counter = edge_index[0] * num_atoms + edge_index[1]  # [E]
+    order = torch.argsort(key)
+    position = torch.searchsorted(key[order], counter).clamp_max(max(key.numel() - 1, 0))
+    found = order[position]
+    if key.numel() and not bool((key[found] == counter).all()):
+        raise ValueError("main graph is not symmetric: some edge c→a has no counter-edge a→c")
+    return found
+
+
+def inner_index(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Rank of each element among the elements with the same value of a *sorted* ``index``."""
+    counts = torch.bincount(index, minlength=size)
+    start = torch.cumsum(counts, 0) - counts
+    return torch.arange(index.numel(), device=index.device) - start[index]
+
+
+def pairs_sharing_atom(key_in: torch.Tensor, key_out: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All pairs ``(i, o)`` with ``key_in[i] == key_out[o]``, grouped by ``o`` (``o`` non-decreasing).
+
+    Returns ``idx_in`` ``[P]`` and ``idx_out`` ``[P]``. Vectorised: ``P = Σ_o count_in[key_out[o]]``.
+    """
+    order = torch.argsort(key_in, stable=True)
+    counts = torch.bincount(key_in, minlength=size)
+    start = torch.cumsum(counts, 0) - counts
+    repeats = counts[key_out]  # [O]
+    idx_out = torch.repeat_interleave(torch.arange(key_out.numel(), device=key_out.device), repeats)  # [P]
+    offset = torch.arange(idx_out.numel(), device=key_out.device) - (torch.cumsum(repeats, 0) - repeats)[idx_out]
+    idx_in = order[start[key_out][idx_out] + offset]  # [P]
+    return idx_in, idx_out
+
+
+def triplets(graph_in: Graph, graph_out: Graph, num_atoms: int) -> dict[str, torch.Tensor]:
+    """Triplets ``b → a ← c``: an in-edge ``b → a`` of ``graph_in`` and an out-edge ``c → a`` of
+    ``graph_out`` that share the target ``a``, with ``b ≠ c`` (GemNet, arXiv 2106.08903, Fig. 2).
+
+    Returns ``{"in": [T], "out": [T]}`` edge indices, grouped by the out-edge.
+    """
+    idx_in, idx_out = pairs_sharing_atom(graph_in.target, graph_out.target, num_atoms)
+    keep = graph_in.source[idx_in] != graph_out.source[idx_out]
+    return {"in": idx_in[keep], "out": idx_out[keep]}
+
+
+def quadruplets(main: Graph, qint: Graph, num_atoms: int) -> dict[str, torch.Tensor]:
+    """Quadruplets ``d → b → a ← c`` (GemNet-OC, arXiv 2204.02782, Fig. 2; GemNet eq. 8).
+
+    ``d → b`` and ``c → a`` are main edges, ``b → a`` is a quadruplet-graph edge; the four atoms
+    are distinct. Indices:
+
+    - ``trip_in`` ``{"in": main edge db, "out": qint edge ba}`` (angle at b);
+    - ``trip_out`` ``{"in": qint edge ba, "out": main edge ca}`` (angle at a), grouped by ``ca``;
+    - ``quad_in`` / ``quad_out`` ``[Q]``: the trip_in / trip_out of each quadruplet, grouped by
+      trip_out (``quad_out`` non-decreasing).
+    """
+    # d → b → a: main edge into b, qint edge out of b (its source); d ≠ a
+    t_in, q_in = pairs_sharing_atom(main.target, qint.source, num_atoms)
+    keep = main.source[t_in] != qint.target[q_in]
+    trip_in = {"in": t_in[keep], "out": q_in[keep]}
+    # b → a ← c: qint edge into a, main edge into a; c ≠ b
+    q_out, m_out = pairs_sharing_atom(qint.target, main.target, num_atoms)
+    keep = main.source[m_out] != qint.source[q_out]
+    trip_out = {"in": q_out[keep], "out": m_out[keep]}
+    # join on the shared qint edge b → a; c ≠ d
+    quad_in, quad_out = pairs_sharing_atom(trip_in["out"], trip_out["in"], max(qint.num_edges, 1))
+    keep = main.source[trip_in["in"][quad_in]] != main.source[trip_out["out"][quad_out]]
+    return {"trip_in": trip_in, "trip_out": trip_out, "quad_in": quad_in[keep], "quad_out": quad_out[keep]}
+
+
+def safe_cosine(u: torch.Tensor, v: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``[T]`` cosine between rows of ``u``, ``v`` ``[T, 3]``; 0 with finite gradients if either is ~0.
+
+    Used for dihedral angles, whose plane normals vanish for collinear atoms (the dihedral is then
+    undefined; GemNet-OC uses ``atan2``, which has NaN gradients there).
+    """
+    dot = (u * v).sum(-1)  # [T]
+    norms = ((u * u).sum(-1) + eps) * ((v * v).sum(-1) + eps)  # [T]
+    return (dot * torch.rsqrt(norms)).clamp(-1.0, 1.0)

@@ -1,0 +1,242 @@
+"""Message-passing blocks of GemNet-OC (Gasteiger et al. 2022, arXiv 2204.02782, Fig. 2 and 3).
+
+An interaction block updates the edge embeddings ``m_ca`` (main graph) and atom embeddings
+``h_a`` from four kinds of messages:
+
+- edge-to-edge through triplets ``b → a ← c`` (two-body + angle, GemNet eq. 7),
+- edge-to-edge through quadruplets ``d → b → a ← c`` (+ dihedral, GemNet eq. 8),
+- atom-to-edge (atom ``b`` → main edge ``c → a`` via the angle ``∠cab``),
+- edge-to-atom (main edge ``c → a`` → atom ``b`` via ``∠cba``) and atom-to-atom (radial).
+
+Every bilinear layer sums ``basis ⊗ message`` over a neighbourhood with
+:func:`zoo.gemnet_blocks.aggregate_outer` and is followed by a fitted :class:`ScaleFactor`.
+Shapes: ``N`` atoms, ``E`` main edges, ``T`` triplets, ``Q`` quadruplets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from zoo.common import scatter_sum
+from zoo.gemnet_blocks import Dense, ResidualLayer, ScaleFactor, aggregate_outer, dense_stack
+
+INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+
+
+class TripletInteraction(nn.Module):
+    """Triplet message passing ``x_ba ⊗ (rbf(d_ca) ⊗ cbf(∠cab)) → m_ca``.
+
+    ``symmetric``: the result updates both ``c → a`` and its counter-edge ``a → c`` (GemNet-OC
+    "symmetric message passing"); otherwise it is optionally moved to the counter-edge
+    (``swap_output``). With ``to_atoms``, the per-out-edge results are summed once more onto the
+    out-edges' target atoms (edge-to-atom interaction).
+    """
+
+    def __init__(self, emb_in: int, emb_out: int, trip_in: int, trip_out: int, emb_rbf: int, emb_cbf: int,
+                 symmetric: bool, swap_output: bool) -> None:  # fmt: skip
+        super().__init__()
+        self.symmetric, self.swap_output = symmetric, swap_output
+        self.dense_ba = Dense(emb_in, emb_in)
+        self.mlp_rbf = Dense(emb_rbf, emb_in, activation=False)
+        self.scale_rbf = ScaleFactor()
+        self.bilinear = Dense(emb_cbf * trip_in, trip_out, activation=False)
+        self.scale_cbf_sum = ScaleFactor()
+        self.down_projection = Dense(emb_in, trip_in)
+        self.up_projection_ca = Dense(trip_out, emb_out)
+        self.up_projection_ac = Dense(trip_out, emb_out) if symmetric else None
+
+    def forward(self, m: torch.Tensor, rad: torch.Tensor, cir: tuple[torch.Tensor, torch.Tensor],
+                trip: dict[str, torch.Tensor], reverse: torch.Tensor | None, expand: torch.Tensor | None = None,
+                to_atoms: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:  # fmt: skip
+        """
+        m : ``[E_in', C_in]`` input embeddings (edges, or atoms gathered by ``expand``).
+        rad : ``[E_in, emb_rbf]`` radial embedding of the in-edges.
+        cir : (``[E_out, emb_cbf, S]`` radial weights of the out-edges, ``[T, S]`` angular basis).
+        trip : ``{"in": [T], "out": [T]}``, grouped by out-edge. reverse : ``[E_out]`` counter-edges.
+        Returns ``[E_out, emb_out]`` (or ``[N, emb_out]`` with ``to_atoms``).
+        """
+        rad_w, sph = cir
+        x = self.dense_ba(m)  # [E_in', C_in]
+        if expand is not None:
+            x = x[expand]  # [E_in, C_in]
+        x = self.scale_rbf(x * self.mlp_rbf(rad), ref=x)  # [E_in, C_in]
+        x_t = self.down_projection(x)[trip["in"]]  # [T, trip_in]
+        y = aggregate_outer(sph, x_t, trip["out"], rad_w.shape[0])  # [E_out, S, trip_in]
+        z = rad_w @ y  # [E_out, emb_cbf, trip_in]
+        if to_atoms is not None:
+            z = scatter_sum(z, to_atoms[0], to_atoms[1])  # [N, emb_cbf, trip_in]
+        x = self.scale_cbf_sum(self.bilinear(z.flatten(1)), ref=x_t)  # [E_out or N, trip_out]
+        if self.symmetric:
+            return (self.up_projection_ca(x) + self.up_projection_ac(x)[reverse]) * INV_SQRT_2
+        if self.swap_output:
+            x = x[reverse]
+        return self.up_projection_ca(x)  # [E_out or N, emb_out]
+
+
+class QuadrupletInteraction(nn.Module):
+    """Quadruplet message passing ``m_db → (ba) → m_ca`` with rbf(d_db), cbf(d_ba, ∠abd) and the
+    spherical basis sbf(d_ca, ∠cab, dihedral c-a-b-d).
+
+    The spherical basis is GemNet-OC's ``legendre_outer``: ``Y_l^0(∠cab) · Y_m^0(dihedral)``. It
+    factorises, so the sum over quadruplets runs in two stages: over ``d`` per triplet
+    ``b → a ← c`` (dihedral part), then over ``b`` per edge ``c → a`` (angle part) — the same sum,
+    without a ``[Q, S²]`` tensor.
+    """
+
+    def __init__(self, emb_edge: int, quad_in: int, quad_out: int, emb_rbf: int, emb_cbf: int, emb_sbf: int,
+                 num_spherical: int) -> None:  # fmt: skip
+        super().__init__()
+        self.dense_db = Dense(emb_edge, emb_edge)
+        self.mlp_rbf = Dense(emb_rbf, emb_edge, activation=False)
+        self.scale_rbf = ScaleFactor()
+        self.mlp_cbf = Dense(emb_cbf, quad_in, activation=False)
+        self.scale_cbf = ScaleFactor()
+        self.bilinear = Dense(emb_sbf * quad_in, quad_out, activation=False)
+        self.scale_sbf_sum = ScaleFactor()
+        self.down_projection = Dense(emb_edge, quad_in)
+        self.up_projection_ca = Dense(quad_out, emb_edge)
+        self.up_projection_ac = Dense(quad_out, emb_edge)
+        self.num_spherical = num_spherical
+
+    def forward(self, m: torch.Tensor, rad: torch.Tensor, cbf: torch.Tensor, sbf: tuple[torch.Tensor, ...],
+                quad: dict, reverse: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """
+        m : ``[E, C]``. rad : ``[E, emb_rbf]`` (of d_db). cbf : ``[T_in, emb_cbf]`` (d_ba, ∠abd).
+        sbf : (``[E, emb_sbf, S²]`` radial weights of d_ca, ``[T_out, S]`` of ∠cab, ``[Q, S]`` of the
+        dihedral). quad : indices from :func:`zoo.gemnet_graph.quadruplets`. Returns ``[E, C]``.
+        """
+        rad_w, sph_cab, sph_dihedral = sbf
+        s = self.num_spherical
+        x = self.dense_db(m)  # [E, C]
+        x = self.scale_rbf(x * self.mlp_rbf(rad), ref=x)  # [E, C]
+        x = self.down_projection(x)[quad["trip_in"]["in"]]  # [T_in, quad_in]
+        x = self.scale_cbf(x * self.mlp_cbf(cbf), ref=x)  # [T_in, quad_in]
+        x_q = x[quad["quad_in"]]  # [Q, quad_in]
+        num_trip_out = quad["trip_out"]["out"].shape[0]
+        z = aggregate_outer(sph_dihedral, x_q, quad["quad_out"], num_trip_out)  # [T_out, S, quad_in]
+        y = aggregate_outer(sph_cab, z.flatten(1), quad["trip_out"]["out"], rad_w.shape[0])  # [E, S, S*quad_in]
+        y = y.reshape(rad_w.shape[0], s * s, x_q.shape[-1])  # [E, S², quad_in]  (∠cab-major, as the outer product)
+        x = self.scale_sbf_sum(self.bilinear((rad_w @ y).flatten(1)), ref=x_q)  # [E, quad_out]
+        return (self.up_projection_ca(x) + self.up_projection_ac(x)[reverse]) * INV_SQRT_2  # [E, C]
+
+
+class PairInteraction(nn.Module):
+    """Atom-to-atom messages ``h_b ⊗ rbf(d_ba) → h_a`` on the long-range atom graph."""
+
+    def __init__(self, emb_atom: int, pair_in: int, pair_out: int, emb_rbf: int) -> None:
+        super().__init__()
+        self.bilinear = Dense(emb_rbf * pair_in, pair_out, activation=False)
+        self.scale_rbf_sum = ScaleFactor()
+        self.down_projection = Dense(emb_atom, pair_in)
+        self.up_projection = Dense(pair_out, emb_atom)
+
+    def forward(self, h: torch.Tensor, rad: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        """h : ``[N, A]``; rad : ``[E_aint, emb_rbf]``; edge_index sorted by target. Returns ``[N, A]``."""
+        x_ba = self.down_projection(h)[edge_index[0]]  # [E_aint, pair_in]
+        y = aggregate_outer(rad, x_ba, edge_index[1], h.shape[0])  # [N, emb_rbf, pair_in]
+        x = self.scale_rbf_sum(self.bilinear(y.flatten(1)), ref=x_ba)  # [N, pair_out]
+        return self.up_projection(x)  # [N, A]
+
+
+class EdgeEmbedding(nn.Module):
+    """``m_ca = Dense([h_c, h_a, x_ca])`` (GemNet eq. 5): atom pair plus an edge feature."""
+
+    def __init__(self, emb_atom: int, emb_in: int, emb_out: int) -> None:
+        super().__init__()
+        self.dense = Dense(2 * emb_atom + emb_in, emb_out)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.dense(torch.cat([h[edge_index[0]], h[edge_index[1]], x], dim=-1))  # [E, emb_out]
+
+
+class AtomUpdate(nn.Module):
+    """``h'_a = MLP(s · Σ_c m_ca ⊙ W rbf(d_ca))`` (GemNet Fig. 3 "Atom emb. update")."""
+
+    def __init__(self, emb_atom: int, emb_edge: int, emb_rbf: int, num_residual: int) -> None:
+        super().__init__()
+        self.dense_rbf = Dense(emb_rbf, emb_edge, activation=False)
+        self.scale_sum = ScaleFactor()
+        self.layers = dense_stack(emb_edge, emb_atom, num_residual)
+
+    def aggregate(self, m: torch.Tensor, rad: torch.Tensor, target: torch.Tensor, num_atoms: int) -> torch.Tensor:
+        x = scatter_sum(m * self.dense_rbf(rad), target, num_atoms)  # [N, emb_edge]
+        return self.scale_sum(x, ref=m)
+
+    def forward(self, m: torch.Tensor, rad: torch.Tensor, target: torch.Tensor, num_atoms: int) -> torch.Tensor:
+        return self.layers(self.aggregate(m, rad, target, num_atoms))  # [N, emb_atom]
+
+
+class OutputBlock(AtomUpdate):
+    """Per-block output: atom energies features ``[N, A]`` and (direct forces) edge features ``[E, C]``."""
+
+    def __init__(self, emb_atom: int, emb_edge: int, emb_rbf: int, num_residual: int, num_after_atom: int,
+                 direct_forces: bool) -> None:  # fmt: skip
+        super().__init__(emb_atom, emb_edge, emb_rbf, num_residual)
+        self.after_atom = dense_stack(emb_atom, emb_atom, num_after_atom)
+        if direct_forces:
+            self.seq_forces = dense_stack(emb_edge, emb_edge, num_residual)
+            self.dense_rbf_F = Dense(emb_rbf, emb_edge, activation=False)
+            self.scale_rbf_F = ScaleFactor()
+        self.direct_forces = direct_forces
+
+    def forward(self, h, m, rad, target, num_atoms):  # type: ignore[override]
+        x_e = self.layers(self.aggregate(m, rad, target, num_atoms))  # [N, A]
+        x_e = self.after_atom((x_e + h) * INV_SQRT_2)  # [N, A]
+        if not self.direct_forces:
+            return x_e, None
+        x_f = self.seq_forces(m)  # [E, C]
+        return x_e, self.scale_rbf_F(x_f * self.dense_rbf_F(rad), ref=x_f)  # [N, A], [E, C]
+
+
+class InteractionBlock(nn.Module):
+    """One GemNet-OC interaction block (arXiv 2204.02782, Fig. 3): all messages, then the edge
+    update (residual layers, skip), the atom update and the edge update from atoms."""
+
+    def __init__(self, sizes: dict[str, int], num_spherical: int, num_before_skip: int = 2,
+                 num_after_skip: int = 2, num_concat: int = 1, num_atom: int = 3,
+                 num_atom_emb_layers: int = 2) -> None:  # fmt: skip
+        super().__init__()
+        a, e = sizes["atom"], sizes["edge"]
+        ti, to, r, c = sizes["trip_in"], sizes["trip_out"], sizes["rbf"], sizes["cbf"]
+        self.dense_ca = Dense(e, e)
+        self.trip_interaction = TripletInteraction(e, e, ti, to, r, c, symmetric=True, swap_output=True)
+        self.quad_interaction = QuadrupletInteraction(
+            e, sizes["quad_in"], sizes["quad_out"], r, c, sizes["sbf"], num_spherical
+        )
+        self.atom_edge_interaction = TripletInteraction(a, e, ti, to, r, c, symmetric=True, swap_output=True)
+        self.edge_atom_interaction = TripletInteraction(e, a, ti, to, r, c, symmetric=False, swap_output=False)
+        self.atom_interaction = PairInteraction(a, sizes["aint_in"], sizes["aint_out"], r)
+        self.layers_before_skip = nn.Sequential(*[ResidualLayer(e) for _ in range(num_before_skip)])
+        self.layers_after_skip = nn.Sequential(*[ResidualLayer(e) for _ in range(num_after_skip)])
+        self.atom_emb_layers = nn.Sequential(*[ResidualLayer(a) for _ in range(num_atom_emb_layers)])
+        self.atom_update = AtomUpdate(a, e, r, num_atom)
+        self.concat_layer = EdgeEmbedding(a, e, e)
+        self.residual_m = nn.Sequential(*[ResidualLayer(e) for _ in range(num_concat)])
+
+    def forward(self, h: torch.Tensor, m: torch.Tensor, bases: dict, graphs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """h ``[N, A]``, m ``[E, C]`` → updated (h, m). ``bases``/``graphs`` from GemNetOC.interact."""
+        main, aeaint, aint = graphs["main"], graphs["aeaint"], graphs["aint"]
+        reverse, num_atoms = graphs["reverse"], h.shape[0]
+        x_skip = self.dense_ca(m)  # [E, C]
+        x_e2e = self.trip_interaction(m, bases["e2e_rad"], bases["e2e_cir"], graphs["trip_e2e"], reverse)
+        x_qint = self.quad_interaction(m, bases["q_rad"], bases["q_cbf"], bases["q_sbf"], graphs["quad"], reverse)
+        x_a2e = self.atom_edge_interaction(
+            h, bases["a2e_rad"], bases["a2e_cir"], graphs["trip_a2e"], reverse, expand=aeaint.source
+        )
+        h_e2a = self.edge_atom_interaction(
+            m, bases["e2a_rad"], bases["e2a_cir"], graphs["trip_e2a"], None, to_atoms=(aeaint.target, num_atoms)
+        )
+        h_a2a = self.atom_interaction(h, bases["a2a_rad"], aint.edge_index)
+
+        x = (x_skip + x_e2e + x_qint + x_a2e) * 0.5  # [E, C]; 1/sqrt(4 summands)
+        h = (h + h_e2a + h_a2a) * (1.0 / math.sqrt(3.0))  # [N, A]
+
+        m = (m + self.layers_before_skip(x)) * INV_SQRT_2  # [E, C]
+        m = self.layers_after_skip(m)
+        h = self.atom_emb_layers(h)
+        h = (h + self.atom_update(m, bases["atom_rad"], main.target, num_atoms)) * INV_SQRT_2  # [N, A]
+        m = (m + self.residual_m(self.concat_layer(h, m, main.edge_index))) * INV_SQRT_2  # [E, C]
+        return h, m
