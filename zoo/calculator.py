@@ -1,0 +1,59 @@
+"""An ASE calculator over any zoo checkpoint, for running a trained model in one's own simulations.
+
+>>> from ase.build import molecule                                   # doctest: +SKIP
+>>> from zoo.calculator import ZooCalculator                         # doctest: +SKIP
+>>> atoms = molecule("CH3CH2OH"); atoms.info.update(charge=0, spin=1)  # doctest: +SKIP
+>>> atoms.calc = ZooCalculator("runs/esen-w64/checkpoints/step-00000400")  # doctest: +SKIP
+>>> atoms.get_potential_energy(), atoms.get_forces()                 # doctest: +SKIP
+
+Charge (e) and spin multiplicity (2S+1) are read from ``atoms.info["charge"]`` and
+``atoms.info["spin"]`` (OMol25's convention; defaults 0 and 1). Only non-periodic systems are
+supported: the zoo's graphs are molecular (OMol25 has no periodicity), and a periodic ``Atoms``
+raises ``ValueError`` rather than silently ignoring its images.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+
+from datapipe import keys
+from datapipe.graph import batch_from_atoms
+from zoo.base import ForceField
+from zoo.checkpoint import load_model
+
+
+class ZooCalculator(Calculator):
+    """ASE calculator giving ``energy`` (eV) and ``forces`` (eV/Å) from a zoo model.
+
+    Parameters
+    ----------
+    model : a checkpoint directory (see :mod:`zoo.checkpoint`) or a built :class:`ForceField`.
+    device : torch device to run on ("cpu", "cuda", …).
+    """
+
+    implemented_properties = ["energy", "forces", "free_energy"]
+
+    def __init__(self, model: str | os.PathLike | ForceField, device: str = "cpu", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.device = torch.device(device)
+        self.model = (model if isinstance(model, ForceField) else load_model(model, device=self.device)).eval()
+        self.model.to(self.device)
+        self.graph_cutoff = float(max(getattr(self.model, "graph_cutoffs", (self.model.cutoff,))))
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        if self.atoms.pbc.any():
+            raise ValueError("ZooCalculator supports non-periodic (molecular) systems only; atoms.pbc is set")
+        dtype = next(self.model.parameters()).dtype
+        batch = batch_from_atoms([self.atoms], cutoff=self.graph_cutoff, dtype=dtype).to(self.device)
+        with torch.set_grad_enabled(not self.model.direct_forces):
+            out = self.model(batch)
+        energy = float(out[keys.ENERGY].detach()[0])
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": out[keys.FORCES].detach().double().cpu().numpy(),
+        }
