@@ -20,6 +20,22 @@ def _register_fit() -> None:
 
 _register_fit()
 
+
+@app.command("params")
+def params_command(
+    model: list[str] = typer.Option(None, "--model", help="architecture(s); default: all"),
+    width: list[int] = typer.Option(None, "--width", help="width(s); default: each spec's ladder"),
+) -> None:
+    """Trainable parameters N of each architecture over its width ladder, as a Markdown table.
+
+    Built on the meta device: no weights are allocated, so any width is instant.
+    """
+    from zoo.registry import MODELS, parameter_table
+
+    names = model or sorted(MODELS)
+    typer.echo(parameter_table(names, width or None))
+
+
 @app.command("flops")
 def flops_command(
     model: str = typer.Option(..., "--model", help="architecture: esen, mpnn, mc-egnn, gemnet-oc"),

@@ -112,3 +112,12 @@ def count_parameters(name: str, width: int | None = None, **overrides) -> int:
     with torch.device("meta"):
         model = build(name, width, **overrides)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_table(names: list[str] | None = None, widths: list[int] | None = None) -> str:
+    """A Markdown table ``| model | width | N |`` over each spec's width ladder (or ``widths``)."""
+    lines = ["| model | width | trainable parameters N |", "|---|---:|---:|"]
+    for name in names or sorted(MODELS):
+        for width in widths or get_spec(name).widths:
+            lines.append(f"| {name} | {width} | {count_parameters(name, width):,} |")
+    return "\n".join(lines)

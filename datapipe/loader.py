@@ -1,0 +1,286 @@
+"""Streaming loader over a shard directory: exact single-epoch accounting, equal steps on every
+rank, deterministic mid-epoch resume.
+
+Usage
+-----
+::
+
+    # once: python -m datapipe.convert data/omol25_sample/train --out data/shards/train --workers 2
+    from datapipe.index import ShardIndex   # .element_references [Z] eV, .force_rms eV/Å, .data_hash
+    from datapipe.loader import StreamingLoader
+    loader = StreamingLoader("data/shards/train", rank=rank, world_size=world_size, num_workers=2,
+                             atoms_per_batch=1024, cutoff=6.0, shuffle_buffer=1000, seed=0,
+                             max_atoms=None, shuffle=True)
+    loader.steps                # == len(loader): batches THIS epoch on every rank (all ranks equal)
+    loader.total_atoms          # atoms in the epoch's selection, all ranks together
+    loader.total_structures     # structures in the selection, all ranks together
+    loader.rank_atoms, loader.rank_structures   # this rank's share
+    for batch in loader:        # torch_geometric Batch, fields named by datapipe.keys
+        batch[keys.POSITIONS]   # [N, 3] float32 Å; also ATOMIC_NUMBERS, FORCES, ENERGY, CHARGE,
+                                # SPIN, NATOMS, EDGE_INDEX, BATCH, STRUCTURE_ID, SOURCE
+    state = loader.state_dict() # {"plan_id", "epoch", "batches_consumed", ...}; JSON-serialisable
+    loader.load_state_dict(state)   # next iteration yields exactly the batches not yet consumed
+    loader.set_epoch(1)         # new permutation (and, with a budget, a new selection)
+
+    val = StreamingLoader("data/shards/val", rank=rank, world_size=world_size, shuffle=False)
+
+- ``max_atoms`` / ``max_structures``: a data budget; the epoch uses the longest prefix of the
+  seeded global order (shard permutation, rows in order) within it. ``total_atoms`` is exact.
+- ``atoms_per_batch``: a batch holds at most this many atoms, except that a structure larger
+  than the budget forms a batch of its own (never dropped or cut).
+- Every structure of the selection is yielded exactly once over all ranks and workers, and every
+  rank yields exactly ``steps`` batches (ranks with fewer planned batches split some; none empty).
+- Iterating after a partial pass resumes where it stopped; after a full pass the next iteration
+  starts the epoch again. ``state_dict`` counts batches handed to the caller (a batch counts as
+  consumed once yielded); ``remaining_steps`` = ``steps`` - consumed. Resume needs the same data,
+  seed, world_size, num_workers and budgets (else ``load_state_dict`` raises ValueError).
+- Ranks compute the same plan from ``index.json`` alone: give every rank the same shard
+  directory (compare ``loader.plan.plan_id`` across ranks if in doubt).
+- A shard missing, truncated or altered raises :class:`datapipe.shards.ShardError` naming it.
+- Loss means must be global: batches differ in atoms across ranks (all-reduce the counts).
+
+The plan (which structure goes in which batch) is described in :mod:`datapipe.plan`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from datapipe import keys
+from datapipe.index import ShardIndex
+from datapipe.packing import batch_arrays, to_batch
+from datapipe.plan import Plan, Stream, build_plan, interleave
+from datapipe.shards import ShardError, iter_shard
+
+
+def _identity(item):
+    return item
+
+
+def _stream_records(index: ShardIndex, stream: Stream, wanted: np.ndarray) -> Iterator[tuple[int, object]]:
+    """``(stream position, Record)`` for every wanted position, in read order; pieces with
+    nothing wanted are not opened."""
+    offset = 0
+    for shard, start, stop in stream.pieces:
+        mask = wanted[offset:offset + stop - start]
+        if mask.any():
+            natoms = index.natoms(shard)
+            for row, record in iter_shard(index.shard_path(shard), natoms, start, stop, mask):
+                if record is not None:
+                    yield offset + row - start, record
+        offset += stop - start
+
+
+def iter_stream_batches(index: ShardIndex, stream: Stream, skip_batches: int, cutoff: float) -> Iterator:
+    """Yield the stream's planned batches from batch ``skip_batches`` on, as the numpy arrays of
+    :func:`datapipe.packing.batch_arrays` (wrapped by :func:`datapipe.packing.to_batch` in the
+    consumer); holds at most about ``shuffle_buffer`` decoded structures.
+
+    Raises
+    ------
+    ShardError naming the shard if one is missing, truncated or does not match the index.
+    """
+    if skip_batches >= stream.n_batches:
+        return
+    first = int(stream.bounds[skip_batches])
+    remaining = stream.order[first:]
+    wanted = np.zeros(len(stream.natoms), dtype=bool)
+    wanted[remaining] = True
+    reader = _stream_records(index, stream, wanted)
+    pending: dict[int, object] = {}
+    for b in range(skip_batches, stream.n_batches):
+        records = []
+        for position in stream.order[stream.bounds[b]:stream.bounds[b + 1]].tolist():
+            while position not in pending:
+                try:
+                    got, record = next(reader)
+                except StopIteration:
+                    raise ShardError(f"stream ended before position {position} was read (pieces {stream.pieces}); "
+                                     "a shard is shorter than its index") from None
+                pending[got] = record
+            records.append(pending.pop(position))
+        yield batch_arrays(records, cutoff)
+
+
+class _RankDataset(IterableDataset):
+    """One rank's streams; in a DataLoader worker ``w`` it yields stream ``w``'s batches."""
+
+    def __init__(self, index: ShardIndex, streams: list[Stream], skips: list[int], cutoff: float, first: int):
+        self.index, self.streams, self.skips, self.cutoff, self.first = index, streams, skips, cutoff, first
+
+    def __iter__(self):
+        info = get_worker_info()
+        # DataLoader worker i serves stream (first + i) mod W: a resumed DataLoader restarts its
+        # round robin at worker 0, so streams are rotated to continue the original cycle.
+        w = (self.first + (0 if info is None else info.id)) % len(self.streams)
+        return iter_stream_batches(self.index, self.streams[w], self.skips[w], self.cutoff)
+
+
+class StreamingLoader:
+    """Streaming, rank- and worker-sharded loader of radius-graph batches packed by atom budget.
+
+    Parameters
+    ----------
+    shard_dir : directory written by :func:`datapipe.convert.convert` (with ``index.json``).
+    rank, world_size : this process's data-parallel rank and the number of ranks.
+    num_workers : DataLoader worker processes for this rank (0: read in this process).
+    atoms_per_batch : atom budget per batch (a larger structure forms its own batch).
+    cutoff : radius-graph cutoff, Å (uncapped neighbour list, :func:`datapipe.graph.radius_graph`).
+    shuffle_buffer : structures held by each worker's shuffle buffer (ignored if not shuffle).
+    seed : seed of the shard permutation and shuffle buffers (with the epoch).
+    max_atoms, max_structures : optional data budget for the epoch (see module docstring).
+    shuffle : False for validation: index order, no buffer; same equal-steps guarantee.
+    epoch : initial epoch (see :meth:`set_epoch`).
+    prefetch_factor : batches prefetched per worker.
+    pin_memory : pin each batch in page-locked memory (for GPU training; needs CUDA).
+
+    Raises
+    ------
+    FileNotFoundError if the index is missing; ShardError if a shard of the epoch's selection is
+    missing or not the size the index records (every rank checks all, so all fail alike; damage
+    while streaming is caught by the reader, naming the shard);
+    ValueError if ranks cannot be given equal step counts or the selection is empty.
+    """
+
+    def __init__(self, shard_dir: str | os.PathLike, rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                 atoms_per_batch: int = 1024, cutoff: float = keys.DEFAULT_CUTOFF, shuffle_buffer: int = 1000,
+                 seed: int = 0, max_atoms: int | None = None, max_structures: int | None = None,
+                 shuffle: bool = True, epoch: int = 0, prefetch_factor: int = 4, pin_memory: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        self.index = ShardIndex.load(shard_dir)
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.atoms_per_batch, self.cutoff, self.shuffle_buffer = atoms_per_batch, float(cutoff), shuffle_buffer
+        self.seed, self.max_atoms, self.max_structures, self.shuffle = seed, max_atoms, max_structures, shuffle
+        self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.set_epoch(epoch)
+
+    # --- plan ------------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Plan epoch ``epoch`` (new shard permutation and buffers) and start it from batch 0."""
+        self.epoch = int(epoch)
+        self.plan: Plan = build_plan(self.index, world_size=self.world_size, num_workers=self.num_workers,
+                                     atoms_per_batch=self.atoms_per_batch, shuffle=self.shuffle,
+                                     shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch,
+                                     max_atoms=self.max_atoms, max_structures=self.max_structures)
+        self._streams = self.plan.streams[self.rank]
+        self._sequence = interleave([s.n_batches for s in self._streams])
+        self.batches_consumed = 0
+        self._check_shards()
+
+    def _check_shards(self) -> None:
+        """Fail early (stat only) if a shard of the selection (any rank's: so that every rank fails
+        alike, before any collective) is missing or not its recorded size."""
+        problems = []
+        for shard in sorted({piece[0] for rank in self.plan.streams for s in rank for piece in s.pieces}):
+            entry, path = self.index.shards[shard], self.index.shard_path(shard)
+            if not path.is_file():
+                problems.append(f"{entry['name']} is missing")
+            elif path.stat().st_size != entry["bytes"]:
+                problems.append(f"{entry['name']} has {path.stat().st_size} bytes, index records {entry['bytes']} "
+                                "(truncated or altered)")
+        if problems:
+            raise ShardError(f"shards in {self.index.directory}: " + "; ".join(problems))
+
+    @property
+    def steps(self) -> int:
+        """Batches this epoch, identical on every rank."""
+        return self.plan.steps
+
+    def __len__(self) -> int:
+        return self.plan.steps
+
+    @property
+    def remaining_steps(self) -> int:
+        """Batches this rank has still to yield in the current epoch."""
+        return self.plan.steps - self.batches_consumed if self.batches_consumed < self.plan.steps else 0
+
+    @property
+    def total_atoms(self) -> int:
+        """Atoms in the epoch's selection, over all ranks (exact)."""
+        return self.plan.total_atoms
+
+    @property
+    def total_structures(self) -> int:
+        """Structures in the epoch's selection, over all ranks (exact)."""
+        return self.plan.total_structures
+
+    @property
+    def rank_atoms(self) -> int:
+        """Atoms this rank yields in the epoch."""
+        return self.plan.rank_atoms(self.rank)
+
+    @property
+    def rank_structures(self) -> int:
+        """Structures this rank yields in the epoch."""
+        return self.plan.rank_structures(self.rank)
+
+    # --- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Plan identity and batches this rank has handed out this epoch (JSON-serialisable)."""
+        return {"plan_id": self.plan.plan_id, "epoch": self.epoch, "batches_consumed": self.batches_consumed,
+                "rank": self.rank, "world_size": self.world_size, "steps": self.steps,
+                "data_hash": self.index.data_hash}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next iteration yields exactly the batches not consumed in ``state``.
+
+        Raises ValueError if ``state`` belongs to a different plan (other data, seed, ranks,
+        workers, batch budget or data budget) — resuming then would repeat or skip structures.
+        """
+        if int(state["epoch"]) != self.epoch:
+            self.set_epoch(int(state["epoch"]))
+        if state["plan_id"] != self.plan.plan_id:
+            raise ValueError(f"loader state is for another plan (its data hash {state.get('data_hash', '?')[:12]}, "
+                             f"world_size {state.get('world_size')}; this loader: {self.index.data_hash[:12]}, "
+                             f"{self.world_size}); resume needs the same data, seed, ranks, workers and budgets")
+        consumed = int(state["batches_consumed"])
+        if not 0 <= consumed <= self.steps:
+            raise ValueError(f"batches_consumed {consumed} outside 0..{self.steps}")
+        self.batches_consumed = consumed
+
+    # --- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator:
+        if self.batches_consumed >= self.steps:
+            self.batches_consumed = 0  # a finished epoch starts again
+        skips = [0] * len(self._streams)
+        for worker, _ in self._sequence[:self.batches_consumed]:
+            skips[worker] += 1
+        first = self._sequence[self.batches_consumed][0] if self.batches_consumed < self.steps else 0
+        dataset = _RankDataset(self.index, self._streams, skips, self.cutoff, first)
+        if self.num_workers > 0:
+            source = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                                prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init)
+        else:
+            source = dataset
+        expected = self._sequence[self.batches_consumed:]
+        count = 0
+        for arrays in source:
+            batch = to_batch(arrays)
+            if self.pin_memory:
+                batch = batch.pin_memory()
+            if count >= len(expected):
+                raise RuntimeError("loader produced more batches than planned")  # a bug, never data
+            worker, b = expected[count]
+            stream = self._streams[worker]
+            planned = stream.natoms[stream.order[stream.bounds[b]:stream.bounds[b + 1]]]
+            natoms = batch[keys.NATOMS]
+            if len(natoms) != len(planned) or int(natoms.sum()) != int(planned.sum()):
+                raise RuntimeError(f"rank {self.rank}: batch {self.batches_consumed} has {len(natoms)} structures / "
+                                   f"{int(natoms.sum())} atoms, the plan says {len(planned)} / {int(planned.sum())}; "
+                                   "the DataLoader did not interleave workers round robin")
+            count += 1
+            self.batches_consumed += 1  # counted when handed out, so a state saved now excludes it
+            yield batch
+        if count != len(expected):
+            raise RuntimeError(f"rank {self.rank} produced {count} of {len(expected)} planned batches")
+        self.batches_consumed = self.steps
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
