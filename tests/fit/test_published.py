@@ -1,7 +1,6 @@
 """Fits on published data: Chinchilla (Besiroglu et al. 2024) and the OMol25 zoo of arXiv 2510.09768."""
 
 import numpy as np
-import pytest
 
 from fit.data import load_table
 from fit.frontier import fit_frontier
