@@ -1,0 +1,38 @@
+"""Train a zoo model: the entry point of the main job.
+
+Examples
+--------
+The paper's recipe on the embedded data (``data/omol25_sample``), ZeRO-2::
+
+    deepspeed launcher/train.py --model esen --width 64                 # all local GPUs / 1 CPU rank
+    deepspeed --num_gpus 2 launcher/train.py --model esen --width 64    # 2 ranks (CPU: 2 processes)
+    torchrun --nproc_per_node 2 launcher/train.py --model esen --width 64
+    python launcher/train.py --model esen --width 64                    # one process
+    python launcher/train.py --resume runs/esen-w64-20261129-101500      # continue after a crash
+
+Every flag: ``python launcher/train.py --help``. What happens: :mod:`launcher.loop`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launcher.config import parse
+from launcher.engine import setup_environment
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the command line and run the job; returns the final validation metrics."""
+    cfg = parse(argv)
+    setup_environment()  # before DeepSpeed is imported: DS_ACCELERATOR, rendezvous, threads
+    from launcher.loop import train
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

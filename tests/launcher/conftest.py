@@ -1,0 +1,90 @@
+"""Fixtures of the launcher tests: a small labelled data set in OMol25's layout, converted once.
+
+Structures are compact random H/C/N/O clusters labelled by ASE's EMT potential (fast, real
+energies and forces); charge and spin go in ``row.data`` as OMol25 stores them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.db
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from datapipe.convert import convert
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+def cluster(rng: np.random.Generator, n_atoms: int) -> Atoms:
+    """Random H/C/N/O cluster, atoms 1.0-1.5 Å from a previous one and > 0.9 Å from all, EMT labels."""
+    points = [np.zeros(3)]
+    while len(points) < n_atoms:
+        step = rng.normal(size=3)
+        candidate = points[rng.integers(len(points))] + rng.uniform(1.0, 1.5) * step / np.linalg.norm(step)
+        if min(np.linalg.norm(candidate - p) for p in points) > 0.9:
+            points.append(candidate)
+    atoms = Atoms(numbers=rng.choice([1, 6, 7, 8], size=n_atoms), positions=np.array(points))
+    atoms.calc = EMT()
+    atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+    return atoms
+
+
+def write_split(path: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    db = ase.db.connect(os.fspath(path), type="aselmdb")
+    try:
+        for _ in range(n):
+            db.write(cluster(rng, int(rng.integers(4, 16))), data={"charge": 0, "spin": 1, "source": "emt"})
+    finally:
+        db.close()
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """``{"raw_train", "train", "val"}``: a raw .aselmdb (96 structures) and two shard dirs."""
+    root = tmp_path_factory.mktemp("launcher-data")
+    (root / "raw").mkdir()
+    write_split(root / "raw" / "train.aselmdb", 96, seed=1)
+    write_split(root / "raw" / "val.aselmdb", 24, seed=2)
+    convert([root / "raw" / "train.aselmdb"], root / "train", shard_size=24, workers=1)
+    convert([root / "raw" / "val.aselmdb"], root / "val", shard_size=24, workers=1)
+    return {"raw_train": root / "raw" / "train.aselmdb", "train": root / "train", "val": root / "val"}
+
+
+def run(args: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command from the repository root with one intra-op thread per process.
+
+    The command gets its own process group; on timeout the whole group (launcher and ranks) is
+    killed before ``TimeoutExpired`` propagates, so no rank outlives the test.
+    """
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    process = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+#: a tiny model for launcher tests: the MPNN at width 8 with one layer (the loop is model-agnostic)
+TINY = ["--model", "mpnn", "--width", "8", "--model-arg", "num_layers=1"]
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

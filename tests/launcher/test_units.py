@@ -1,0 +1,132 @@
+"""Fast in-process checks: configuration, loss, schedule-free averaged weights, checkpoint format."""
+
+import copy
+import json
+
+import ase.db
+import pytest
+import torch
+
+from datapipe.graph import batch_from_atoms
+from launcher.config import TrainConfig, deepspeed_config, parse, transferred_lr
+from launcher.loop import checkpoint_steps
+from launcher.loss import global_loss, loss_terms
+from launcher.optim import averaged_weights_plain, build_optimizer
+from zoo.checkpoint import REQUIRED_KEYS, load_model, read_metadata, save_checkpoint
+from zoo.registry import build
+
+
+def molecules(path, n=6):
+    with ase.db.connect(str(path)) as db:
+        atoms = [row.toatoms() for row in db.select(limit=n)]
+    for a in atoms:
+        a.info.update(charge=0, spin=1)
+    return atoms
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = build("mpnn", 8, num_layers=1)
+    model.set_normalization([0.0, -13.6, 0, 0, 0, 0, -1030.0, -1480.0, -2040.0], 0.8)
+    return model
+
+
+def test_lr_transfer_and_schedule():
+    assert transferred_lr(64, 2e-3, 64) == pytest.approx(2e-3)
+    assert transferred_lr(256, 2e-3, 64) == pytest.approx(5e-4)
+    with pytest.raises(ValueError):
+        transferred_lr(0)
+    assert checkpoint_steps(100, 0.1) == set(range(10, 101, 10))
+    assert checkpoint_steps(7, 0.1) == {1, 2, 3, 4, 5, 6, 7}
+    assert max(checkpoint_steps(95, 0.25)) == 95
+
+
+def test_deepspeed_config_layers(tmp_path):
+    base = tmp_path / "ds.json"
+    base.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 123},
+                                "gradient_clipping": 5.0, "bf16": {"enabled": False}}))
+    cfg = parse(["--deepspeed_config", str(base)])
+    ds = deepspeed_config(cfg, bf16_supported=True)
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 123}  # file over defaults
+    assert ds["gradient_clipping"] == 5.0 and ds["bf16"]["enabled"] is False
+    assert ds["train_micro_batch_size_per_gpu"] == 1
+    ds = deepspeed_config(parse(["--deepspeed_config", str(base), "--zero-stage", "3", "--precision", "bf16"]), True)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True  # flags over file
+    assert deepspeed_config(parse([]), bf16_supported=False)["bf16"]["enabled"] is False  # CPU: fp32
+    assert deepspeed_config(parse([]), bf16_supported=True)["bf16"]["enabled"] is True  # CUDA: bf16
+    assert deepspeed_config(parse([]), False)["zero_optimization"]["stage"] == 2
+    with pytest.raises(ValueError, match="ZeRO-3 cannot train conservative"):
+        deepspeed_config(parse(["--zero-stage", "3", "--conservative"]), False)
+    ds = deepspeed_config(parse(["--zero-stage", "3"]), False)
+    assert ds["zero_optimization"]["memory_efficient_linear"] is False  # FLOP counter sees plain linears
+    base.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match="optimizer"):
+        deepspeed_config(parse(["--deepspeed_config", str(base)]), False)
+
+
+def test_loss_is_the_papers_loss(data):
+    """One process: per-atom energy MAE + mean force L2 norm, in units of σ."""
+    atoms = molecules(data["raw_train"])
+    batch = batch_from_atoms(atoms)
+    model = tiny()
+    out = model(batch)
+    loss, stats = global_loss(loss_terms(out, batch, 0.8))
+    n = batch["natoms"].double()
+    energy = ((out["energy"] - batch["energy"]).abs() / n).mean() / 0.8
+    force = (out["forces"] - batch["forces"]).norm(dim=-1).mean() / 0.8
+    assert loss.item() == pytest.approx((energy + force).item(), rel=1e-6)
+    assert stats["structures"] == len(atoms) and stats["atoms"] == int(n.sum())
+    bad = batch.clone()
+    bad["forces"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        loss_terms(model(bad), bad, 0.8)
+
+
+def test_averaged_weights_match_schedulefree_eval(data):
+    """x assembled from y and z equals the weights schedulefree's own ``optimizer.eval()`` gives."""
+    batch = batch_from_atoms(molecules(data["raw_train"]))
+    model = tiny()
+    optimizer = build_optimizer(model, lr=1e-2, warmup_steps=2)
+    target = copy.deepcopy(model)
+    averaged_weights_plain(model, optimizer, target)  # before any step: x = y
+    for p, q in zip(target.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    for _ in range(4):
+        optimizer.zero_grad()
+        terms = loss_terms(model(batch), batch, 0.8)
+        (terms.energy_sum / terms.structures + terms.force_sum / terms.atoms).backward()
+        optimizer.step()
+    averaged_weights_plain(model, optimizer, target)
+    optimizer.eval()
+    for (name, p), q in zip(target.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    assert any(not torch.equal(p, q) for p, q in zip(target.parameters(), tiny().parameters()))
+
+
+def test_checkpoint_round_trip(data, tmp_path):
+    """load_model rebuilds the model and gives the same predictions; metadata keys are enforced."""
+    model = tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    meta = {k: 0 for k in REQUIRED_KEYS if k not in ("architecture", "width", "N", "config")}
+    meta.update(config={"model_overrides": {"num_layers": 1}}, validation={"loss": 1.0}, flops=None)
+    save_checkpoint(tmp_path / "ck", model, meta)
+    loaded = load_model(tmp_path / "ck")
+    batch = batch_from_atoms(molecules(data["raw_train"]))
+    expected, got = model.eval()(batch), loaded(batch)
+    torch.testing.assert_close(got["energy"], expected["energy"], rtol=0, atol=1e-9)
+    torch.testing.assert_close(got["forces"], expected["forces"], rtol=0, atol=0)
+    saved = read_metadata(tmp_path / "ck")
+    assert saved["architecture"] == "mpnn" and saved["width"] == 8 and saved["N"] > 0
+    assert saved["config"]["normalization"]["force_rms"] == 0.8
+    with pytest.raises(KeyError, match="step"):
+        save_checkpoint(tmp_path / "bad", model, {k: v for k, v in meta.items() if k != "step"})
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path)
+
+
+def test_config_json_round_trip():
+    cfg = parse(["--model", "mpnn", "--width", "8", "--model-arg", "num_layers=1", "--zero-stage", "1"])
+    again = TrainConfig.from_json(cfg.to_json())
+    assert again == cfg and again.model_overrides == {"num_layers": 1} and again.zero_stage == 1

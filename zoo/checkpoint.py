@@ -1,0 +1,172 @@
+"""The zoo's checkpoint format: a self-describing directory, no pickle.
+
+A checkpoint is a directory holding
+
+- ``model.safetensors`` — every parameter and buffer of the model (float32, consolidated on one
+  device; for a schedule-free run the *averaged* weights ``x``), plus the normalisation as two
+  float64 tensors ``normalization.element_references`` ``[Z_max + 1]`` (eV, indexed by Z) and
+  ``normalization.force_rms`` ``[1]`` (eV/Å);
+- ``metadata.json`` — what the model is and what it cost. The keys the rest of the project reads:
+
+  ``architecture`` (registry name), ``width``, ``config`` (the full training configuration, with
+  ``config["model_overrides"]`` the keyword overrides given to :func:`zoo.registry.build` and
+  ``config["normalization"]``), ``N`` (trainable parameters), ``samples_seen`` and
+  ``atoms_seen`` (global, all ranks), ``step``, ``flops`` (cumulative, global; ``null`` when no
+  counter ran), ``validation`` (``loss``, ``energy_mae_mev_per_atom``, ``force_mae_mev_per_A``,
+  ``zero_force_mae_mev_per_A``, …), ``data_hash`` (identity of the training shards),
+  ``code_version`` and ``wall_time_s``.
+
+The format follows the idea of fairchem's inference checkpoints (config, averaged weights and
+normalisers in one place) with safetensors + JSON instead of a pickled dict, so that loading a
+checkpoint never executes code.
+
+>>> from zoo.checkpoint import load_model, read_metadata          # doctest: +SKIP
+>>> model = load_model("runs/esen-w64/checkpoints/step-00000400")  # doctest: +SKIP
+>>> read_metadata("runs/esen-w64/checkpoints/step-00000400")["validation"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from zoo.base import ForceField
+from zoo.registry import build
+
+WEIGHTS = "model.safetensors"
+METADATA = "metadata.json"
+REFERENCES_KEY = "normalization.element_references"
+FORCE_RMS_KEY = "normalization.force_rms"
+#: keys every checkpoint's metadata must carry (``fit`` reads them)
+REQUIRED_KEYS = (
+    "architecture",
+    "width",
+    "config",
+    "N",
+    "samples_seen",
+    "atoms_seen",
+    "step",
+    "flops",
+    "validation",
+    "data_hash",
+    "code_version",
+    "wall_time_s",
+)
+
+
+def model_tensors(model: ForceField) -> dict[str, torch.Tensor]:
+    """Parameters, buffers and normalisation of ``model`` as contiguous CPU tensors to save.
+
+    Floating parameters and buffers are stored as float32 (a bf16 engine's weights are upcast);
+    the normalisation stays float64.
+    """
+    tensors = {}
+    for name, value in model.state_dict().items():
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.float()
+        tensors[name] = value.contiguous()
+    if REFERENCES_KEY in tensors or FORCE_RMS_KEY in tensors:
+        raise ValueError(f"model state uses a reserved key ({REFERENCES_KEY}, {FORCE_RMS_KEY})")
+    tensors[REFERENCES_KEY] = model.element_references.detach().double().cpu().contiguous()
+    tensors[FORCE_RMS_KEY] = torch.tensor([model.force_rms], dtype=torch.float64)
+    return tensors
+
+
+def _jsonable(value):
+    """Replace non-finite floats by None so the metadata is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def save_checkpoint(directory: str | os.PathLike, model: ForceField, metadata: dict) -> Path:
+    """Write ``model`` and ``metadata`` as a checkpoint directory (created if needed).
+
+    Parameters
+    ----------
+    directory : where to write ``model.safetensors`` and ``metadata.json``.
+    model : a single-device :class:`~zoo.base.ForceField` built by :func:`zoo.registry.build`
+        (its ``spec_name``, ``width`` and ``overrides`` are recorded).
+    metadata : the run's metadata; must hold every key of :data:`REQUIRED_KEYS` except those
+        taken from the model (``architecture``, ``width``, ``N``), which are filled in.
+
+    Returns
+    -------
+    The directory as a ``Path``.
+
+    Raises
+    ------
+    KeyError
+        if a required metadata key is missing.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = dict(metadata)
+    meta.setdefault("architecture", getattr(model, "spec_name", type(model).__name__))
+    meta.setdefault("width", getattr(model, "width", None))
+    meta.setdefault("N", sum(p.numel() for p in model.parameters() if p.requires_grad))
+    config = dict(meta.get("config", {}))
+    config.setdefault("model_overrides", dict(getattr(model, "overrides", {})))
+    config["normalization"] = model.normalization()
+    meta["config"] = config
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise KeyError(f"checkpoint metadata lacks {missing}")
+    header = {"architecture": str(meta["architecture"]), "width": str(meta["width"]), "format": "symscale-1"}
+    save_file(model_tensors(model), str(directory / WEIGHTS), metadata=header)
+    tmp = directory / (METADATA + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(meta), indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, directory / METADATA)
+    return directory
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """The ``metadata.json`` of a checkpoint directory.
+
+    Raises ``FileNotFoundError`` naming the directory if it is not a checkpoint.
+    """
+    path = Path(directory) / METADATA
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a checkpoint directory (no {METADATA})")
+    return json.loads(path.read_text())
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> ForceField:
+    """Rebuild the model of a checkpoint directory, load its weights and normalisation.
+
+    The model is rebuilt with ``zoo.registry.build(architecture, width, **model_overrides)``,
+    weights come from ``model.safetensors`` (strict: every tensor must match), and
+    ``set_normalization`` restores the element references and force RMS. Returned in eval mode.
+
+    Raises
+    ------
+    FileNotFoundError
+        if the directory lacks ``metadata.json`` or ``model.safetensors``.
+    RuntimeError
+        if the stored tensors do not match the rebuilt model (missing/unexpected keys, shapes).
+    """
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS}")
+    overrides = dict(meta.get("config", {}).get("model_overrides", {}))
+    model = build(meta["architecture"], int(meta["width"]), **overrides)
+    tensors = load_file(str(weights))
+    references = tensors.pop(REFERENCES_KEY)
+    force_rms = float(tensors.pop(FORCE_RMS_KEY).item())
+    state = model.state_dict()
+    tensors = {k: v.to(state[k].dtype) if k in state else v for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=True)
+    model.set_normalization(references.tolist(), force_rms)
+    return model.to(device).eval()
