@@ -6,7 +6,7 @@ identifies the data (stored in every checkpoint).
 
 Layout of ``index.json`` (all energies eV, forces eV/Å)::
 
-    format            "symscale-shards/1"
+    format            "symscale-shards/2"
     settings          conversion settings (shard_size, coincident distance, max Z)
     inputs            [{name, size, mtime_ns}] of the converted files (for idempotence)
     shards            [{name, source, structures, atoms, natoms: [n per structure], sha256, bytes}]
@@ -37,7 +37,7 @@ import numpy as np
 from datapipe import keys
 
 INDEX_NAME = "index.json"
-FORMAT = "symscale-shards/1"
+FORMAT = "symscale-shards/2"
 
 
 @dataclass
