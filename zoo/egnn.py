@@ -40,7 +40,7 @@ Width ``w`` is the scalar hidden size. Vector channels ``C = max(4, w // 8)`` by
 7 layers (Satorras et al.'s QM9 setting), 16 Bessel functions. Per layer ``φ_e`` (``2w + 16 + 3C
 → w → w``), ``φ_h`` (``2w + C → w → w``), ``φ_x`` (``w → w → 2C``): about ``7.8 w²``, so
 ``N ≈ 55 w²``. The paper's MC-EGNN is about twice as large per width (``N/w²`` from 114 at
-``w = 96`` to 98 at ``w = 896``; ``/work/shared/data/omol25_scaling_checkpoints.csv``); we do
+``w = 96`` to 98 at ``w = 896``; ``../shared/data/omol25_scaling_checkpoints.csv``); we do
 not have its code, and our count is quadratic in width as theirs is. Forward FLOPs per atom per
 parameter, κ (``zoo.flop_report.model_report``, first 32 structures of the OMol25 sample, FMA = 2):
 14.8 at ``w = 96``, 14.4 at ``w = 512``, against the paper's 28.09 — ``φ_e``'s first layer runs

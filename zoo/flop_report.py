@@ -2,7 +2,7 @@
 
 The reference batch is the first structures of the embedded validation sample
 ``data/omol25_sample/val`` (real molecules of the project's data path) when it exists, else the
-handed-in cases (``/work/shared/cases``: C04's 300-atom water cluster and methane, C01's benzene,
+handed-in cases (``../shared/cases`` beside the repository: C04's 300-atom water cluster and methane, C01's benzene,
 water and Na⁺, C02's water and far H). κ depends on the graph density of the data (edges per
 atom), so compare κ on the same reference batch.
 """
@@ -15,7 +15,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_VAL = REPO / "data" / "omol25_sample" / "val"
-CASES = Path("/work/shared/cases")
+CASES = REPO.parent / "shared" / "cases"
 _CASE_FILES = ("C04-mixed-sizes.extxyz", "C01-last-structure-without-edges.extxyz", "C02-atom-beyond-cutoff.extxyz")
 
 

@@ -32,7 +32,7 @@ Width and parameter count
 Width scales the hidden size of every layer; depth (4 layers), radial basis (16 Bessel
 functions) and envelope stay fixed. Each layer holds ``3 w²`` weights and the two heads ``w²/2``
 each, so ``N = 13 w² + 229 w``. The paper's MPNN counts fit ``N = 12 w² + 205.5 w + 4`` exactly
-at even widths (``/work/shared/data/omol25_scaling_checkpoints.csv``); we do not have its code.
+at even widths (``../shared/data/omol25_scaling_checkpoints.csv``); we do not have its code.
 
 ======  ============  ==============  ==========
 width   N (ours)      N (paper)       ours/paper
