@@ -30,13 +30,22 @@ DS_TAG = "state"
 
 @dataclass
 class TrainState:
-    """Counters of a run (global over ranks). ``flops`` is None while no FLOP counter exists."""
+    """Counters of a run (global over ranks). ``flops`` is None while no FLOP counter exists.
+
+    ``samples_seen``/``atoms_seen`` count training data (original structures only with the
+    symmetry loss); ``model_atoms`` the atoms the model was evaluated on (× (M+1) with it) and
+    ``forward_flops`` their forward FLOPs (for the measured κ); ``train_time_s`` the rank-0 time
+    spent in training steps (loading included; validation and checkpoints excluded).
+    """
 
     step: int = 0
     samples_seen: int = 0
     atoms_seen: int = 0
     flops: int | None = None
     wall_time_s: float = 0.0
+    forward_flops: int | None = None
+    model_atoms: int = 0
+    train_time_s: float = 0.0
 
 
 def step_dir(run_dir: str | os.PathLike, step: int) -> Path:

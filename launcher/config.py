@@ -34,11 +34,25 @@ DEFAULT_DATA = REPO / "data" / "omol25_sample"
 BASE_LR = 3e-3
 #: w₀: the width at which BASE_LR was tuned.
 LR_WIDTH = 64
+#: Per-architecture (η*, w₀) where the single (BASE_LR, LR_WIDTH) does not suit (the paper tunes
+#: the LR per architecture at ≈1 M parameters). Short probes on the embedded data, 2 CPU ranks,
+#: ZeRO-2, 20,000 atoms (87 steps), final force MAE on the 200-structure subset (zero-force 601.3):
+#:
+#: - mc-egnn w32: lr 2e-3 → 573.2 (78 steps), 6e-3 (the BASE_LR transfer) → 546.9, 2e-2 → 496.1;
+#:   hence η* = 1e-2 at w₀ = 64 (= 2e-2 at w32);
+#: - mpnn w64: 1e-3 → 594.4, 3e-3 → 589.9, 1e-2 → 588.8 (flat at 20,000 atoms); mpnn w128 on the
+#:   whole train split (356,460 atoms, 1,552 steps): 1.5e-3 (the BASE_LR transfer) → 561.5,
+#:   1e-2 → 509.2; hence η* = 1e-2 at w₀ = 128 (the registry's default width);
+#: - esen: BASE_LR's own sweep above; gemnet-oc: not probed (≈ 80 atoms/s at w16 on this CPU).
+ARCH_LR: dict[str, tuple[float, int]] = {"mc-egnn": (1e-2, 64), "mpnn": (1e-2, 128)}
 #: Default data budget D (atoms). The whole embedded train split (356,460 atoms) costs eSEN w64
 #: ≈ 2.3e8 FLOPs per atom and step (8e13 in all), ≈ 1 h on 2 CPU cores, and the reference job
 #: (`deepspeed --num_gpus 2 launcher/train.py --model esen --width 64`) must finish in 15 minutes.
 #: Measured at this budget (2 CPU ranks, ZeRO-2): 512 s wall including the first shard conversion,
 #: final validation force MAE 236.7 meV/Å vs 601.3 for zero forces. `--max-atoms all`: whole split.
+#: The final checkpoint also validates on the whole validation split (1,770 structures, 43,740
+#: atoms, forward only): for that eSEN w64 checkpoint 62.4 s on one CPU thread (the 200-structure
+#: subset: 6.6 s), so ≈ 31 s more for the default job on 2 ranks.
 DEFAULT_MAX_ATOMS = 60_000
 
 
@@ -61,6 +75,7 @@ class TrainConfig:
     width: int | None = None
     model_overrides: dict = field(default_factory=dict)
     direct_forces: bool = True
+    symmetry_loss: int = 0  # M Haar-random rotated copies per batch (arXiv 2510.09768's ablation)
     # data
     train: str = str(DEFAULT_DATA / "train")
     val: str = str(DEFAULT_DATA / "val")
@@ -72,8 +87,8 @@ class TrainConfig:
     max_val_structures: int | None = 200  # validation subset (first structures in index order); None = all
     # optimisation
     lr: float | None = None  # None: transferred_lr(width, base_lr, lr_width)
-    base_lr: float = BASE_LR
-    lr_width: int = LR_WIDTH
+    base_lr: float | None = None  # None: ARCH_LR[model] or BASE_LR
+    lr_width: int | None = None  # None: ARCH_LR[model] or LR_WIDTH
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_fraction: float = 0.02
@@ -91,7 +106,11 @@ class TrainConfig:
 
     def learning_rate(self, width: int) -> float:
         """The learning rate of this run (explicit ``lr`` or the width-transferred one)."""
-        return self.lr if self.lr is not None else transferred_lr(width, self.base_lr, self.lr_width)
+        if self.lr is not None:
+            return self.lr
+        base_lr, base_width = ARCH_LR.get(self.model, (BASE_LR, LR_WIDTH))
+        return transferred_lr(width, base_lr if self.base_lr is None else self.base_lr,
+                              base_width if self.lr_width is None else self.lr_width)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -146,6 +165,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="constructor override (VALUE parsed as JSON), repeatable")
     p.add_argument("--conservative", action="store_true", help="forces as -dE/dpositions (default: direct head)")
+    p.add_argument("--symmetry-loss", type=int, default=d.symmetry_loss, metavar="M",
+                   help="add M Haar-random rotated copies of every batch; loss averaged over the M+1 copies "
+                        "(FLOPs counted x(M+1); atoms seen count the original batch only)")
     p.add_argument("--train", default=d.train, help="train split: .aselmdb files/dir, or a shard dir")
     p.add_argument("--val", default=d.val, help="validation split: .aselmdb files/dir, or a shard dir")
     p.add_argument("--shards", default=None, help="shard cache (default: <train>/../shards)")
@@ -155,10 +177,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="structures per shuffle buffer")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="loader worker processes per rank")
     p.add_argument("--max-val-structures", type=_budget, default=d.max_val_structures,
-                   help="validate on the first N structures of the split (same subset at every checkpoint), or 'all'")
+                   help="validate on the first N structures of the split (same subset at every checkpoint; the final checkpoint also validates on the whole split), or 'all'")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: base-lr * lr-width / width)")
-    p.add_argument("--base-lr", type=float, default=d.base_lr, help="eta*: LR tuned at --lr-width")
-    p.add_argument("--lr-width", type=int, default=d.lr_width, help="w0: width where --base-lr was tuned")
+    p.add_argument("--base-lr", type=float, default=None,
+                   help=f"eta*: LR tuned at --lr-width (default {BASE_LR:g}; per architecture: {ARCH_LR})")
+    p.add_argument("--lr-width", type=int, default=None,
+                   help=f"w0: width where --base-lr was tuned (default {LR_WIDTH}; per architecture: see --base-lr)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
     p.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction, help="schedule-free LR warm-up, fraction of the run's steps")
     p.add_argument("--seed", type=int, default=d.seed, help="model init and data order")
@@ -183,6 +207,8 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     for name in ("atoms_per_batch", "shuffle_buffer", "log_every"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.symmetry_loss < 0:
+        p.error("--symmetry-loss must be >= 0")
     if not 0 < a.checkpoint_fraction <= 1:
         p.error("--checkpoint-fraction must be in (0, 1]")
     explicit = {}
@@ -195,6 +221,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         width=a.width,
         model_overrides=dict(a.model_arg),
         direct_forces=not a.conservative,
+        symmetry_loss=a.symmetry_loss,
         train=a.train,
         val=a.val,
         shards=a.shards,

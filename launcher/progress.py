@@ -2,14 +2,18 @@
 
 ``RUN_DIR/metrics.jsonl`` holds one JSON object per line with a ``"kind"``:
 
-- ``"start"`` / ``"resume"`` — configuration summary (steps, parameters, learning rate, world size);
+- ``"start"`` / ``"resume"`` — configuration summary (steps, parameters, learning rate, world size,
+  the peak FLOP/s MFU is measured against and its source, code version, fitted scale factors);
 - ``"train"`` — every ``log_every`` steps and at checkpoints: step, loss terms (global means,
-  normalised units; ``mean_loss`` over the steps since the last record), atoms/s, structures/s,
-  counters (samples_seen, atoms_seen, cumulative ``flops``), ``flops_since_last`` (these sum to
-  the cumulative count) and ``flops_per_s``;
-- ``"val"`` — validation metrics (:mod:`launcher.validate`) at each checkpoint;
+  normalised units; ``mean_loss`` over the steps since the last record), ``atoms_per_s``,
+  ``structures_per_s``, ``flops_per_s`` and ``mfu`` over the steps since the last record (time in
+  training steps only), counters (samples_seen, atoms_seen, cumulative ``flops`` and ``pflops``),
+  ``step_flops`` (the global FLOPs of each step since the last record, in order: over a run they
+  sum to the cumulative count) and ``flops_since_last`` (their sum); see :mod:`launcher.throughput`;
+- ``"val"`` — validation metrics (:mod:`launcher.validate`) at each checkpoint, on the fixed subset;
+- ``"val_full"`` — at the final checkpoint: the same on the whole validation split (+ ``seconds``);
 - ``"checkpoint"`` — the directory written;
-- ``"end"`` — wall time and the final validation.
+- ``"end"`` — wall time, the final validation and the run's ``throughput`` summary.
 
 Only rank 0 writes; other ranks get a logger that does nothing.
 """

@@ -7,9 +7,9 @@ from conftest import PYTHON, free_port, run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_match_one_process(data, tmp_path, stage):
-    """Uneven shares of one global batch on 2 ranks (ZeRO-1 and 2) give the one-process loss, the
+    """Uneven shares of one global batch on 2 ranks (ZeRO-1, 2 and 3; direct forces) give the one-process loss, the
     gradient of the global mean, and schedule-free averaged weights equal to ``optimizer.eval()``."""
     out = tmp_path / "result.json"
     result = run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),

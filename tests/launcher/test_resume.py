@@ -4,10 +4,11 @@ ends with exactly the weights of an uninterrupted run."""
 
 import json
 import signal
+import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, TINY, run
+from conftest import PYTHON, REPO, TINY, run
 from safetensors.torch import load_file
 
 from datapipe.index import ShardIndex
@@ -65,6 +66,28 @@ def test_kill_and_resume_equals_uninterrupted_run(data, tmp_path):
     assert meta["validation"]["loss"] == pytest.approx(meta_ref["validation"]["loss"], rel=1e-6)
     for key in ("architecture", "width", "config", "N", "flops", "data_hash", "code_version", "wall_time_s"):
         assert key in meta
+    # issue 5: every checkpoint's cumulative FLOPs is the sum of the logged per-step FLOPs up to it
+    # (across the crash: the steps replayed after the resume replace the lost ones)
+    for run_dir in (reference, crashed):
+        per_step = {}
+        for r in records(run_dir, "train"):  # later records (after the resume) overwrite replayed steps
+            assert len(r["step_flops"]) == 1  # --log-every 1: one step per record
+            per_step.update(zip(range(r["step"] - len(r["step_flops"]) + 1, r["step"] + 1), r["step_flops"]))
+        assert all(v > 0 for v in per_step.values())
+        for checkpoint in sorted((run_dir / "checkpoints").glob("step-????????")):
+            saved = read_metadata(checkpoint)
+            assert saved["flops"] == sum(v for s, v in per_step.items() if s <= saved["step"]), checkpoint
+    assert meta["flops"] == meta_ref["flops"]
+    speed = meta["throughput"]
+    assert speed["flops_per_s"] > 0 and 0 < speed["mfu"] < 1 and speed["peak_flops"] > 0
+    assert "measured" in speed["peak_source"] and speed["kappa"] > 0 and speed["counting_overhead"] >= 0
+    assert speed["atoms_per_s"] == pytest.approx(meta["atoms_seen"] / speed["train_time_s"])
+    if (REPO / ".git").exists():  # the real `git describe` of this checkout, not a placeholder
+        described = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=REPO, check=True,
+                                   capture_output=True, text=True).stdout.strip()
+        assert meta["code_version"] == described
+    # the final checkpoint also validates on the whole split (here the subset is the whole split)
+    assert meta["validation_full"]["structures"] == ShardIndex.load(data["val"]).n_structures
     # the saved model is the one that was validated: reloading it reproduces the recorded metrics
     model = load_model(crashed / final)
     loader = StreamingLoader(data["val"], rank=0, world_size=1, num_workers=0, shuffle=False,
