@@ -8,7 +8,7 @@ RANKS ?= 2
 MODEL ?= esen
 WIDTH ?= 64
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
