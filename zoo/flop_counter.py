@@ -6,8 +6,9 @@ fixed widths and *one* batch-dependent size (atoms, edges, structures, or a deri
 as GemNet-OC's triplets and quadruplets), so a step's FLOPs is a linear function of those sizes.
 The counter
 
-1. counts exactly the first ``min_exact`` batches with distinct sizes (and any batch whose sizes
-   it has counted before is answered from a cache),
+1. counts exactly the first ``min_exact`` batches with distinct sizes — 4 for the exact
+   features below, features + 2 for the approximate ones — (and any batch whose sizes it has
+   counted before is answered from a cache),
 2. then fits ``flops ≈ θ · x`` by least squares on the exact counts, with features
    ``x = (1, B, N, E)`` (structures, atoms, edges: exact for MPNN, MC-EGNN and eSEN, whose every
    operator scales with one of them), and, for a model with several graph cutoffs
@@ -103,9 +104,12 @@ class StepFlopCounter:
 
     @property
     def min_exact(self) -> int:
-        """Exact counts before the fit is used: features + 2 unless given."""
-        features = 4 + (3 * len(self.cutoffs) if self.geometric else 0)
-        return features + 2 if self._min_exact is None else int(self._min_exact)
+        """Exact counts before the fit is used, unless given: one per feature where the fit is
+        exact (``(1, B, N, E)``: MPNN, MC-EGNN, eSEN — verified on held-out batches in
+        ``tests/zoo/test_flops.py``), features + 2 where it is approximate (GemNet-OC's proxies)."""
+        if self._min_exact is not None:
+            return int(self._min_exact)
+        return 4 + 3 * len(self.cutoffs) + 2 if self.geometric else 4
 
     @property
     def max_fit_error(self) -> float:
@@ -136,7 +140,7 @@ class StepFlopCounter:
         key = tuple(x.tolist())
         if key in self._cache:
             y = self._cache[key]
-        elif self._theta is None or self._can_afford(started):
+        elif self._theta is None or self._can_afford(started) or not self._in_span(x):
             predicted = None if self._theta is None else x @ self._theta
             flops = self.exact(batch)
             x = batch_features(batch, self.cutoffs, self.geometric)  # may have switched
@@ -149,13 +153,23 @@ class StepFlopCounter:
             self._x.append(x)
             self._y.append(y)
             if len(self._x) >= self.min_exact:
-                self._theta = np.linalg.lstsq(np.stack(self._x), np.stack(self._y), rcond=None)[0]
+                design = np.stack(self._x)
+                self._theta = np.linalg.lstsq(design, np.stack(self._y), rcond=None)[0]
+                # rows spanning the sizes seen: a batch outside their span (e.g. a new structure
+                # count when all earlier batches had one) is not determined by the fit
+                _, sv, vt = np.linalg.svd(design, full_matrices=False)
+                self._span = vt[sv > sv[0] * 1e-10]
         else:
             y = np.maximum(x @ self._theta, 0.0)
         self.seconds += time.perf_counter() - started
         out = {p: int(round(v)) for p, v in zip(_PHASES, y)}
         out["total"] = out["forward"] + out["force_backward"] + out["backward"] + out["loss"]
         return out
+
+    def _in_span(self, x: np.ndarray) -> bool:
+        """Is ``x`` a combination of the exactly counted sizes (so the fit determines its FLOPs)?"""
+        residual = x - self._span.T @ (self._span @ x)
+        return float(np.abs(residual).max()) <= 1e-9 * max(float(np.abs(x).max()), 1.0)
 
     def step_flops(self, batch) -> int:
         """FLOPs of one training step (forward + loss + backward) on ``batch``, FMA = 2."""
