@@ -32,19 +32,19 @@ from ase.build import molecule
 from datapipe import keys
 from datapipe.graph import batch_from_atoms
 from zoo.registry import build
+from zoo.symmetry import random_rotations
 
 #: fp32 tolerance of the symmetry tests, relative to the largest |value| compared.
 FP32_RTOL = 2e-5
 
 
 def random_rotation(seed: int, proper: bool = True) -> np.ndarray:
-    """A Haar-random 3×3 rotation (det +1) or, with ``proper=False``, a rotoreflection (det −1)."""
-    rng = np.random.default_rng(seed)
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))  # Haar measure (Mezzadri 2007, arXiv math-ph/0609050)
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q if proper else -q
+    """A Haar-random 3×3 rotation (det +1) or, with ``proper=False``, a rotoreflection (det −1).
+
+    Drawn by :func:`zoo.symmetry.random_rotations` from a generator seeded with ``seed``.
+    """
+    rotation = random_rotations(1, torch.Generator().manual_seed(seed))[0].numpy()
+    return rotation if proper else -rotation
 
 
 def perturbed(atoms: Atoms, seed: int, scale: float = 0.05, charge: int = 0, spin: int = 1) -> Atoms:
