@@ -21,6 +21,7 @@ import torch
 
 from datapipe import keys
 from launcher.engine import all_reduce_sum
+from launcher.loss import loss_terms
 
 
 def validate(model, batches, device: torch.device, force_rms: float) -> dict:
@@ -44,16 +45,16 @@ def validate(model, batches, device: torch.device, force_rms: float) -> dict:
         batch = batch.to(device)
         with torch.set_grad_enabled(not model.direct_forces):
             out = model(batch)
-        natoms = batch[keys.NATOMS].double()  # [B]
-        de = (out[keys.ENERGY].detach().double() - batch[keys.ENERGY].double()).abs() / natoms  # [B]
-        df = out[keys.FORCES].detach().float() - batch[keys.FORCES].float()  # [N, 3]
-        sums[0] += float(natoms.numel())
-        sums[1] += float(natoms.sum())
+        out = {name: value.detach() for name, value in out.items()}
+        terms = loss_terms(out, batch, force_rms=1.0)  # Σ|ΔE|/n in eV, Σ‖ΔF‖₂ in eV/Å
+        df = out[keys.FORCES].float() - batch[keys.FORCES].float()  # [N, 3]
+        sums[0] += terms.structures
+        sums[1] += terms.atoms
         sums[2] += float(df.numel())
-        sums[3] += float(de.sum())
+        sums[3] += float(terms.energy_sum)
         sums[4] += float(df.abs().double().sum())
         sums[5] += float(batch[keys.FORCES].abs().double().sum())
-        sums[6] += float(torch.linalg.vector_norm(df, dim=-1).double().sum())
+        sums[6] += float(terms.force_sum)
     model.train(was_training)
     n_struct, n_atoms, n_comp, e_abs, f_abs, zero_abs, f_l2 = all_reduce_sum(sums, device)
     if n_struct < 1:
