@@ -3,7 +3,7 @@
 For each architecture: a short training run (forward with forces, the paper's loss — per-atom
 energy MAE + per-atom force L2 norm — backward, AdamW step) on real batches of the embedded
 validation sample (``data/omol25_sample/val``, packed to an atom budget in shuffled order so
-that batch shapes vary), calling :class:`zoo.flops.StepFlopCounter` on every step. Printed, all
+that batch shapes vary), calling :class:`zoo.flops.counter.StepFlopCounter` on every step. Printed, all
 measured in the same run:
 
 - the training step time (the baseline) and the time of one exact (traced) count;
@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 from datapipe import keys  # noqa: E402
 from datapipe.graph import batch_from_atoms  # noqa: E402
 from datapipe.sources import iter_atoms  # noqa: E402
-from zoo.flops import StepFlopCounter, count_step  # noqa: E402
+from zoo.flops.counter import StepFlopCounter  # noqa: E402
+from zoo.flops.trace import count_step  # noqa: E402
 from zoo.registry import MODELS, build  # noqa: E402
-from zoo.testing import graph_cutoff  # noqa: E402
 
 
 def packed_batches(structures, atoms_per_batch: int, cutoff: float, seed: int, limit: int) -> list:
@@ -68,7 +68,7 @@ def bench(name: str, width: int, direct: bool, structures, args) -> dict:
     model = build(name, width=width, direct_forces=direct)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batches = packed_batches(structures, args.atoms_per_batch, graph_cutoff(model), seed=0, limit=args.steps)
+    batches = packed_batches(structures, args.atoms_per_batch, model.data_cutoff, seed=0, limit=args.steps)
     counter = StepFlopCounter(model, budget=args.budget)
     answers, step_seconds = [], []
     start = time.perf_counter()
@@ -87,7 +87,7 @@ def bench(name: str, width: int, direct: bool, structures, args) -> dict:
         steady = (counter.seconds - warm_end[1]) / (start + wall - warm_end[0])
     # the shortcut's error on batches answered by the fit (not traced by the counter)
     traced = {tuple(x) for x in map(lambda v: v.tolist(), counter._x)}
-    from zoo.flop_counter import batch_features
+    from zoo.flops.counter import batch_features
 
     errors = []
     for batch, answer in zip(batches, answers):

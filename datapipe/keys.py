@@ -43,5 +43,5 @@ MODEL_OUTPUTS = (ENERGY, FORCES)
 #: Heaviest element a model embeds (OMol25 covers H..Bi, Z = 83); Z = 0 or above this is refused.
 MAX_ATOMIC_NUMBER = 100
 
-#: Default radius-graph cutoff, Å (DESIGN.md; the paper's main graph).
+#: Default radius-graph cutoff, Å (docs/DESIGN.md; the paper's main graph).
 DEFAULT_CUTOFF = 6.0

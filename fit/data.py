@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fit.sumlaw import FitError
+from zoo.hub.metadata import METADATA, table_row
 
 _OPS = {
     "==": operator.eq,
@@ -32,11 +33,12 @@ _WHERE = re.compile(r"^\s*(?P<col>.+?)\s*(?P<op>==|!=|<=|>=|<|>)\s*(?P<val>.*?)\
 def read_zoo_metadata(path: Path) -> dict:
     """Flatten one checkpoint's ``metadata.json`` into a table row.
 
-    Expected keys (written by ``launcher/train.py``): ``architecture``, ``width``, ``N``
+    The schema is :mod:`zoo.hub.metadata` (torch-free): ``architecture``, ``width``, ``N``
     (trainable parameters), ``atoms_seen`` (D, atoms), ``flops`` (C, training FLOPs) and
     ``validation`` (a dict of metrics with at least ``loss``). Every top-level scalar is kept;
     ``validation.X`` becomes column ``validation.X``; aliases ``D``, ``C`` and ``loss`` point to
-    ``atoms_seen``, ``flops`` and ``validation.loss`` so the default column names work.
+    ``atoms_seen``, ``flops`` and ``validation.loss`` so the default column names work
+    (:func:`zoo.hub.metadata.table_row`).
 
     Parameters
     ----------
@@ -58,18 +60,7 @@ def read_zoo_metadata(path: Path) -> dict:
         raise FitError(f"{path}: cannot read checkpoint metadata: {err}") from err
     if not isinstance(meta, dict):
         raise FitError(f"{path}: checkpoint metadata must be a JSON object")
-    row: dict = {"checkpoint": str(Path(path).parent)}
-    for key, val in meta.items():
-        if isinstance(val, dict):
-            for sub, sval in val.items():
-                if not isinstance(sval, (dict, list)):
-                    row[f"{key}.{sub}"] = sval
-        elif not isinstance(val, list):
-            row[key] = val
-    row.setdefault("D", row.get("atoms_seen"))
-    row.setdefault("C", row.get("flops"))
-    row.setdefault("loss", row.get("validation.loss"))
-    return row
+    return {"checkpoint": str(Path(path).parent), **table_row(meta)}
 
 
 def read_rows(source: str | Path) -> tuple[list[dict], bool]:
@@ -88,7 +79,7 @@ def read_rows(source: str | Path) -> tuple[list[dict], bool]:
     """
     src = Path(source)
     if src.is_dir():
-        files = sorted(src.rglob("metadata.json"))
+        files = sorted(src.rglob(METADATA))
         if not files:
             raise FitError(f"{src}: no checkpoint metadata.json found under this directory")
         return [read_zoo_metadata(f) for f in files], True

@@ -2,7 +2,7 @@
 
 Layout of ``RUN_DIR/checkpoints/step-XXXXXXXX/``::
 
-    model.safetensors, metadata.json   the self-describing model (zoo.checkpoint); averaged weights
+    model.safetensors, metadata.json   the self-describing model (zoo.hub.checkpoint); averaged weights
     deepspeed/state/...                engine.save_checkpoint (ZeRO partitions, optimizer state,
                                        client_state = the training counters)
     loader-rank00000.json, ...         each rank's StreamingLoader.state_dict() (JSON)
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher.engine import Runtime, barrier
-from zoo.checkpoint import METADATA, save_checkpoint
+from zoo.hub.checkpoint import METADATA, save_checkpoint
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
@@ -66,7 +66,7 @@ def save(run_dir, step: int, engine, eval_model, state: TrainState, loader_state
     eval_model : single-device model holding the averaged weights (written by rank 0).
     state : the counters, stored in DeepSpeed's ``client_state``.
     loader_state : this rank's ``loader.state_dict()``, JSON-serialisable.
-    metadata : the checkpoint's metadata (see :mod:`zoo.checkpoint`).
+    metadata : the checkpoint's metadata (see :mod:`zoo.hub.checkpoint`).
     """
     final = step_dir(run_dir, step)
     partial = final.with_name(final.name + ".partial")

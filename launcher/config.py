@@ -6,7 +6,8 @@ follow:
 - one epoch over a data budget counted in atoms (``--max-atoms``; default
   :data:`DEFAULT_MAX_ATOMS`, sized for the embedded sample on 2 CPU cores; ``all``: the whole split);
 - schedule-free AdamW (Defazio et al. 2024, arXiv 2405.15682) with the learning rate transferred
-  across widths as in μP, ``η(w) = η* · w₀ / w`` (:func:`transferred_lr`);
+  across widths as in μP, ``η(w) = η* · w₀ / w`` (:func:`zoo.registry.transferred_lr`; η* and w₀
+  per architecture in :data:`zoo.registry.MODELS`);
 - loss = per-atom energy MAE + per-atom force L2 norm with equal weights, in units of the training
   force RMS (see :mod:`launcher.loss`);
 - direct force heads.
@@ -24,54 +25,27 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from zoo.registry import DEFAULT_MODEL, MODELS, get_spec
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "omol25_sample"
 
-#: η*: the learning rate at the reference width w₀ (LR_WIDTH). Picked by a short sweep on the
-#: embedded data, eSEN at width 64 (≈1.6 M parameters, the paper tunes at ≈1 M), 8,000 atoms,
-#: 256 atoms per step, validation loss on 200 structures after 33 steps: 1e-3 → 1.1715,
-#: 3e-3 → 1.1700, 1e-2 → 1.1765 (flat at this budget; the middle value is taken).
-BASE_LR = 3e-3
-#: w₀: the width at which BASE_LR was tuned.
-LR_WIDTH = 64
-#: Per-architecture (η*, w₀) where the single (BASE_LR, LR_WIDTH) does not suit (the paper tunes
-#: the LR per architecture at ≈1 M parameters). Short probes on the embedded data, 2 CPU ranks,
-#: ZeRO-2, 20,000 atoms (87 steps), final force MAE on the 200-structure subset (zero-force 601.3):
-#:
-#: - mc-egnn w32: lr 2e-3 → 573.2 (78 steps), 6e-3 (the BASE_LR transfer) → 546.9, 2e-2 → 496.1;
-#:   hence η* = 1e-2 at w₀ = 64 (= 2e-2 at w32);
-#: - mpnn w64: 1e-3 → 594.4, 3e-3 → 589.9, 1e-2 → 588.8 (flat at 20,000 atoms); mpnn w128 on the
-#:   whole train split (356,460 atoms, 1,552 steps): 1.5e-3 (the BASE_LR transfer) → 561.5,
-#:   1e-2 → 509.2; hence η* = 1e-2 at w₀ = 128 (the registry's default width);
-#: - esen: BASE_LR's own sweep above; gemnet-oc: not probed (≈ 80 atoms/s at w16 on this CPU).
-ARCH_LR: dict[str, tuple[float, int]] = {"mc-egnn": (1e-2, 64), "mpnn": (1e-2, 128)}
-#: Default data budget D (atoms). The whole embedded train split (356,460 atoms) costs eSEN w64
-#: ≈ 2.3e8 FLOPs per atom and step (8e13 in all), ≈ 1 h on 2 CPU cores, and the reference job
-#: (`deepspeed --num_gpus 2 launcher/train.py --model esen --width 64`) must finish in 15 minutes.
-#: Measured at this budget (2 CPU ranks, ZeRO-2): 512 s wall including the first shard conversion,
-#: final validation force MAE 236.7 meV/Å vs 601.3 for zero forces. `--max-atoms all`: whole split.
-#: The final checkpoint also validates on the whole validation split (1,770 structures, 43,740
-#: atoms, forward only): for that eSEN w64 checkpoint 62.4 s on one CPU thread (the 200-structure
-#: subset: 6.6 s), so ≈ 31 s more for the default job on 2 ranks.
+#: Default data budget D (atoms). The whole embedded train split (356,460 atoms) costs the default
+#: model at its default width ≈ 2.3e8 FLOPs per atom and step (8e13 in all), ≈ 1 h on 2 CPU cores,
+#: and the reference job (`make train`, 2 ranks) must finish in 15 minutes. Measured at this budget
+#: (2 CPU ranks, ZeRO-2): 512 s wall including the first shard conversion, final validation force
+#: MAE 236.7 meV/Å vs 601.3 for zero forces. `--max-atoms all`: whole split. The final checkpoint
+#: also validates on the whole validation split (1,770 structures, 43,740 atoms, forward only):
+#: 62.4 s on one CPU thread for that checkpoint (the 200-structure subset: 6.6 s), so ≈ 31 s more
+#: for the default job on 2 ranks.
 DEFAULT_MAX_ATOMS = 60_000
-
-
-def transferred_lr(width: int, base_lr: float = BASE_LR, base_width: int = LR_WIDTH) -> float:
-    """Learning rate at ``width`` transferred from ``base_lr`` tuned at ``base_width``.
-
-    ``η(w) = η* · w₀ / w`` — the μP rule for Adam-type optimizers' hidden weights (Yang et al.
-    2021, arXiv 2203.03466, Table 3), applied to all weights as arXiv 2510.09768 does.
-    """
-    if width < 1 or base_width < 1 or not base_lr > 0:
-        raise ValueError(f"need width, base_width >= 1 and base_lr > 0, got {width}, {base_width}, {base_lr}")
-    return base_lr * base_width / width
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run depends on (saved as ``RUN_DIR/config.json`` and in checkpoints)."""
 
-    model: str = "esen"
+    model: str = DEFAULT_MODEL
     width: int | None = None
     model_overrides: dict = field(default_factory=dict)
     direct_forces: bool = True
@@ -86,9 +60,9 @@ class TrainConfig:
     num_workers: int = 0
     max_val_structures: int | None = 200  # validation subset (first structures in index order); None = all
     # optimisation
-    lr: float | None = None  # None: transferred_lr(width, base_lr, lr_width)
-    base_lr: float | None = None  # None: ARCH_LR[model] or BASE_LR
-    lr_width: int | None = None  # None: ARCH_LR[model] or LR_WIDTH
+    lr: float | None = None  # None: the registry spec's transferred learning rate
+    base_lr: float | None = None  # None: the spec's η*
+    lr_width: int | None = None  # None: the spec's w₀
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_fraction: float = 0.02
@@ -108,9 +82,7 @@ class TrainConfig:
         """The learning rate of this run (explicit ``lr`` or the width-transferred one)."""
         if self.lr is not None:
             return self.lr
-        base_lr, base_width = ARCH_LR.get(self.model, (BASE_LR, LR_WIDTH))
-        return transferred_lr(width, base_lr if self.base_lr is None else self.base_lr,
-                              base_width if self.lr_width is None else self.lr_width)
+        return get_spec(self.model).learning_rate(width, self.base_lr, self.lr_width)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -160,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
         description="Train a zoo model on OMol25-format shards with DeepSpeed (paper recipe by default).",
         formatter_class=_Help,
     )
-    p.add_argument("--model", default=d.model, help="registry name: esen, mpnn, mc-egnn, gemnet-oc")
+    p.add_argument("--model", default=d.model, choices=sorted(MODELS), help="registry name")
     p.add_argument("--width", type=int, default=None, help="model width (default: the registry spec's)")
     p.add_argument("--model-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="constructor override (VALUE parsed as JSON), repeatable")
@@ -180,9 +152,11 @@ def parser() -> argparse.ArgumentParser:
                    help="validate on the first N structures of the split (same subset at every checkpoint; the final checkpoint also validates on the whole split), or 'all'")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: base-lr * lr-width / width)")
     p.add_argument("--base-lr", type=float, default=None,
-                   help=f"eta*: LR tuned at --lr-width (default {BASE_LR:g}; per architecture: {ARCH_LR})")
+                   help="eta*: LR tuned at --lr-width (default per architecture: "
+                        + ", ".join(f"{n} {m.base_lr:g}" for n, m in sorted(MODELS.items())) + ")")
     p.add_argument("--lr-width", type=int, default=None,
-                   help=f"w0: width where --base-lr was tuned (default {LR_WIDTH}; per architecture: see --base-lr)")
+                   help="w0: width where --base-lr was tuned (default per architecture: "
+                        + ", ".join(f"{n} {m.lr_width}" for n, m in sorted(MODELS.items())) + ")")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
     p.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction, help="schedule-free LR warm-up, fraction of the run's steps")
     p.add_argument("--seed", type=int, default=d.seed, help="model init and data order")
@@ -272,7 +246,7 @@ def deepspeed_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
         if the user's file sets ``optimizer``/``scheduler``, gradient accumulation > 1 or fp16;
         for ZeRO-3 with conservative forces. Their double backward needs the weights gathered
         after the forward, which ZeRO-3 releases. Making the whole model one ZeRO-3 leaf module
-        (``deepspeed.utils.set_z3_leaf_modules``, FEASIBILITY.md) gets past that, but then failed
+        (``deepspeed.utils.set_z3_leaf_modules``, docs/FEASIBILITY.md) gets past that, but then failed
         in DeepSpeed 0.19.8's ``zero_grad`` on CPU ("unknown parameter type" from
         ``record_stream``), and would gather every weight on every rank anyway.
     """

@@ -10,7 +10,7 @@ The model code is for one device (``zoo``); this module wraps it, as torchtitan'
 
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported (the CPU accelerator
 then uses gloo), and when several ranks share the CPU each gets ``cores / local ranks`` intra-op
-threads unless ``OMP_NUM_THREADS`` was given (FEASIBILITY.md: 2 ranks on 2 cores, 104 ms → 31 ms
+threads unless ``OMP_NUM_THREADS`` was given (docs/FEASIBILITY.md: 2 ranks on 2 cores, 104 ms → 31 ms
 per step with one thread each).
 """
 

@@ -5,10 +5,10 @@ All counts are global (summed over ranks); times are the rank-0 wall time spent 
 
 - ``atoms_per_s`` / ``structures_per_s`` — the training data's atoms and structures (the *original*
   batch: with ``--symmetry-loss M`` the rotated copies are not counted, as they are not new data);
-- ``flops_per_s`` — step FLOPs (:class:`zoo.flop_counter.StepFlopCounter`, FMA = 2; forward, loss
+- ``flops_per_s`` — step FLOPs (:class:`zoo.flops.counter.StepFlopCounter`, FMA = 2; forward, loss
   and backward of every model evaluation, so ``× (M + 1)`` with the symmetry loss) per second;
 - ``mfu`` — ``flops_per_s`` over the peak of all devices of the job: ``world_size`` × the per-device
-  peak of :func:`zoo.flop_peaks.peak_flops` (a datasheet figure for known GPUs, a *measured* fp32
+  peak of :func:`zoo.flops.peaks.peak_flops` (a datasheet figure for known GPUs, a *measured* fp32
   matmul rate for a CPU — ``peak_source`` says which; measured on rank 0 with its thread count and
   assumed equal on every rank);
 - ``kappa`` — measured κ = forward FLOPs / (atoms through the model × N), summed over the run
@@ -28,7 +28,7 @@ def device_peak(device: torch.device, bf16: bool, world_size: int, is_main: bool
     """(peak FLOP/s of the whole job, where the figure comes from); rank 0 decides, all ranks get it."""
     answer = None
     if is_main:
-        from zoo.flop_peaks import peak_flops
+        from zoo.flops.peaks import peak_flops
 
         peak, source = peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
         answer = (peak * world_size, f"{world_size} × {peak:.4g} FLOP/s per device ({source})")

@@ -2,13 +2,14 @@
 
 Examples
 --------
-The paper's recipe on the embedded data (``data/omol25_sample``), ZeRO-2::
+The paper's recipe on the embedded data (``data/omol25_sample``), ZeRO-2; ``NAME`` is any key of
+:data:`zoo.registry.MODELS` (``zoo params`` lists them)::
 
-    deepspeed launcher/train.py --model esen --width 64                 # all local GPUs / 1 CPU rank
-    deepspeed --num_gpus 2 launcher/train.py --model esen --width 64    # 2 ranks (CPU: 2 processes)
-    torchrun --nproc_per_node 2 launcher/train.py --model esen --width 64
-    python launcher/train.py --model esen --width 64                    # one process
-    python launcher/train.py --resume runs/esen-w64-20261129-101500      # continue after a crash
+    deepspeed launcher/train.py --model NAME --width 64                 # all local GPUs / 1 CPU rank
+    deepspeed --num_gpus 2 launcher/train.py --model NAME --width 64    # 2 ranks (CPU: 2 processes)
+    torchrun --nproc_per_node 2 launcher/train.py --model NAME --width 64
+    python launcher/train.py --model NAME --width 64                    # one process
+    python launcher/train.py --resume runs/NAME-w64-20261129-101500      # continue after a crash
 
 Every flag: ``python launcher/train.py --help``. What happens: :mod:`launcher.loop`.
 """

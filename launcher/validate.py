@@ -29,7 +29,7 @@ def validate(model, batches, device: torch.device, force_rms: float) -> dict:
 
     Parameters
     ----------
-    model : single-device :class:`~zoo.base.ForceField` (fp32).
+    model : single-device :class:`~zoo.models.base.ForceField` (fp32).
     batches : iterable of torch-geometric batches with reference energy and forces.
     force_rms : σ of the training split (eV/Å), for the loss.
 

@@ -47,12 +47,12 @@ def flops_command(
 ) -> None:
     """Parameters, forward FLOPs per atom and per edge, κ and step FLOPs of MODEL at WIDTH.
 
-    Counted with fvcore on a reference batch (zoo.flop_report), no training; FMA = 2 FLOPs.
+    Counted with fvcore on a reference batch (zoo.flops.report), no training; FMA = 2 FLOPs.
     """
     import json
 
-    from zoo.flop_report import model_report
-    from zoo.flops import compute_3knd
+    from zoo.flops.report import model_report
+    from zoo.flops.trace import compute_3knd
     from zoo.registry import get_spec
 
     widths = width or [get_spec(model).default_width]

@@ -32,7 +32,7 @@ from ase.build import molecule
 from datapipe import keys
 from datapipe.graph import batch_from_atoms
 from zoo.registry import build
-from zoo.symmetry import random_rotations
+from zoo.models.symmetry import random_rotations
 
 #: fp32 tolerance of the symmetry tests, relative to the largest |value| compared.
 FP32_RTOL = 2e-5
@@ -41,7 +41,7 @@ FP32_RTOL = 2e-5
 def random_rotation(seed: int, proper: bool = True) -> np.ndarray:
     """A Haar-random 3×3 rotation (det +1) or, with ``proper=False``, a rotoreflection (det −1).
 
-    Drawn by :func:`zoo.symmetry.random_rotations` from a generator seeded with ``seed``.
+    Drawn by :func:`zoo.models.symmetry.random_rotations` from a generator seeded with ``seed``.
     """
     rotation = random_rotations(1, torch.Generator().manual_seed(seed))[0].numpy()
     return rotation if proper else -rotation
@@ -57,14 +57,9 @@ def perturbed(atoms: Atoms, seed: int, scale: float = 0.05, charge: int = 0, spi
 
 def evaluate(model, atoms_list, cutoff: float | None = None) -> dict[str, torch.Tensor]:
     """Energies ``[B]`` (eV) and forces ``[N, 3]`` (eV/Å) of ``atoms_list`` in one batch."""
-    cutoff = cutoff if cutoff is not None else graph_cutoff(model)
+    cutoff = cutoff if cutoff is not None else model.data_cutoff
     dtype = next(model.parameters()).dtype
     return model(batch_from_atoms(atoms_list, cutoff=cutoff, dtype=dtype))
-
-
-def graph_cutoff(model) -> float:
-    """The data-graph cutoff a test batch needs: the largest of the model's graph cutoffs."""
-    return float(max(getattr(model, "graph_cutoffs", (model.cutoff,))))
 
 
 def _scale(*tensors: torch.Tensor) -> float:
@@ -203,18 +198,18 @@ class ForceFieldTests:
         integral of the force), no jump in force; across the outermost cutoff the energy is flat
         and the force vanishes (inside a longer-range graph the pair still interacts at an inner one)."""
         model = self.make(direct_forces=False, dtype=torch.float64)
-        data_cutoff = graph_cutoff(model) + 1.0
+        data_cutoff = model.data_cutoff + 1.0
 
         def pair(r: float):
             return evaluate(model, [Atoms("CO", positions=[[0, 0, 0], [r, 0.0, 0.0]])], cutoff=data_cutoff)
 
-        outer = graph_cutoff(model)
+        outer = model.data_cutoff
         energies = [float(pair(r)[keys.ENERGY]) for r in np.linspace(outer - 0.02, outer + 0.02, 9)]
         steps = np.abs(np.diff(energies))
         assert steps.max() < 1e-6 * max(1.0, abs(energies[0])), f"energy not flat across {outer} Å: {steps}"
         assert float(pair(outer - 0.0025)[keys.FORCES].abs().max()) < 1e-4, f"force not ~0 just inside {outer} Å"
         h = 1e-4
-        for cutoff in getattr(model, "graph_cutoffs", (model.cutoff,)):
+        for cutoff in model.graph_cutoffs:
             inside, outside = pair(cutoff - h), pair(cutoff + h)
             f_in, f_out = float(inside[keys.FORCES][1, 0]), float(outside[keys.FORCES][1, 0])
             step = float(outside[keys.ENERGY] - inside[keys.ENERGY]) + (f_in + f_out) * h  # dE/dr = −F_x(O)

@@ -110,7 +110,7 @@ def test_structures_are_off_equilibrium(committed):
 
 @needs_generate
 def test_rerun_reproduces_committed_labels(committed):
-    from datapipe.generate import Candidate, GenerateConfig, generate_molecule
+    from datapipe.generate.molecules import Candidate, GenerateConfig, generate_molecule
 
     cfg = GenerateConfig(**_summary()["config"])
     rows = committed["train"] + committed["val"]
@@ -132,7 +132,7 @@ def test_rerun_reproduces_committed_labels(committed):
 
 @needs_generate
 def test_selection_is_the_seeded_order():
-    from datapipe.generate import load_candidates, select_order
+    from datapipe.generate.molecules import load_candidates, select_order
 
     s = _summary()
     candidates, rejected = load_candidates(s["config"]["max_atoms"])
@@ -145,7 +145,7 @@ def test_selection_is_the_seeded_order():
 
 @needs_generate
 def test_worker_count_does_not_change_result():
-    from datapipe.generate import GenerateConfig, generate, load_candidates, select_order
+    from datapipe.generate.molecules import GenerateConfig, generate, load_candidates, select_order
 
     cfg = GenerateConfig(seed=3, structures_per_molecule=3, n_conformers=2)
     cands = select_order(load_candidates()[0], 3)[:3]
@@ -158,7 +158,7 @@ def test_worker_count_does_not_change_result():
 
 @needs_generate
 def test_cli_writes_readable_aselmdb(tmp_path):
-    from datapipe.generate_io import main
+    from datapipe.generate.writer import main
 
     summary = main(["--out", str(tmp_path), "--molecules", "2", "--seed", "1", "--workers", "1",
                     "--structures-per-molecule", "2", "--val-fraction", "0.5"])
@@ -186,7 +186,7 @@ def _with_data(row):
 
 
 def test_missing_optional_deps_give_clear_error(monkeypatch):
-    from datapipe import generate
+    from datapipe.generate import molecules as generate
 
     monkeypatch.setitem(sys.modules, "tblite.interface", None)
     with pytest.raises(ImportError, match=r"symscale\[generate\]"):

@@ -3,7 +3,7 @@
 One process, tiny widths, one fixed batch of the EMT test data: the paper's loss
 (:mod:`launcher.loss`), schedule-free AdamW (:mod:`launcher.optim`) at the launcher's learning
 rate for the width, GemNet-OC's scale factors fitted first as the launcher does
-(:mod:`launcher.scales`). The distributed path is covered by test_distributed / test_resume.
+(:mod:`zoo.models.gemnet_oc.scales`). The distributed path is covered by test_distributed / test_resume.
 """
 
 import ase.db
@@ -14,7 +14,7 @@ from datapipe.graph import batch_from_atoms
 from launcher.config import TrainConfig
 from launcher.loss import global_loss, loss_terms
 from launcher.optim import build_optimizer
-from zoo.gemnet_blocks import fit_scale_factors
+from zoo.models.gemnet_oc.blocks import fit_scale_factors
 from zoo.registry import build
 
 #: (model, width, constructor overrides): small enough for a few seconds per model on one core
@@ -34,7 +34,7 @@ def test_training_lowers_the_loss(data, name, width, overrides):
         a.info.update(charge=0, spin=1)
     torch.manual_seed(0)
     model = build(name, width, **overrides)
-    batch = batch_from_atoms(atoms, cutoff=float(max(getattr(model, "graph_cutoffs", (model.cutoff,)))))
+    batch = batch_from_atoms(atoms, cutoff=model.data_cutoff)
     sigma = float(batch["forces"].pow(2).mean().sqrt())
     references = [0.0] * 10
     references[1], references[6], references[7], references[8] = -0.5, -2.0, -1.5, -1.0  # EMT energies, eV

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from datapipe.index import ShardIndex
 from datapipe.loader import StreamingLoader
 from launcher.validate import validate
-from zoo.checkpoint import load_model, read_metadata
+from zoo.hub.checkpoint import load_model, read_metadata
 
 
 def train_args(data, run_dir):

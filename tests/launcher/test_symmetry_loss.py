@@ -11,10 +11,10 @@ from conftest import PYTHON, TINY, run
 from datapipe import keys
 from datapipe.loader import StreamingLoader
 from launcher.loop import rotation_generator
-from zoo.checkpoint import read_metadata
-from zoo.flops import count_step
+from zoo.hub.checkpoint import read_metadata
+from zoo.flops.trace import count_step
 from zoo.registry import build
-from zoo.symmetry import with_rotated_copies
+from zoo.models.symmetry import with_rotated_copies
 
 M = 2
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from datapipe.graph import batch_from_atoms
-from launcher.config import TrainConfig, deepspeed_config, parse, transferred_lr
-from launcher.loop import checkpoint_steps
+from launcher.config import TrainConfig, deepspeed_config, parse
+from zoo.registry import transferred_lr
+from launcher.job import checkpoint_steps
 from launcher.loss import global_loss, loss_terms
 from launcher.optim import averaged_weights_plain, build_optimizer
-from zoo.checkpoint import REQUIRED_KEYS, load_model, read_metadata, save_checkpoint
+from zoo.hub.checkpoint import load_model, read_metadata, save_checkpoint
+from zoo.hub.metadata import REQUIRED_KEYS
 from zoo.registry import build
 
 
@@ -35,7 +37,7 @@ def test_lr_transfer_and_schedule():
     assert transferred_lr(64, 2e-3, 64) == pytest.approx(2e-3)
     assert transferred_lr(256, 2e-3, 64) == pytest.approx(5e-4)
     with pytest.raises(ValueError):
-        transferred_lr(0)
+        transferred_lr(0, 2e-3, 64)
     assert checkpoint_steps(100, 0.1) == set(range(10, 101, 10))
     assert checkpoint_steps(7, 0.1) == {1, 2, 3, 4, 5, 6, 7}
     assert max(checkpoint_steps(95, 0.25)) == 95

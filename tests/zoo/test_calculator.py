@@ -8,8 +8,9 @@ import torch
 from ase.build import molecule
 
 from datapipe import keys
-from zoo.calculator import ZooCalculator
-from zoo.checkpoint import REQUIRED_KEYS, save_checkpoint
+from zoo.hub.calculator import ZooCalculator
+from zoo.hub.checkpoint import save_checkpoint
+from zoo.hub.metadata import REQUIRED_KEYS
 from zoo.registry import build
 from zoo.testing import evaluate, perturbed
 

@@ -34,7 +34,7 @@ def load(case: str, model) -> list:
 
 
 def run(model, atoms_list):
-    cutoff = max(getattr(model, "graph_cutoffs", (model.cutoff,)))
+    cutoff = model.data_cutoff
     return model(batch_from_atoms(atoms_list, cutoff=cutoff))
 
 

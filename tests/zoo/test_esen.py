@@ -1,4 +1,4 @@
-"""eSEN (zoo.esen): the zoo's property suite plus eSEN-specific checks.
+"""eSEN (zoo.models.esen.model): the zoo's property suite plus eSEN-specific checks.
 
 Symmetry tolerance: zoo.testing.FP32_RTOL (2e-5 of the largest |value|, float32).
 """
@@ -16,7 +16,7 @@ from e3nn import o3
 
 from datapipe import keys
 from zoo.registry import build, count_parameters
-from zoo.so2 import EdgeFrame, frame_layout
+from zoo.models.esen.so2 import EdgeFrame, frame_layout
 from zoo.testing import (
     ForceFieldTests,
     assert_invariant_energy_equivariant_forces,

@@ -13,13 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from datapipe import keys
 from datapipe.graph import batch_from_atoms
-from zoo.base import ForceField
-from zoo.common import BesselBasis, ChargeSpinEmbedding, PolynomialEnvelope, mlp, scatter_sum
-from zoo.flop_handles import OP_COSTS, ZERO_COST, einsum_fmas
-from zoo.flop_peaks import lookup_peak, measure_peak, mfu, peak_flops
-from zoo.flops import StepFlopCounter, count_parameters, count_step, kappa
+from zoo.models.base import ForceField
+from zoo.models.common import BesselBasis, ChargeSpinEmbedding, PolynomialEnvelope, mlp, scatter_sum
+from zoo.flops.handles import OP_COSTS, ZERO_COST, einsum_fmas
+from zoo.flops.peaks import lookup_peak, measure_peak, mfu, peak_flops
+from zoo.flops.counter import StepFlopCounter
+from zoo.flops.trace import count_parameters, count_step, kappa
 from zoo.registry import MODELS, build
-from zoo.testing import graph_cutoff, water_cluster
+from zoo.testing import water_cluster
 
 CASES = str(Path(__file__).resolve().parents[2].parent / "shared" / "cases")
 pytestmark = pytest.mark.skipif(not Path(CASES).is_dir(), reason=f"shared cases not found at {CASES}")
@@ -103,7 +104,7 @@ def test_zoo_model_step_matches_flop_counter_mode(name, direct):
     (forward + force backward + double backward) agree with FlopCounterMode within 5 %."""
     torch.manual_seed(0)
     model = build(name, width=MODELS[name].widths[0], direct_forces=direct)
-    batch = small_batch(graph_cutoff(model))
+    batch = small_batch(model.data_cutoff)
     flops, reference = step_agreement(model, batch)
     assert flops.unsupported == {}, f"{name}: operators without a FLOP handle: {flops.unsupported}"
     assert flops.matmul_step == pytest.approx(reference, rel=0.05)

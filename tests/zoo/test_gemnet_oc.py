@@ -1,4 +1,4 @@
-"""GemNet-OC (zoo.gemnet_oc): the zoo's property suite plus GemNet-OC-specific checks
+"""GemNet-OC (zoo.models.gemnet_oc.model): the zoo's property suite plus GemNet-OC-specific checks
 (interaction graphs, triplet/quadruplet indices against brute force, degenerate dihedrals,
 scale-factor fitting, parameter counts).
 """
@@ -15,8 +15,8 @@ from ase.build import molecule
 
 from datapipe import keys
 from datapipe.graph import batch_from_atoms
-from zoo.gemnet_blocks import ScaleFactor, fit_scale_factors, legendre_basis
-from zoo.gemnet_graph import build_radius_graph, knn_mask, quadruplets, reverse_edges, subgraph, triplets
+from zoo.models.gemnet_oc.blocks import ScaleFactor, fit_scale_factors, legendre_basis
+from zoo.models.gemnet_oc.graph import build_radius_graph, knn_mask, quadruplets, reverse_edges, subgraph, triplets
 from zoo.registry import MODELS, build, count_parameters
 from zoo.testing import (
     ForceFieldTests,

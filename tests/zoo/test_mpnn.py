@@ -1,4 +1,4 @@
-"""MPNN (unconstrained baseline) and the symmetry-loss helpers of ``zoo.symmetry``."""
+"""MPNN (unconstrained baseline) and the symmetry-loss helpers of ``zoo.models.symmetry``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ase.build import molecule
 from datapipe import keys
 from datapipe.graph import batch_from_atoms
 from zoo.registry import MODELS, build, count_parameters
-from zoo.symmetry import random_rotations, rotated_copies, with_rotated_copies
+from zoo.models.symmetry import random_rotations, rotated_copies, with_rotated_copies
 from zoo.testing import ForceFieldTests, perturbed, random_rotation, rotation_error
 
 
@@ -52,7 +52,7 @@ def test_conservative_model_has_no_force_head():
     assert count_parameters("mpnn", 8, direct_forces=False) < count_parameters("mpnn", 8)
 
 
-# -- zoo.symmetry -----------------------------------------------------------------------------------
+# -- zoo.models.symmetry -----------------------------------------------------------------------------------
 def test_random_rotations_are_proper_and_haar():
     r = random_rotations(4000, torch.Generator().manual_seed(0))  # [M, 3, 3] float64
     eye = torch.eye(3, dtype=r.dtype)

@@ -42,7 +42,7 @@ Width ``w`` is the scalar hidden size. Vector channels ``C = max(4, w // 8)`` by
 ``N ≈ 55 w²``. The paper's MC-EGNN is about twice as large per width (``N/w²`` from 114 at
 ``w = 96`` to 98 at ``w = 896``; ``../shared/data/omol25_scaling_checkpoints.csv``); we do
 not have its code, and our count is quadratic in width as theirs is. Forward FLOPs per atom per
-parameter, κ (``zoo.flop_report.model_report``, first 32 structures of the OMol25 sample, FMA = 2):
+parameter, κ (``zoo.flops.report.model_report``, first 32 structures of the OMol25 sample, FMA = 2):
 14.8 at ``w = 96``, 14.4 at ``w = 512``, against the paper's 28.09 — ``φ_e``'s first layer runs
 its ``h_i``, ``h_j`` parts per atom (then gathers), which the original EGNN code runs per edge.
 
@@ -70,8 +70,8 @@ import torch
 from torch import nn
 
 from datapipe import keys
-from zoo.base import ForceField
-from zoo.common import BesselBasis, ChargeSpinEmbedding, PolynomialEnvelope, mlp, scatter_sum
+from zoo.models.base import ForceField
+from zoo.models.common import BesselBasis, ChargeSpinEmbedding, PolynomialEnvelope, mlp, scatter_sum
 
 
 def safe_norm(vectors: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:
@@ -220,7 +220,7 @@ class MCEGNN(ForceField):
     def interact(self, atomic_numbers, positions, edge_index, edge_vectors, batch, charge, spin, num_graphs):
         """Per-atom energies ``[N]`` and direct forces ``[N, 3]`` (or None), normalised units.
 
-        See :meth:`zoo.base.ForceField.interact` for the arguments.
+        See :meth:`zoo.models.base.ForceField.interact` for the arguments.
         """
         source, target = edge_index[0], edge_index[1]  # [E], [E]
         n_atoms = atomic_numbers.shape[0]

@@ -51,9 +51,8 @@ def model_report(name: str, width: int, direct_forces: bool = True, structures: 
     reference description and the unsupported operators (empty for the zoo).
     """
     from datapipe.graph import batch_from_atoms
-    from zoo.flops import PAPER_KAPPA, count_parameters, count_step, kappa
+    from zoo.flops.trace import PAPER_KAPPA, count_parameters, count_step, kappa
     from zoo.registry import build
-    from zoo.testing import graph_cutoff
 
     torch.manual_seed(0)
     model = build(name, width=width, direct_forces=direct_forces, **overrides)
@@ -61,7 +60,7 @@ def model_report(name: str, width: int, direct_forces: bool = True, structures: 
     source = "given structures"
     if structures is None:
         structures, source = reference_structures()
-    batch = batch_from_atoms(structures, cutoff=graph_cutoff(model))
+    batch = batch_from_atoms(structures, cutoff=model.data_cutoff)
     flops = count_step(model, batch)
     n = count_parameters(model)
     return {

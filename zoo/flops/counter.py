@@ -1,6 +1,6 @@
 """Per-step FLOPs for the launcher at < 1 % of the run's time: :class:`StepFlopCounter`.
 
-An exact count (:func:`zoo.flops.count_step`) traces the model once — comparable to a forward
+An exact count (:func:`zoo.flops.trace.count_step`) traces the model once — comparable to a forward
 pass, far too slow for every step. For a fixed model, every operator's FLOPs is a product of
 fixed widths and *one* batch-dependent size (atoms, edges, structures, or a derived count such
 as GemNet-OC's triplets and quadruplets), so a step's FLOPs is a linear function of those sizes.
@@ -64,7 +64,7 @@ class StepFlopCounter:
 
     Parameters
     ----------
-    model : the :class:`~zoo.base.ForceField` being trained (unwrapped; not the engine).
+    model : the :class:`~zoo.models.base.ForceField` being trained (unwrapped; not the engine).
     direct_forces : defaults to ``model.direct_forces``.
     budget : largest share of wall time spent in exact counts once the fit is ready.
     min_exact : exact counts before the fit is used (default: number of features + 2).
@@ -73,7 +73,7 @@ class StepFlopCounter:
     ----------
     exact_counts : number of traced counts so far. seconds : time spent in this counter.
     max_fit_error : largest relative error of the fit on a later exact count (``nan`` until one).
-    last : the last :class:`~zoo.flops.StepFlops` counted exactly.
+    last : the last :class:`~zoo.flops.trace.StepFlops` counted exactly.
 
     Examples
     --------
@@ -87,7 +87,7 @@ class StepFlopCounter:
         self.model = model
         self.direct_forces = model.direct_forces if direct_forces is None else bool(direct_forces)
         self.budget = float(budget)
-        self.cutoffs = tuple(sorted(set(getattr(model, "graph_cutoffs", ())) | {float(model.cutoff)}))
+        self.cutoffs = tuple(sorted(set(model.graph_cutoffs) | {float(model.cutoff)}))
         # one cutoff and every edge within it: FLOPs are exactly linear in (1, B, N, E) (verified
         # for MPNN, MC-EGNN, eSEN); switched to geometric features if a batch has longer edges
         self.geometric = len(self.cutoffs) > 1
@@ -117,8 +117,8 @@ class StepFlopCounter:
 
     # ------------------------------------------------------------------------------------------
     def exact(self, batch):
-        """Count ``batch`` exactly (trace); updates the fit. Returns a :class:`~zoo.flops.StepFlops`."""
-        from zoo.flops import count_step
+        """Count ``batch`` exactly (trace); updates the fit. Returns a :class:`~zoo.flops.trace.StepFlops`."""
+        from zoo.flops.trace import count_step
 
         flops = count_step(self.model, batch, self.direct_forces)
         self.exact_counts += 1

@@ -415,10 +415,3 @@ def generate(candidates: list[Candidate], n_molecules: int, cfg: GenerateConfig,
     report = {"molecules_tried": tried, "molecules_failed": dict(failed), "structures_skipped": dict(skipped),
               "molecules_tried_without_mmff_params": no_mmff}
     return results, report
-
-
-# The writer, the summary and the CLI live in generate_io.py (kept under 500 lines each).
-from datapipe.generate_io import main, write_split  # noqa: E402,F401
-
-if __name__ == "__main__":
-    main()

@@ -6,59 +6,32 @@ A checkpoint is a directory holding
   device; for a schedule-free run the *averaged* weights ``x``), plus the normalisation as two
   float64 tensors ``normalization.element_references`` ``[Z_max + 1]`` (eV, indexed by Z) and
   ``normalization.force_rms`` ``[1]`` (eV/Å);
-- ``metadata.json`` — what the model is and what it cost. The keys the rest of the project reads:
-
-  ``architecture`` (registry name), ``width``, ``config`` (the full training configuration, with
-  ``config["model_overrides"]`` the keyword overrides given to :func:`zoo.registry.build` and
-  ``config["normalization"]``), ``N`` (trainable parameters), ``samples_seen`` and
-  ``atoms_seen`` (global, all ranks), ``step``, ``flops`` (cumulative, global; ``null`` when no
-  counter ran), ``validation`` (``loss``, ``energy_mae_mev_per_atom``, ``force_mae_mev_per_A``,
-  ``zero_force_mae_mev_per_A``, …), ``data_hash`` (identity of the training shards),
-  ``code_version`` and ``wall_time_s``.
+- ``metadata.json`` — what the model is and what it cost: the schema of :mod:`zoo.hub.metadata`.
 
 The format follows the idea of fairchem's inference checkpoints (config, averaged weights and
 normalisers in one place) with safetensors + JSON instead of a pickled dict, so that loading a
 checkpoint never executes code.
 
->>> from zoo.checkpoint import load_model, read_metadata          # doctest: +SKIP
+>>> from zoo.hub.checkpoint import load_model, read_metadata          # doctest: +SKIP
 >>> model = load_model("runs/esen-w64/checkpoints/step-00000400")  # doctest: +SKIP
 >>> read_metadata("runs/esen-w64/checkpoints/step-00000400")["validation"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from zoo.base import ForceField
+from zoo.hub import metadata as schema
+from zoo.hub.metadata import METADATA, WEIGHTS
+from zoo.models.base import ForceField
 from zoo.registry import build
 
-WEIGHTS = "model.safetensors"
-METADATA = "metadata.json"
 REFERENCES_KEY = "normalization.element_references"
 FORCE_RMS_KEY = "normalization.force_rms"
-#: keys every checkpoint's metadata must carry (``fit`` reads them)
-REQUIRED_KEYS = (
-    "architecture",
-    "width",
-    "config",
-    "N",
-    "samples_seen",
-    "atoms_seen",
-    "step",
-    "flops",
-    "validation",
-    "data_hash",
-    "code_version",
-    "wall_time_s",
-)
-
-
 def model_tensors(model: ForceField) -> dict[str, torch.Tensor]:
     """Parameters, buffers and normalisation of ``model`` as contiguous CPU tensors to save.
 
@@ -78,26 +51,15 @@ def model_tensors(model: ForceField) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _jsonable(value):
-    """Replace non-finite floats by None so the metadata is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def save_checkpoint(directory: str | os.PathLike, model: ForceField, metadata: dict) -> Path:
     """Write ``model`` and ``metadata`` as a checkpoint directory (created if needed).
 
     Parameters
     ----------
     directory : where to write ``model.safetensors`` and ``metadata.json``.
-    model : a single-device :class:`~zoo.base.ForceField` built by :func:`zoo.registry.build`
+    model : a single-device :class:`~zoo.models.base.ForceField` built by :func:`zoo.registry.build`
         (its ``spec_name``, ``width`` and ``overrides`` are recorded).
-    metadata : the run's metadata; must hold every key of :data:`REQUIRED_KEYS` except those
+    metadata : the run's metadata; must hold every key of :data:`zoo.hub.metadata.REQUIRED_KEYS` except those
         taken from the model (``architecture``, ``width``, ``N``), which are filled in.
 
     Returns
@@ -119,26 +81,20 @@ def save_checkpoint(directory: str | os.PathLike, model: ForceField, metadata: d
     config.setdefault("model_overrides", dict(getattr(model, "overrides", {})))
     config["normalization"] = model.normalization()
     meta["config"] = config
-    missing = [key for key in REQUIRED_KEYS if key not in meta]
-    if missing:
-        raise KeyError(f"checkpoint metadata lacks {missing}")
+    schema.validate(meta)
     header = {"architecture": str(meta["architecture"]), "width": str(meta["width"]), "format": "symscale-1"}
     save_file(model_tensors(model), str(directory / WEIGHTS), metadata=header)
-    tmp = directory / (METADATA + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(meta), indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, directory / METADATA)
+    schema.write(directory, meta)
     return directory
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
-    """The ``metadata.json`` of a checkpoint directory.
+    """The checked ``metadata.json`` of a checkpoint directory (:func:`zoo.hub.metadata.read`).
 
-    Raises ``FileNotFoundError`` naming the directory if it is not a checkpoint.
+    Raises ``FileNotFoundError`` naming the directory if it is not a checkpoint, ``ValueError`` /
+    ``KeyError`` if its metadata is not valid JSON or lacks required keys.
     """
-    path = Path(directory) / METADATA
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a checkpoint directory (no {METADATA})")
-    return json.loads(path.read_text())
+    return schema.read(directory)
 
 
 def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> ForceField:

@@ -22,12 +22,34 @@ casts the module to bf16 cannot round a −10⁴ eV reference to the nearest 64 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from datapipe import keys
+
+
+@dataclass(frozen=True)
+class PretrainHook:
+    """A step run once on training batches before the first optimizer step, identical on every rank.
+
+    Attributes
+    ----------
+    metadata_key : where the record goes in checkpoint metadata (``scale_factors``).
+    batches : how many training batches (index order, no shuffling) ``fit`` sees.
+    fit : ``fit(model, batches) -> dict`` — fits in place and returns a JSON-able record.
+    restore : ``restore(model, record)`` — puts a record (from ``fit`` or a checkpoint) into a model.
+    description : one line for the run log.
+    """
+
+    metadata_key: str
+    batches: int
+    fit: Callable[[ForceField, list], dict]
+    restore: Callable[[ForceField, dict], None]
+    description: str
+
 
 
 class ForceField(nn.Module):
@@ -57,11 +79,23 @@ class ForceField(nn.Module):
     ) -> None:
         super().__init__()
         self.cutoff = float(cutoff)
+        #: every cutoff (Å) the model's graphs use; a model with several graphs (GemNet-OC) sets more
+        self.graph_cutoffs: tuple[float, ...] = (self.cutoff,)
         self.direct_forces = bool(direct_forces)
         self.max_atomic_number = int(max_atomic_number)
         self.min_distance = float(min_distance)
         self.element_references = torch.zeros(self.max_atomic_number + 1, dtype=torch.float64)
         self.force_rms = 1.0
+
+    @property
+    def data_cutoff(self) -> float:
+        """The cutoff (Å) the input graph must be built with: the largest of :attr:`graph_cutoffs`.
+
+        The one answer to "which cutoff does this model's graph need" (loader, calculator, FLOP
+        counter and tests all ask it here). Edges longer than a block's own cutoff are dropped
+        inside the model.
+        """
+        return float(max(self.graph_cutoffs))
 
     # ------------------------------------------------------------------------------------------
     def set_normalization(self, element_references: Sequence[float] | None, force_rms: float) -> None:

@@ -1,6 +1,6 @@
 """Writing the generated sample as OMol25-style ``.aselmdb`` files, its summary, and the CLI.
 
-Companion of :mod:`datapipe.generate` (which builds and labels the structures). Each row is an
+Companion of :mod:`datapipe.generate.molecules` (which builds and labels the structures). Each row is an
 ``ase.Atoms`` (non-periodic) with a ``SinglePointCalculator`` holding the energy (eV) and forces
 (eV/Å); ``row.data`` holds ``charge`` (e), ``spin`` (multiplicity 2S+1), ``source`` and the
 molecule's identity, so ``atoms = row.toatoms(); atoms.info.update(row.data)`` (fairchem's
@@ -22,12 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
+from datapipe.generate.molecules import (
+    ALLOWED_Z,
+    BOHR_ANGSTROM,
+    HARTREE_EV,
+    SOURCE,
+    GenerateConfig,
+    generate,
+    is_validation,
+    load_candidates,
+    select_order,
+)
+
 SUMMARY_NAME = "generation.json"
 
 
 def row_data(mol_result, k: int, structure) -> dict:
     """``row.data`` of one structure (OMol25 keeps charge and spin here; we add the molecule id)."""
-    from datapipe.generate import SOURCE
 
     cand = mol_result.candidate
     return {
@@ -116,7 +127,6 @@ def split_summary(results: list, files: list[dict]) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from datapipe.generate import GenerateConfig
 
     d = GenerateConfig()
     p = argparse.ArgumentParser(prog="python -m datapipe.generate", description=__doc__.splitlines()[0])
@@ -139,16 +149,6 @@ def main(argv=None) -> dict:
     """CLI: select, generate, split, write, and record ``generation.json`` beside the data."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # before tblite's OpenMP runtime starts
     args = parse_args(argv)
-    from datapipe.generate import (
-        ALLOWED_Z,
-        BOHR_ANGSTROM,
-        HARTREE_EV,
-        GenerateConfig,
-        generate,
-        is_validation,
-        load_candidates,
-        select_order,
-    )
 
     cfg = GenerateConfig(
         seed=args.seed,

@@ -1,7 +1,7 @@
 """An ASE calculator over any zoo checkpoint, for running a trained model in one's own simulations.
 
 >>> from ase.build import molecule                                   # doctest: +SKIP
->>> from zoo.calculator import ZooCalculator                         # doctest: +SKIP
+>>> from zoo.hub.calculator import ZooCalculator                         # doctest: +SKIP
 >>> atoms = molecule("CH3CH2OH"); atoms.info.update(charge=0, spin=1)  # doctest: +SKIP
 >>> atoms.calc = ZooCalculator("runs/esen-w64/checkpoints/step-00000400")  # doctest: +SKIP
 >>> atoms.get_potential_energy(), atoms.get_forces()                 # doctest: +SKIP
@@ -21,8 +21,8 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from datapipe import keys
 from datapipe.graph import batch_from_atoms
-from zoo.base import ForceField
-from zoo.checkpoint import load_model
+from zoo.models.base import ForceField
+from zoo.hub.checkpoint import load_model
 
 
 class ZooCalculator(Calculator):
@@ -30,7 +30,7 @@ class ZooCalculator(Calculator):
 
     Parameters
     ----------
-    model : a checkpoint directory (see :mod:`zoo.checkpoint`) or a built :class:`ForceField`.
+    model : a checkpoint directory (see :mod:`zoo.hub.checkpoint`) or a built :class:`ForceField`.
     device : torch device to run on ("cpu", "cuda", …).
     """
 
@@ -41,7 +41,7 @@ class ZooCalculator(Calculator):
         self.device = torch.device(device)
         self.model = (model if isinstance(model, ForceField) else load_model(model, device=self.device)).eval()
         self.model.to(self.device)
-        self.graph_cutoff = float(max(getattr(self.model, "graph_cutoffs", (self.model.cutoff,))))
+        self.graph_cutoff = self.model.data_cutoff
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)

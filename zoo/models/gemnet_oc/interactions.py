@@ -9,7 +9,7 @@ An interaction block updates the edge embeddings ``m_ca`` (main graph) and atom 
 - edge-to-atom (main edge ``c → a`` → atom ``b`` via ``∠cba``) and atom-to-atom (radial).
 
 Every bilinear layer sums ``basis ⊗ message`` over a neighbourhood with
-:func:`zoo.gemnet_blocks.aggregate_outer` and is followed by a fitted :class:`ScaleFactor`.
+:func:`zoo.models.gemnet_oc.blocks.aggregate_outer` and is followed by a fitted :class:`ScaleFactor`.
 Shapes: ``N`` atoms, ``E`` main edges, ``T`` triplets, ``Q`` quadruplets.
 """
 
@@ -20,8 +20,8 @@ import math
 import torch
 from torch import nn
 
-from zoo.common import scatter_sum
-from zoo.gemnet_blocks import Dense, ResidualLayer, ScaleFactor, aggregate_outer, dense_stack
+from zoo.models.common import scatter_sum
+from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, ScaleFactor, aggregate_outer, dense_stack
 
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
@@ -106,7 +106,7 @@ class QuadrupletInteraction(nn.Module):
         """
         m : ``[E, C]``. rad : ``[E, emb_rbf]`` (of d_db). cbf : ``[T_in, emb_cbf]`` (d_ba, ∠abd).
         sbf : (``[E, emb_sbf, S²]`` radial weights of d_ca, ``[T_out, S]`` of ∠cab, ``[Q, S]`` of the
-        dihedral). quad : indices from :func:`zoo.gemnet_graph.quadruplets`. Returns ``[E, C]``.
+        dihedral). quad : indices from :func:`zoo.models.gemnet_oc.graph.quadruplets`. Returns ``[E, C]``.
         """
         rad_w, sph_cab, sph_dihedral = sbf
         s = self.num_spherical

@@ -1,10 +1,10 @@
 """GemNet-OC: invariant two-, three- and four-body message passing (Gasteiger et al. 2022).
 
 Implements GemNet-OC (arXiv 2204.02782), built on GemNet (arXiv 2106.08903), as a
-:class:`zoo.base.ForceField`:
+:class:`zoo.models.base.ForceField`:
 
 - four interaction graphs built inside the model from positions and ``batch``
-  (:mod:`zoo.gemnet_graph`): the *main* graph (``cutoff``, the batch's own edges), and the
+  (:mod:`zoo.models.gemnet_oc.graph`): the *main* graph (``cutoff``, the batch's own edges), and the
   quadruplet (``cutoff_qint``), atom-to-edge/edge-to-atom (``cutoff_aeaint``) and atom-to-atom
   (``cutoff_aint``) graphs rebuilt from positions with their own cutoffs (uncapped radius graph),
   then each limited to its ``max_neighbors_*`` nearest neighbours per atom — GemNet-OC's own
@@ -14,13 +14,13 @@ Implements GemNet-OC (arXiv 2204.02782), built on GemNet (arXiv 2106.08903), as 
   their cosines (real spherical harmonics with m = 0: ``cbf``), dihedrals through the outer
   product ``Y_l^0(∠cab) · Y_m^0(dihedral)`` (``sbf``, fairchem's ``legendre_outer``);
 - interaction blocks with edge-to-edge (triplets, quadruplets), atom-to-edge, edge-to-atom and
-  atom-to-atom messages (:mod:`zoo.gemnet_interactions`), output blocks after the embedding
+  atom-to-atom messages (:mod:`zoo.models.gemnet_oc.interactions`), output blocks after the embedding
   and after every interaction block, concatenated into an energy MLP (per atom) and a force MLP
   (per edge);
 - direct forces ``F_a = Σ_c f_ca · (pos_c − pos_a)/d_ca`` (E(3)-equivariant by construction), or
   conservative forces by ``direct_forces=False``;
-- fitted scale factors (:func:`zoo.gemnet_blocks.fit_scale_factors`); charge and spin
-  multiplicity through :class:`zoo.common.ChargeSpinEmbedding` added to the atom embeddings.
+- fitted scale factors (:func:`zoo.models.gemnet_oc.blocks.fit_scale_factors`); charge and spin
+  multiplicity through :class:`zoo.models.common.ChargeSpinEmbedding` added to the atom embeddings.
 
 Energies are E(3)-invariant (distances and cosines only; the dihedral enters through its cosine,
 so reflections leave it unchanged).
@@ -51,7 +51,7 @@ width  N (this implementation)     N (arXiv 2510.09768 runs)
 Usage
 -----
 >>> from zoo.registry import build                                   # doctest: +SKIP
->>> from zoo.gemnet_blocks import fit_scale_factors
+>>> from zoo.models.gemnet_oc.blocks import fit_scale_factors
 >>> model = build("gemnet-oc", width=64)
 >>> fit_scale_factors(model, sample_batches)   # once, before training (a few training batches)
 
@@ -66,10 +66,10 @@ import torch
 from torch import nn
 
 from datapipe import keys
-from zoo.base import ForceField
-from zoo.common import ChargeSpinEmbedding, scatter_sum
-from zoo.gemnet_blocks import BasisEmbedding, Dense, RadialBasis, ResidualLayer, legendre_basis
-from zoo.gemnet_graph import (
+from zoo.models.base import ForceField
+from zoo.models.common import ChargeSpinEmbedding, scatter_sum
+from zoo.models.gemnet_oc.blocks import BasisEmbedding, Dense, RadialBasis, ResidualLayer, legendre_basis
+from zoo.models.gemnet_oc.graph import (
     Graph,
     build_radius_graph,
     graph_from_edges,
@@ -80,7 +80,7 @@ from zoo.gemnet_graph import (
     symmetric_knn_mask,
     triplets,
 )
-from zoo.gemnet_interactions import EdgeEmbedding, InteractionBlock, OutputBlock
+from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock
 
 #: size of each embedding as a fraction of the width (emb_size_atom); fairchem OC20 ratios at 256
 SIZE_RATIOS = {
@@ -118,7 +118,7 @@ class GemNetOC(ForceField):
         Main (embedding) graph, Å (6.0; the batch's own graph, filtered by the base class).
     cutoff_qint, cutoff_aeaint, cutoff_aint : float
         Quadruplet, atom-to-edge/edge-to-atom and atom-to-atom graphs, Å (8.0 each, a CPU-friendly
-        default; the GemNet-OC paper and DESIGN.md use 10–12 Å). Rebuilt from positions.
+        default; the GemNet-OC paper and docs/DESIGN.md use 10–12 Å). Rebuilt from positions.
     max_neighbors, max_neighbors_qint, max_neighbors_aeaint, max_neighbors_aint : int or None
         Neighbours kept per atom in each graph (nearest first; ties kept). ``None`` = uncapped.
         Defaults 30 / 8 / 20 / None: fairchem's OC20 GemNet-OC values (aint: 1000 there).
@@ -200,7 +200,7 @@ class GemNetOC(ForceField):
 
     # ------------------------------------------------------------------------------------------
     def graphs(self, positions: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor) -> dict:
-        """The four graphs and their triplet/quadruplet indices (see :mod:`zoo.gemnet_graph`)."""
+        """The four graphs and their triplet/quadruplet indices (see :mod:`zoo.models.gemnet_oc.graph`)."""
         n = positions.shape[0]
         main = graph_from_edges(positions, edge_index)
         if self.max_neighbors is not None:

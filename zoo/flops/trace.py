@@ -7,7 +7,7 @@ One training step = forward (energy and, for direct heads, forces) + loss + back
 - **forward**: traced with fvcore's :class:`~fvcore.nn.FlopCountAnalysis` on a small wrapper
   (:class:`TraceableForceField`) that takes plain tensors (fvcore uses ``torch.jit.trace``, which
   can neither take a torch-geometric ``Batch`` nor trace ``autograd.grad``). Every operator
-  has a handle from :mod:`zoo.flop_handles` — contractions, scatter-adds, gathers, elementwise
+  has a handle from :mod:`zoo.flops.handles` — contractions, scatter-adds, gathers, elementwise
   arithmetic and activations, reductions, norms, e3nn's ``tensordot``/``einsum`` paths and the
   elementwise polynomials its spherical harmonics trace into — and fvcore's ignore list is
   emptied, so an operator without a handle shows up in :attr:`StepFlops.unsupported` (a test
@@ -25,7 +25,7 @@ One training step = forward (energy and, for direct heads, forces) + loss + back
     the gradient of every P∪Q operand through the forward graph, plus the backward of each
     force-backward operator w.r.t. its inputs (the output gradient and the P∪Q operands other
     than k for ops linear in each operand, all of them otherwise). A hidden linear layer on a
-    position-dependent input thus costs 1 + 1 + 2 + 2 = 6× its forward (FEASIBILITY.md measured
+    position-dependent input thus costs 1 + 1 + 2 + 2 = 6× its forward (docs/FEASIBILITY.md measured
     6.0× for a conservative GNN with ``FlopCounterMode``).
 
   The contraction part of this count is checked against
@@ -35,8 +35,8 @@ One training step = forward (energy and, for direct heads, forces) + loss + back
 - **loss**: ~10 FLOPs per atom and 4 per structure each way (per-atom energy MAE + per-atom
   force L2 norm); the optimizer update is not part of a step's model FLOPs (as in C = 3κND).
 
-Convention: **one FMA = 2 FLOPs** (see :mod:`zoo.flop_handles`); MFU is achieved FLOP/s over
-the device's dense peak (:mod:`zoo.flop_peaks`), which uses the same convention.
+Convention: **one FMA = 2 FLOPs** (see :mod:`zoo.flops.handles`); MFU is achieved FLOP/s over
+the device's dense peak (:mod:`zoo.flops.peaks`), which uses the same convention.
 
 κ (arXiv 2510.09768, Sec. 3): forward FLOPs per atom per parameter,
 ``κ = C_forward / (atoms × N)``, so that a single-epoch run's compute is ``C ≈ 3κ·N·D``.
@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from datapipe import keys
-from zoo.flop_handles import OP_COSTS, OpCost, einsum_flops
+from zoo.flops.handles import OP_COSTS, OpCost, einsum_flops
 
 #: Paper values of κ (arXiv 2510.09768, Table 1), forward FLOPs per atom per parameter.
 PAPER_KAPPA = {"mpnn": 2.33, "mc-egnn": 28.09, "gemnet-oc": 35.18, "esen": 74.36}
@@ -69,7 +69,7 @@ _INPUT_NAMES = ("atomic_numbers", "positions", "edge_index", "batch", "charge", 
 
 
 class TraceableForceField(nn.Module):
-    """A :class:`~zoo.base.ForceField`'s forward on plain tensors, for ``torch.jit.trace``.
+    """A :class:`~zoo.models.base.ForceField`'s forward on plain tensors, for ``torch.jit.trace``.
 
     Mirrors ``ForceField.forward`` up to the per-structure energy sum: edge vectors from
     positions, ``interact``, the ``index_add`` of atomic energies. Edges beyond the cutoff must be
@@ -226,7 +226,7 @@ def _make_handle(kind: str, cost: OpCost, flags: _Flags, conservative: bool):
     """An fvcore handle returning ``{op|forward, op|force_backward, op|backward}`` FLOPs.
 
     ``einsum`` is split into its contractions (``einsum``) and its outer products
-    (``einsum_outer``, elementwise multiplies, see :func:`zoo.flop_handles.einsum_fmas`).
+    (``einsum_outer``, elementwise multiplies, see :func:`zoo.flops.handles.einsum_fmas`).
     """
     name = kind.split("::")[-1]
 
@@ -255,7 +255,7 @@ def count_step(model: nn.Module, batch, direct_forces: bool | None = None) -> St
 
     Parameters
     ----------
-    model : a :class:`~zoo.base.ForceField`.
+    model : a :class:`~zoo.models.base.ForceField`.
     batch : a torch-geometric ``Batch`` with the fields of :mod:`datapipe.keys`.
     direct_forces : defaults to ``model.direct_forces``.
 
@@ -266,7 +266,7 @@ def count_step(model: nn.Module, batch, direct_forces: bool | None = None) -> St
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
 
-    from zoo.flop_handles import MATMUL_OPS
+    from zoo.flops.handles import MATMUL_OPS
 
     direct = model.direct_forces if direct_forces is None else bool(direct_forces)
     inputs = trace_inputs(model, batch)
@@ -324,9 +324,7 @@ def compute_3knd(kappa_value: float, parameters: int, atoms_seen: float) -> floa
     return 3.0 * kappa_value * parameters * atoms_seen
 
 
-from zoo.flop_counter import StepFlopCounter  # noqa: E402  (re-export for the launcher)
-
 __all__ = [
-    "PAPER_KAPPA", "StepFlops", "StepFlopCounter", "TraceableForceField", "count_step",
+    "PAPER_KAPPA", "StepFlops", "TraceableForceField", "count_step",
     "count_parameters", "kappa", "compute_3knd", "trace_inputs",
 ]

@@ -3,13 +3,13 @@
 Fu et al. 2025, "Learning Smooth and Expressive Interatomic Potentials for Physical Property
 Prediction", arXiv 2502.12147; message passing by eSCN's SO(2) convolutions (Passaro & Zitnick
 2023, arXiv 2302.03655). Written for this project from the papers; building blocks in
-:mod:`zoo.so2`.
+:mod:`zoo.models.esen.so2`.
 
 Architecture (one forward)
 --------------------------
 - Node features ``x`` ``[N, (lmax+1)², C]`` (e3nn's real spherical-harmonic basis, ``C`` =
   ``width`` sphere channels). ``l = 0`` starts as an element embedding plus the structure's
-  charge/spin embedding (:class:`zoo.common.ChargeSpinEmbedding`); all degrees then receive
+  charge/spin embedding (:class:`zoo.models.common.ChargeSpinEmbedding`); all degrees then receive
   eSEN's *edge-degree embedding*: per edge, a radial MLP gives ``m = 0`` coefficients for every
   ``l`` in the edge frame, rotated back to the global frame, cut off smoothly and summed on the
   target atom.
@@ -67,9 +67,9 @@ import torch
 from torch import nn
 
 from datapipe import keys
-from zoo.base import ForceField
-from zoo.common import ChargeSpinEmbedding, GaussianBasis, PolynomialEnvelope, scatter_sum
-from zoo.so2 import DeviceCache, EdgeFrame, EquivariantRMSNorm, SO2Convolution, SO3Linear, gate, num_coefficients
+from zoo.models.base import ForceField
+from zoo.models.common import ChargeSpinEmbedding, GaussianBasis, PolynomialEnvelope, scatter_sum
+from zoo.models.esen.so2 import DeviceCache, EdgeFrame, EquivariantRMSNorm, SO2Convolution, SO3Linear, gate, num_coefficients
 
 
 def radial_mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
@@ -266,21 +266,3 @@ class ESEN(ForceField):
         node_energy = self.energy_head(x[:, 0]).squeeze(-1)  # [N]
         forces = self.force_head(x[:, 1:4]).squeeze(-1) if self.direct_forces else None  # [N, 3] (x, y, z)
         return node_energy, forces
-
-
-def parameter_table(widths=(16, 32, 64, 128, 256, 512, 1024), lmaxes=(2, 4)) -> str:
-    """A reStructuredText table of trainable parameters per width and lmax (built on meta)."""
-    from zoo.registry import count_parameters
-
-    rows = [(w, *[count_parameters("esen", w, lmax=l) for l in lmaxes]) for w in widths]
-    header = ["width", *[f"N (lmax {l})" for l in lmaxes]]
-    cells = [header] + [[str(w)] + [f"{n:,}" for n in counts] for w, *counts in rows]
-    sizes = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    rule = "  ".join("=" * s for s in sizes)
-    lines = [rule, "  ".join(c.ljust(s) for c, s in zip(cells[0], sizes)).rstrip(), rule]
-    lines += ["  ".join(c.ljust(s) for c, s in zip(r, sizes)).rstrip() for r in cells[1:]] + [rule]
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(parameter_table())

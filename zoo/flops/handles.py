@@ -1,4 +1,4 @@
-"""Per-operator FLOP costs for fvcore's ``FlopCountAnalysis``: the table behind :mod:`zoo.flops`.
+"""Per-operator FLOP costs for fvcore's ``FlopCountAnalysis``: the table behind :mod:`zoo.flops.trace`.
 
 Convention
 ----------
@@ -18,7 +18,7 @@ counts ``2 × FMAs``. Other operators:
 Integer-dtype arithmetic (index bookkeeping) counts 0.
 
 Each :class:`OpCost` also gives the cost of the gradient with respect to each differentiable
-operand, used by :mod:`zoo.flops` to account for backward passes: for a contraction it equals
+operand, used by :mod:`zoo.flops.trace` to account for backward passes: for a contraction it equals
 the forward (``dA = dY·Bᵀ`` is as large as ``Y = A·B``); the gradient of a gather is a
 scatter-add (one add per output element) and that of a scatter-add a gather (0).
 """

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from zoo.common import GaussianBasis, PolynomialEnvelope
-from zoo.gemnet_graph import inner_index
+from zoo.models.common import GaussianBasis, PolynomialEnvelope
+from zoo.models.gemnet_oc.graph import inner_index
 
 
 def he_orthogonal_(weight: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ def fit_scale_factors(model: nn.Module, batches: Iterable) -> dict[str, float]:
 
     Parameters
     ----------
-    model : a module containing ScaleFactor submodules (e.g. :class:`zoo.gemnet_oc.GemNetOC`).
+    model : a module containing ScaleFactor submodules (e.g. :class:`zoo.models.gemnet_oc.model.GemNetOC`).
     batches : re-iterable collection of batches the model accepts (a list).
 
     Returns

@@ -6,7 +6,7 @@ edge features are the Cartesian components of the relative position ``r_ij = x_j
 together with a radial basis of ``|r_ij|``. Nothing constrains it under rotations or
 reflections; it is invariant under translations and permutations only (it sees relative vectors
 and sums over neighbours). Its lack of symmetry is the point of the baseline; the paper's
-ablation adds a symmetry loss over randomly rotated copies (:mod:`zoo.symmetry`).
+ablation adds a symmetry loss over randomly rotated copies (:mod:`zoo.models.symmetry`).
 
 Architecture (``w`` = width = hidden size, ``L`` = ``num_layers``)::
 
@@ -25,7 +25,7 @@ atom, then gathered) and whose second layer ``W_l`` runs after the sum: every ``
 is per atom, per edge only ``(3 + R) · w`` multiply-adds and elementwise work remain. That keeps
 the forward FLOPs per atom per parameter small, as in the paper's MPNN (κ = 2.33, against 28.09
 for MC-EGNN): measured κ 3.67 at ``w = 128`` and 2.23 at ``w = 1024``
-(``zoo.flop_report.model_report``, first 32 structures of the OMol25 sample, FMA = 2).
+(``zoo.flops.report.model_report``, first 32 structures of the OMol25 sample, FMA = 2).
 
 Width and parameter count
 -------------------------
@@ -56,8 +56,8 @@ import torch
 from torch import nn
 
 from datapipe import keys
-from zoo.base import ForceField
-from zoo.common import BesselBasis, ChargeSpinEmbedding, PolynomialEnvelope, mlp, scatter_sum
+from zoo.models.base import ForceField
+from zoo.models.common import BesselBasis, ChargeSpinEmbedding, PolynomialEnvelope, mlp, scatter_sum
 
 
 class MPNNLayer(nn.Module):
@@ -165,7 +165,7 @@ class MPNN(ForceField):
     def interact(self, atomic_numbers, positions, edge_index, edge_vectors, batch, charge, spin, num_graphs):
         """Per-atom energies ``[N]`` and direct forces ``[N, 3]`` (or None), normalised units.
 
-        See :meth:`zoo.base.ForceField.interact` for the arguments.
+        See :meth:`zoo.models.base.ForceField.interact` for the arguments.
         """
         source, target = edge_index[0], edge_index[1]  # [E], [E]
         n_atoms = atomic_numbers.shape[0]
