@@ -24,4 +24,4 @@ test: setup
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) runs data/omol25_sample/shards
+	rm -rf $(VENV) runs .cache
