@@ -34,6 +34,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from datapipe import keys
@@ -262,9 +263,26 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output directory for shards and index.json")
     parser.add_argument("--shard-size", type=int, default=1000, help="structures per shard (default 1000)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes over input files")
-    parser.add_argument("--force", action="store_true", help="convert even if already up to date")
+    parser.add_argument("--force", action="store_true",
+                        help="convert even if up to date, and over a folder holding other files or other data")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    index = convert(args.inputs, args.out, shard_size=args.shard_size, workers=args.workers, force=args.force)
+    if args.shard_size < 1 or args.workers < 1:
+        parser.error("--shard-size and --workers must be >= 1")
+    done = []
+
+    def progress(path: Path, structures: int) -> None:
+        done.append(path)
+        print(f"  {path.name}: {structures} structures ({len(done)} file(s) done)", flush=True)
+
+    try:
+        index = convert(args.inputs, args.out, shard_size=args.shard_size, workers=args.workers, force=args.force,
+                        progress=progress)
+    except (ValueError, FileExistsError, RuntimeError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"{index.directory}: {len(index.shards)} shards, {index.n_structures} structures, {index.n_atoms} atoms, "
           f"force RMS {index.force_rms:.4f} eV/Å, reference RMSE {index.reference_rmse:.4f} eV, "
           f"data hash {index.data_hash[:16]}")

@@ -142,7 +142,6 @@ def resolve_run(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path | None]:
             raise UserError(f"--resume {cfg.resume}: {run_dir} holds no config.json (not a run directory)")
         saved = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()))
         saved.resume = str(checkpoint)
-        saved.keep_engine_state = cfg.keep_engine_state
         return saved, run_dir, checkpoint
     if cfg.width is None:
         cfg.width = get_spec(cfg.model).default_width
