@@ -19,10 +19,13 @@ What DeepSpeed and PyTorch print on a CPU machine, and what this module does abo
   and ``torch``) are hidden: they concern their own internals, not the user's code;
 - DeepSpeed's warning "You are using ZeRO with an untested optimizer" is dropped (``--debug``
   keeps it): the launcher chooses schedule-free AdamW on purpose (``zero_allow_untested_optimizer``);
-- DeepSpeed builds its shared-memory communication op with ninja on first use and prints
-  "deepspeed_shm_comm_op built successfully" (the build takes a minute once); its build cache is
-  the project's own ``.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR``, unless set), so that
-  other installs on the machine neither rebuild it nor hold its lock;
+- on CPU, DeepSpeed would compile its shared-memory communication op with ninja at start-up
+  (minutes on a busy machine, printing "deepspeed_shm_comm_op built successfully", and every other
+  install of DeepSpeed on the machine rebuilds it in the same cache and holds its lock). That op
+  serves only ``inference_all_reduce``, which training never calls (ZeRO reduces through
+  torch.distributed/gloo), so :func:`init_distributed` marks it unavailable and it is not built.
+  Any other op DeepSpeed builds goes to the project's own ``.cache/torch_extensions``
+  (``TORCH_EXTENSIONS_DIR``, unless set);
 - the ``deepspeed`` launcher's own lines ("Setting CUDA_VISIBLE_DEVICES", "ignoring it because one
   or several of --include/--exclude/--num_gpus…") are printed before this code runs; they are
   harmless on CPU (ranks use the CPU accelerator and gloo) — the README says so once.
@@ -104,6 +107,10 @@ def init_distributed() -> Runtime:
         torch.cuda.set_device(local_rank)
     if "--debug" not in sys.argv:
         logging.getLogger("DeepSpeed").addFilter(lambda record: "untested optimizer" not in record.getMessage())
+    if not cuda:  # the shm op serves inference_all_reduce only (see the module docstring): do not compile it
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")

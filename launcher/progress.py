@@ -67,7 +67,7 @@ class Phase:
     ...     for _ in range(4):
     ...         ph.advance()
     >>> ph.done, ph.seconds >= 0
-    (4, True)
+    (4.0, True)
     """
 
     def __init__(self, description: str, total: float | None = None, *, unit: str = "", enabled: bool = True,

@@ -113,12 +113,14 @@ def test_new_user_run(data, tmp_path):
     assert 0 < throughput["mfu"] < 1 and throughput["cpu_time_s"] > 0 and "CPU-second" in throughput["peak_source"]
 
 
-def _one_error_line(result) -> None:
+def _one_error_line(result, launcher: str) -> None:
     both = result.stdout + result.stderr
     errors = [line for line in both.splitlines() if line.startswith("error:")]
     assert result.returncode != 0
     assert len(errors) == 1 and "--train" in errors[0] and "no input files found" in errors[0], both[-3000:]
-    assert "Traceback" not in both, both[-3000:]
+    assert 'launcher/train.py", line' not in both and f'File "{REPO}' not in both, both[-3000:]  # no trace of ours
+    if launcher != "torchrun":  # torchrun itself raises ChildFailedError (its own traceback) when a rank fails
+        assert "Traceback" not in both, both[-3000:]
 
 
 @pytest.mark.slow
@@ -136,5 +138,4 @@ def test_data_error_is_one_line_under_every_launcher(data, tmp_path, launcher):
                       "launcher/train.py"],
     }[launcher]
     result = run([*command, *args], env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SYMSCALE_CACHE": str(tmp_path)})
-    _one_error_line(result)
-    assert str(REPO)  # run from the repository root
+    _one_error_line(result, launcher)
