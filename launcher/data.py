@@ -77,7 +77,7 @@ def _convert(split: str, directory: Path, name: str, workers: int) -> None:
     sizes = {os.fspath(p): p.stat().st_size for p in files}
     total_mb = sum(sizes.values()) / 1e6
     with Phase(f"converting the {name} split", total=total_mb, unit="MB",
-               detail=f"({len(files)} files) into {directory}, once") as phase:
+               detail=f"from {len(files)} files into {directory} (once)") as phase:
         convert([split], directory, shard_size=SHARD_SIZE, workers=workers,
                 progress=lambda path, _: phase.advance(sizes[os.fspath(path)] / 1e6))
 

@@ -58,7 +58,20 @@ def run(main, argv: list[str] | None = None) -> int:
 
 
 def _leave_process_group() -> None:
-    """Destroy torch.distributed's process group if the job started one (every rank raised the error)."""
+    """Leave torch.distributed's process group if the job started one (every rank raised the error).
+
+    The ranks first meet at a barrier (10 s at most), so that no rank exits — and makes the
+    launcher kill the others — before rank 0 has printed the error.
+    """
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        from datetime import timedelta
+
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=10))
+            else:
+                dist.barrier()
+        except Exception:  # noqa: BLE001 - a rank that did not raise: nothing more to wait for
+            pass
         dist.destroy_process_group()

@@ -168,7 +168,7 @@ def validate_and_save(job: Job, final: bool) -> dict:
     cfg, runtime, splits, state, log = job.cfg, job.runtime, job.splits, job.state, job.log
     averaged_weights(job.engine, job.eval_model)
     val_loader = make_loader(splits.val, cfg, runtime, job.cutoff, train=False, max_structures=cfg.max_val_structures)
-    with log.phase(f"step {state.step}: validation", val_loader.rank_structures, "structures (rank 0's share)") as ph:
+    with log.phase(f"step {state.step}: validation", val_loader.rank_structures, _unit(job)) as ph:
         metrics = validate(job.eval_model, val_loader, runtime.device, job.force_rms, progress=ph.advance)
     log.record("val", step=state.step, samples_seen=state.samples_seen, atoms_seen=state.atoms_seen,
                flops=state.flops, **metrics)
@@ -194,8 +194,8 @@ def validate_full(job: Job, subset: dict) -> dict:
         full = dict(subset)
     else:
         loader = make_loader(job.splits.val, cfg, job.runtime, job.cutoff, train=False)
-        with job.log.phase(f"step {state.step}: validation on the whole split ({loader.total_structures:,} "
-                           f"structures)", loader.rank_structures, "structures (rank 0's share)") as ph:
+        with job.log.phase(f"step {state.step}: validation on the whole split", loader.rank_structures,
+                           _unit(job)) as ph:
             full = validate(job.eval_model, loader, job.runtime.device, job.force_rms, progress=ph.advance)
     full["seconds"] = time.time() - started
     job.log.record("val_full", step=state.step, **full)
@@ -243,6 +243,11 @@ def finish(job: Job, metrics: dict) -> dict:
                 f"meV/Å (zero-force {full.get('zero_force_mae_mev_per_A', float('nan')):.1f})")
     job.log.close()
     return metrics
+
+
+def _unit(job: Job) -> str:
+    """What a validation phase counts: rank 0's structures (each rank validates its share)."""
+    return "structures" if job.runtime.world_size == 1 else f"structures on rank 0 (of {job.runtime.world_size})"
 
 
 def _jsonable(value):

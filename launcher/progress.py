@@ -20,8 +20,8 @@ Only rank 0 writes; other ranks get a logger that does nothing.
 Every phase of a job that may take more than a few seconds (shard conversion, the architecture's
 pre-training hook, building the engine, validation, the final full-split validation, checkpoint
 writing) runs inside a :class:`Phase`: on a terminal a bar (or spinner) with its own elapsed and
-remaining time, else a line when it starts, about every 10 % of it with the time left estimated
-from its own rate so far, and one when it ends — on rank 0 only, once per job.
+remaining time, else a line when it starts, about every 10 % of it (at most one per 10 s) with the
+time left estimated from its own rate so far, and one when it ends — on rank 0 only, once per job.
 """
 
 from __future__ import annotations
@@ -77,10 +77,10 @@ class Phase:
         self.console = console or Console(highlight=False, soft_wrap=True, stderr=False)
         self.progress, self.own = progress, False
         self.done, self.seconds, self.task = 0.0, 0.0, None
-        self.started = self.next_line = 0.0
+        self.started = self.next_line = self.last_line = 0.0
 
     def __enter__(self) -> Phase:
-        self.started = time.time()
+        self.started = self.last_line = time.time()
         if not self.enabled:
             return self
         if self.console.is_terminal:
@@ -103,8 +103,10 @@ class Phase:
             return
         if self.task is not None:
             self.progress.update(self.task, completed=self.done)
-        elif self.total and self.done / self.total >= self.next_line and self.done < self.total:
-            elapsed = time.time() - self.started
+        elif (self.total and self.done / self.total >= self.next_line and self.done < self.total
+              and time.time() - self.last_line >= 10):  # a line per ~10 % of the phase, at most one per 10 s
+            self.last_line = time.time()
+            elapsed = self.last_line - self.started
             left = elapsed * (self.total - self.done) / self.done
             self.console.print(f"  {self.description}: {self.done:,.0f}/{self.total:,.0f} {self.unit}, "
                                f"{_clock(elapsed)} elapsed, ≈{_clock(left)} left")

@@ -73,8 +73,10 @@ def check_disk(run_dir: Path, plan: dict) -> dict:
 
 
 def gb(n_bytes: float) -> str:
-    """``n_bytes`` as a short human figure (``'7.7 GB'``, ``'310 MB'``)."""
-    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
+    """``n_bytes`` as a short human figure (``'7.7 GB'``, ``'310 MB'``, ``'42 kB'``)."""
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.1f} GB"
+    return f"{n_bytes / 1e6:.0f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"
 
 
 def prune_engine_state(checkpoints_dir: Path, keep: int) -> list[Path]:

@@ -37,7 +37,8 @@ def device_peak(device: torch.device, bf16: bool, world_size: int, is_main: bool
 
         peak, source = peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
         if device.type == "cpu":
-            answer = (peak, f"{peak:.4g} FLOP per CPU-second ({source})", True)
+            answer = (peak, f"{peak:.4g} FLOP per CPU-second ({source}); MFU = training FLOPs / (CPU seconds of "
+                            "the ranks × that), which other load on the machine cannot push up", True)
         else:
             answer = (peak * world_size, f"{world_size} × {peak:.4g} FLOP/s per device ({source})", False)
     return broadcast_object(answer)

@@ -114,8 +114,7 @@ def peak_flops(device: torch.device | str | None = None, dtype: torch.dtype = to
         if peak is not None:
             return peak, f"datasheet: {name} {key} dense"
         return measure_peak(str(device)), f"measured: fp32 matmul on {name} (not in the table)"
-    return measure_peak("cpu"), (f"measured: fp32 {2048}² matmul per CPU-second ({torch.get_num_threads()} "
-                                 "threads); MFU = FLOPs / (CPU seconds of the ranks × this)")
+    return measure_peak("cpu"), f"measured: fp32 {2048}² matmul per CPU-second, {torch.get_num_threads()} thread(s)"
 
 
 def mfu(achieved_flops_per_second: float, device: torch.device | str | None = None,
