@@ -26,12 +26,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from launcher.config import parse
 from launcher.engine import setup_environment
-from launcher.errors import run
+from launcher.errors import is_rank0, run
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line and run the job; returns the final validation metrics."""
     cfg = parse(argv)
+    if is_rank0():
+        what = f"resuming {cfg.resume}" if cfg.resume else f"{cfg.model} width {cfg.width or 'default'}"
+        print(f"starting: {what}; loading PyTorch and DeepSpeed …", flush=True)
     setup_environment()  # before DeepSpeed is imported: DS_ACCELERATOR, rendezvous, threads
     from launcher.loop import train
 
