@@ -140,3 +140,12 @@ def test_data_error_is_one_line_under_every_launcher(data, tmp_path, launcher):
     }[launcher]
     result = run([*command, *args], env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SYMSCALE_CACHE": str(tmp_path)})
     _one_error_line(result, launcher)
+
+
+def test_cpu_mfu_is_against_cpu_time():
+    from launcher.throughput import rates
+
+    # 10 s of wall time but only 2 CPU-seconds given to the job (a busy machine): MFU counts the 2
+    speed = rates(10.0, atoms=100, structures=10, flops=1e9, peak=1e9, cpu_seconds=2.0)
+    assert speed["mfu"] == 0.5 and speed["flops_per_s"] == 1e8
+    assert rates(10.0, 100, 10, 1e9, peak=1e9)["mfu"] == 0.1  # GPUs: against wall time
