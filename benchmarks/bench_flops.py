@@ -11,9 +11,13 @@ measured in the same run:
   (the first ``min_exact`` exact counts, a fixed cost of a run);
 - the shortcut's error: the counter's answer vs an exact count on batches it did not trace.
 
+Run time: the default (all four architectures, 150 steps each) took about 18 minutes on 2 busy
+CPU cores (issue 15); it says so when it starts and prints a line as each architecture starts.
+``--models mpnn --steps 40`` is a quick look.
+
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_flops.py                      # all four, 150 steps
+    OMP_NUM_THREADS=1 python benchmarks/bench_flops.py                      # all four, 150 steps (~18 min)
     OMP_NUM_THREADS=1 python benchmarks/bench_flops.py --models mpnn --steps 400 --conservative
 """
 
@@ -121,13 +125,20 @@ def main() -> None:
     files = sorted(Path(args.data).glob("*.aselmdb"))
     if not files:
         sys.exit(f"no .aselmdb files under {args.data}")
+    default_run = sorted(args.models) == sorted(MODELS) and args.steps == 150 and args.width is None
+    print(("this takes about 18 minutes on 2 CPU cores (all four architectures, 150 steps each); "
+           if default_run else f"{len(args.models)} architecture(s) x {args.steps} steps (the default, all four x "
+           "150, takes about 18 minutes on 2 CPU cores); ")
+          + "shorten with e.g. --models mpnn --steps 40", flush=True)
     structures = [a for f in files for a in iter_atoms(f)]
     print(f"data: {len(structures)} structures from {args.data}; {torch.get_num_threads()} threads; "
           f"budget {args.budget:.1%}")
     print(f"{'model':10} {'width':>5} {'forces':>6} {'steps':>5} {'atoms/b':>7} {'step s':>7} {'count s':>7} "
           f"{'exact':>5} {'overhead':>8} {'steady':>7} {'fit err max':>11} {'mean':>8}")
+    started = time.perf_counter()
     for name in args.models:
         width = args.width or MODELS[name].widths[0]
+        print(f"  … {name} width {width} ({time.perf_counter() - started:.0f} s so far)", flush=True)
         r = bench(name, width, not args.conservative, structures, args)
         print(f"{r['model']:10} {r['width']:5d} {'direct' if r['direct'] else 'cons.':>6} {r['steps']:5d} "
               f"{r['atoms/batch']:7.0f} {r['step_s']:7.3f} {r['exact_count_s']:7.3f} {r['exact_counts']:5d} "

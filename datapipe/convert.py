@@ -20,6 +20,9 @@ Properties
 - Idempotent: shard bytes are reproducible (tar mtime 0), so a re-run gives the same shards and
   hash; when ``index.json`` already records the same inputs (name, size, mtime) and settings and
   every shard is present with its recorded size, nothing is redone.
+- Never clobbers other data: ``out_dir`` must be empty, new, or hold a conversion of the same
+  input files (by name); a directory of other files or of shards converted from other inputs is
+  refused unless ``force`` (``--force``).
 - Bad structures (NaN/inf values, coincident atoms < 0.1 Å, unknown elements, forces of the
   wrong shape, missing labels, invalid charge/spin) are not written; each is listed in the index
   by id with its reason, and counted per reason (see :data:`datapipe.sources.REASONS`).
@@ -31,6 +34,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from datapipe import keys
@@ -92,6 +96,53 @@ def _convert_file(job: tuple[str, str, int]) -> dict:
     return {"shards": shards, "stats": stats, "rejected": rejected, "n_defaulted": n_defaulted}
 
 
+def _settings(shard_size: int) -> dict:
+    return {"shard_size": int(shard_size), "coincident_distance": COINCIDENT_DISTANCE,
+            "max_atomic_number": keys.MAX_ATOMIC_NUMBER, "format": FORMAT}
+
+
+def cached(inputs, out_dir, shard_size: int = 1000) -> ShardIndex | None:
+    """The index of ``out_dir`` if it already holds an up-to-date conversion of ``inputs``, else None.
+
+    Raises ValueError as :func:`datapipe.sources.expand_inputs` does for missing inputs.
+    """
+    files = expand_inputs(inputs)
+    return _up_to_date(Path(out_dir), _settings(shard_size), [_fingerprint(p) for p in files])
+
+
+#: written into the output directory while a conversion runs (the input names), removed at its end:
+#: an interrupted conversion of the same inputs may be redone over its own leftovers
+MARKER = ".converting.json"
+
+
+def _refuse_clobber(out: Path, inputs: list[dict]) -> None:
+    """Raise FileExistsError if ``out`` holds files that are not a conversion of the same input files."""
+    present = [p for p in out.iterdir() if not p.name.startswith(".partial-")] if out.is_dir() else []
+    if not present:
+        return
+    try:
+        previous = json.loads((out / INDEX_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        previous = None
+    if previous is None:  # an interrupted conversion of ours leaves its marker
+        try:
+            previous = json.loads((out / MARKER).read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+    if previous is None:
+        raise FileExistsError(
+            f"{out} holds {len(present)} file(s) that are not shards of this project (no readable "
+            f"{INDEX_NAME}); refusing to write shards over them: choose an empty or new directory "
+            "(or force=True / --force)") from None
+    old = sorted(item.get("name", "?") for item in previous.get("inputs", []))
+    new = sorted(item["name"] for item in inputs)
+    if old != new:
+        raise FileExistsError(
+            f"{out} holds shards of other data (converted from {', '.join(old[:3])}"
+            f"{' …' if len(old) > 3 else ''}; now {', '.join(new[:3])}{' …' if len(new) > 3 else ''}); "
+            "refusing to overwrite them: choose another directory (or force=True / --force)")
+
+
 def _up_to_date(out: Path, settings: dict, inputs: list[dict]) -> ShardIndex | None:
     try:
         index = ShardIndex.load(out)
@@ -106,7 +157,8 @@ def _up_to_date(out: Path, settings: dict, inputs: list[dict]) -> ShardIndex | N
     return index
 
 
-def convert(inputs, out_dir, shard_size: int = 1000, workers: int = 1, force: bool = False) -> ShardIndex:
+def convert(inputs, out_dir, shard_size: int = 1000, workers: int = 1, force: bool = False,
+            progress=None) -> ShardIndex:
     """Convert structure files into WebDataset shards plus ``index.json``.
 
     Parameters
@@ -116,7 +168,10 @@ def convert(inputs, out_dir, shard_size: int = 1000, workers: int = 1, force: bo
     out_dir : directory for the shards and ``index.json`` (created).
     shard_size : accepted structures per shard.
     workers : processes converting input files in parallel (output does not depend on it).
-    force : convert even if ``out_dir`` already holds an up-to-date conversion.
+    force : convert even if ``out_dir`` already holds an up-to-date conversion, and even over a
+        directory holding other files or shards of other inputs.
+    progress : optional ``progress(path, structures)`` called as each input file is done
+        (in completion order), e.g. to advance a progress bar by the file's size.
 
     Returns
     -------
@@ -125,18 +180,20 @@ def convert(inputs, out_dir, shard_size: int = 1000, workers: int = 1, force: bo
     Raises
     ------
     ValueError for missing inputs, stems that collide, or a non-positive shard size;
+    FileExistsError when ``out_dir`` holds other files or shards of other inputs (unless ``force``);
     RuntimeError naming the file when an input cannot be read.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     files = expand_inputs(inputs)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {"shard_size": int(shard_size), "coincident_distance": COINCIDENT_DISTANCE,
-                "max_atomic_number": keys.MAX_ATOMIC_NUMBER, "format": FORMAT}
+    settings = _settings(shard_size)
     fingerprints = [_fingerprint(p) for p in files]
     if not force and (index := _up_to_date(out, settings, fingerprints)) is not None:
         return index
+    if not force:
+        _refuse_clobber(out, fingerprints)
+    out.mkdir(parents=True, exist_ok=True)
     previous = []
     if (out / INDEX_NAME).is_file():
         try:
@@ -144,12 +201,19 @@ def convert(inputs, out_dir, shard_size: int = 1000, workers: int = 1, force: bo
         except (json.JSONDecodeError, AttributeError):
             previous = []
         (out / INDEX_NAME).unlink()  # never leave an index describing half-rewritten shards
+    (out / MARKER).write_text(json.dumps({"inputs": fingerprints}))
     jobs = [(os.fspath(p), os.fspath(out), int(shard_size)) for p in files]
+    def done(job, result):
+        if progress is not None:
+            progress(Path(job[0]), sum(s["structures"] for s in result["shards"]))
+        return result
+
     if workers > 1 and len(jobs) > 1:
         with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            results = pool.map(_convert_file, jobs, chunksize=1)
+            pending = [pool.apply_async(_convert_file, (job,)) for job in jobs]
+            results = [done(job, item.get()) for job, item in zip(jobs, pending)]
     else:
-        results = [_convert_file(job) for job in jobs]
+        results = [done(job, _convert_file(job)) for job in jobs]
 
     stats, shards, rejected, n_defaulted = Stats(), [], [], 0
     for result in results:  # sorted-stem order: deterministic sums
@@ -186,6 +250,7 @@ def convert(inputs, out_dir, shard_size: int = 1000, workers: int = 1, force: bo
     tmp = out / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(raw, indent=1) + "\n")
     os.replace(tmp, out / INDEX_NAME)
+    (out / MARKER).unlink(missing_ok=True)
     return ShardIndex(out, raw)
 
 
@@ -198,9 +263,26 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output directory for shards and index.json")
     parser.add_argument("--shard-size", type=int, default=1000, help="structures per shard (default 1000)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes over input files")
-    parser.add_argument("--force", action="store_true", help="convert even if already up to date")
+    parser.add_argument("--force", action="store_true",
+                        help="convert even if up to date, and over a folder holding other files or other data")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    index = convert(args.inputs, args.out, shard_size=args.shard_size, workers=args.workers, force=args.force)
+    if args.shard_size < 1 or args.workers < 1:
+        parser.error("--shard-size and --workers must be >= 1")
+    done = []
+
+    def progress(path: Path, structures: int) -> None:
+        done.append(path)
+        print(f"  {path.name}: {structures} structures ({len(done)} file(s) done)", flush=True)
+
+    try:
+        index = convert(args.inputs, args.out, shard_size=args.shard_size, workers=args.workers, force=args.force,
+                        progress=progress)
+    except (ValueError, FileExistsError, RuntimeError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"{index.directory}: {len(index.shards)} shards, {index.n_structures} structures, {index.n_atoms} atoms, "
           f"force RMS {index.force_rms:.4f} eV/Å, reference RMSE {index.reference_rmse:.4f} eV, "
           f"data hash {index.data_hash[:16]}")

@@ -26,22 +26,31 @@ def fit_command(
     n_bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap refits for intervals."),
     data_unit: str = typer.Option("data items", "--data-unit", help="Unit of D for plot labels (atoms, tokens)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    split_by_data: bool = typer.Option(False, "--split-by-data", help="Rows of different training data or validation sets: fit each apart (default: refuse)."),
+    mix_data: bool = typer.Option(False, "--mix-data", help="Rows of different training data or validation sets: fit them together anyway (default: refuse)."),
 ) -> None:
     """Fit L(C) frontier, L(N, D) and isoFLOP laws; print a table; write fit.json, report.md, plots."""
     from rich.console import Console
     from rich.table import Table
 
     from fit.data import load_table
-    from fit.report import run_fits, summary_rows, write_outputs
+    from fit.report import all_warnings, run_fits, summary_rows, write_outputs
     from fit.sumlaw import FitError
 
     console = Console()
     if law not in ("frontier", "nd", "isoflop", "all"):
         console.print(f"[red]error:[/red] --law must be frontier, nd, isoflop or all; got {law!r}")
         raise typer.Exit(2)
+    if split_by_data and mix_data:
+        console.print("[red]error:[/red] --split-by-data and --mix-data exclude each other")
+        raise typer.Exit(2)
+    if n_bootstrap < 0:
+        console.print(f"[red]error:[/red] --bootstrap must be >= 0; got {n_bootstrap}")
+        raise typer.Exit(2)
+    data_mode = "split" if split_by_data else "mix" if mix_data else "refuse"
     try:
         table = load_table(source, n_col=n_col, d_col=d_col, c_col=c_col, loss_col=loss_col, group_col=group_col,
-                           where=where, flops_per_param_token=flops_per_param_token)
+                           where=where, flops_per_param_token=flops_per_param_token, data_mode=data_mode)
         result = run_fits(table, law=law, budgets=budget, c_min=c_min, c_max=c_max, l_inf_free=l_inf_free,
                           n_bootstrap=n_bootstrap, seed=seed)
     except FitError as err:
@@ -50,7 +59,7 @@ def fit_command(
     if source.is_dir() and data_unit == "data items":
         data_unit = "atoms"
     paths = write_outputs(result, out, source=str(source), notes=table.notes, law=law, loss_label=loss_col,
-                          data_unit=data_unit)
+                          data_unit=data_unit, table_warnings=table.warnings)
     tab = Table(title=f"scaling-law fit of {source}  (95% bootstrap intervals)")
     for col in ("group", "law", "quantity", "estimate [interval]"):
         tab.add_column(col)
@@ -60,6 +69,8 @@ def fit_command(
         failed |= style is not None
         tab.add_row(*row, style=style)
     console.print(tab)
+    for line in all_warnings(result, table.warnings):
+        console.print(f"[yellow]warning:[/yellow] {line}")
     console.print(f"wrote {', '.join(str(p) for p in paths)}")
     if failed:
         console.print("[yellow]some fits failed or did not converge; see the red rows (no numbers are given for them)[/yellow]")

@@ -143,6 +143,9 @@ class RunTable:
         FLOPs per parameter per data item, C/(N·D) (or the user's ``--flops-per-param-token``).
     notes : list[str]
         What was derived or assumed (reported in report.md).
+    warnings : list[str]
+        What the data cannot support or what was fitted against the user's likely intent
+        (reported in bold in report.md, on the terminal and in fit.json).
     """
 
     N: np.ndarray
@@ -152,13 +155,60 @@ class RunTable:
     group: np.ndarray
     k: np.ndarray
     notes: list
+    warnings: list = None
+
+    def __post_init__(self):
+        if self.warnings is None:
+            self.warnings = []
 
     def groups(self) -> list[str]:
         return list(dict.fromkeys(self.group.tolist()))
 
     def subset(self, name: str) -> "RunTable":
         m = self.group == name
-        return RunTable(self.N[m], self.D[m], self.C[m], self.L[m], self.group[m], self.k[m], self.notes)
+        return RunTable(self.N[m], self.D[m], self.C[m], self.L[m], self.group[m], self.k[m], self.notes,
+                        self.warnings)
+
+
+#: columns that name the data a row was trained and validated on (zoo metadata; a CSV may have them)
+DATA_COLUMNS = ("data_hash", "val_data_hash", "config.val_data_hash", "validation.structures")
+#: what to do with rows of different data: refuse, fit each data set apart, or fit them together
+DATA_MODES = ("refuse", "split", "mix")
+
+
+def data_identity(row: dict) -> str:
+    """A short label of the training data, validation set and validation subset size of a row."""
+    train = str(row.get("data_hash") or "?")[:8]
+    val = str(row.get("val_data_hash") or row.get("config.val_data_hash") or "?")[:8]
+    size = row.get("validation.structures")
+    return f"train {train}, val {val}" + (f" ({int(float(size))} structures)" if size not in (None, "") else "")
+
+
+def _check_data(rows: list[dict], mode: str) -> tuple[list[str] | None, list[str]]:
+    """(per-row data label to split groups by, or None; warnings) for rows of possibly different data.
+
+    Raises
+    ------
+    FitError
+        when rows differ in data and ``mode`` is ``"refuse"``.
+    """
+    if mode not in DATA_MODES:
+        raise FitError(f"data mode must be one of {DATA_MODES}, got {mode!r}")
+    if not any(col in rows[0] for col in DATA_COLUMNS):
+        return None, []
+    labels = [data_identity(r) for r in rows]
+    counts = {label: labels.count(label) for label in dict.fromkeys(labels)}
+    if len(counts) < 2:
+        return None, []
+    listing = "; ".join(f"{label}: {n} rows" for label, n in counts.items())
+    if mode == "refuse":
+        raise FitError(f"the rows come from {len(counts)} different data sets or validation sets ({listing}); "
+                       "losses on different data are not comparable. Fit them apart (--split-by-data), "
+                       "select one (--where 'data_hash == ...'), or fit them together anyway (--mix-data)")
+    if mode == "split":
+        return labels, [f"rows of {len(counts)} data sets fitted apart ({listing})"]
+    return None, [f"rows of {len(counts)} different data sets or validation sets fitted TOGETHER as asked "
+                  f"(--mix-data): {listing}"]
 
 
 def _column(rows, name, what, required):
@@ -188,17 +238,22 @@ def load_table(
     group_col=None,
     where=(),
     flops_per_param_token=None,
+    data_mode="refuse",
 ) -> RunTable:
     """Read, select and complete a run table.
 
     D is derived as C/(K·N) when absent and C as K·N·D when absent (K =
     ``flops_per_param_token``; required in that case). Rows with a non-positive or missing N,
-    C, D or L are an error naming the row.
+    C, D or L are an error naming the row. Rows whose training data, validation set or validation
+    subset differ (:data:`DATA_COLUMNS`) are refused (``data_mode="refuse"``), grouped apart
+    (``"split"``: the group label gains the data's label) or fitted together with a warning
+    (``"mix"``).
 
     Raises
     ------
     FitError
-        Missing columns, bad ``--where``, no rows left, non-positive values, K missing.
+        Missing columns, bad ``--where``, no rows left, non-positive values, K missing, rows of
+        different data under ``data_mode="refuse"``.
     """
     rows, is_zoo = read_rows(source)
     if group_col is None and is_zoo:
@@ -237,8 +292,11 @@ def load_table(
     if group_col is not None:
         if group_col not in rows[0]:
             raise FitError(f"group column {group_col!r} not found; columns are {sorted(rows[0])}")
-        group = np.array([str(r[group_col]) for r in rows])
+        labels = [str(r[group_col]) for r in rows]
     else:
-        group = np.array(["all"] * len(rows))
+        labels = ["all"] * len(rows)
+    data_labels, warnings = _check_data(rows, data_mode)
+    if data_labels is not None:
+        labels = [f"{g} [{d}]" for g, d in zip(labels, data_labels)]
     k = np.full(len(rows), float(kk)) if kk is not None else c / (n * d)
-    return RunTable(n, d, c, lo, group, k, notes)
+    return RunTable(n, d, c, lo, np.array(labels), k, notes, warnings)

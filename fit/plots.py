@@ -19,7 +19,18 @@ def _colors(n):
     return [cmap(i % 10) for i in range(n)]
 
 
-def plot_frontier(tables: dict, fits: dict, path: Path, loss_label: str, data_label: str = "data") -> Path:
+def _note(ax, lines: list[str]) -> None:
+    """Write ``lines`` (failed fits, warnings) in red across the middle of ``ax``."""
+    if lines:
+        import textwrap
+
+        text = "\n".join(textwrap.fill(line, 70) for line in lines)
+        ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=7, color="darkred",
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "darkred"}, zorder=10)
+
+
+def plot_frontier(tables: dict, fits: dict, path: Path, loss_label: str, data_label: str = "data",
+                  failures: dict | None = None, warnings: list | None = None) -> Path:
     """All checkpoints (faint), frontier owners (filled) and fitted L(C) per group, log-log.
 
     Parameters
@@ -28,6 +39,8 @@ def plot_frontier(tables: dict, fits: dict, path: Path, loss_label: str, data_la
     fits : dict[str, FrontierFit | None]
     path : Path
         Output PNG.
+    failures : ``{group: {law: message}}`` of fits that failed; the frontier's are written on the plot.
+    warnings : lines written on the plot (e.g. a frontier from one model).
     """
     fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=130)
     for (name, t), col in zip(tables.items(), _colors(len(tables))):
@@ -47,6 +60,9 @@ def plot_frontier(tables: dict, fits: dict, path: Path, loss_label: str, data_la
             ax.plot(cs, f.predict(cs), color=col, lw=1.8, label=lab)
         else:
             ax.plot([], [], color=col, lw=0, label=f"{name}: frontier fit failed")
+    notes = [f"{name}: frontier fit failed: {msg['frontier']}" for name, msg in (failures or {}).items()
+             if "frontier" in msg]
+    _note(ax, notes + [w for w in warnings or [] if "fit failed" not in w and "could not be made" not in w])
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
@@ -99,8 +115,12 @@ def plot_nd(t, fit, k: float, path: Path, group: str, loss_label: str, data_unit
     return Path(path)
 
 
-def plot_residuals(tables: dict, nd_fits: dict, frontier_fits: dict, path: Path) -> Path:
-    """Log residuals log L̂ − log L against compute: L(N, D) (all points) and frontier (owners)."""
+def plot_residuals(tables: dict, nd_fits: dict, frontier_fits: dict, path: Path, failures: dict | None = None) -> Path:
+    """Log residuals log L̂ − log L against compute: L(N, D) (all points) and frontier (owners).
+
+    ``failures`` (``{group: {law: message}}``): a failed fit is written on its panel instead of
+    leaving it empty.
+    """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=130, sharey=False)
     for (name, t), col in zip(tables.items(), _colors(len(tables))):
         f = nd_fits.get(name)
@@ -112,6 +132,9 @@ def plot_residuals(tables: dict, nd_fits: dict, frontier_fits: dict, path: Path)
             o = ff.owners
             r = np.log(ff.predict(t.C[o])) - np.log(t.L[o])
             axes[1].plot(t.C[o], r, "o-", ms=3, lw=0.6, color=col, label=f"{name} (rms {np.sqrt(np.mean(r * r)):.3f})")
+    for ax, law in zip(axes, ("nd", "frontier")):
+        _note(ax, [f"{name}: {'L(N, D)' if law == 'nd' else 'frontier'} fit failed: {msg[law]}"
+                   for name, msg in (failures or {}).items() if law in msg])
     for ax, title in zip(axes, ("L(N, D) fit, all points", "frontier fit, frontier checkpoints")):
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")

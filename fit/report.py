@@ -3,10 +3,12 @@
 ``fit.json`` schema (all numbers in the data's own units; C in FLOPs)::
 
     {
-      "source": str, "notes": [str], "law": "frontier|nd|isoflop|all",
+      "source": str, "notes": [str], "warnings": [str], "law": "frontier|nd|isoflop|all",
       "groups": {
         GROUP: {                       # "all" when there is no group column
           "n_points": int, "k": float, "k_spread": float,   # k = median C/(N·D), spread max/min
+          "n_models": int,               # distinct N (model sizes) among the rows
+          "warnings": [str],             # what the data cannot support (e.g. a one-model frontier)
           "frontier": {"converged", "message", "gamma_c", "F_c", "L_inf", "l_inf_free",
                        "n_points" (frontier checkpoints fitted), "n_owners_total",
                        "compute_window": [lo|null, hi|null], "objective" (Σ squared log residuals),
@@ -24,7 +26,8 @@
       }
     }
 
-A fit that did not converge carries ``"converged": false`` and its ``message`` and no numbers.
+A fit that did not converge carries ``"converged": false`` and its ``message`` and no numbers;
+the report and the plots say so where its numbers would be.
 """
 
 from __future__ import annotations
@@ -57,7 +60,14 @@ def run_fits(table: RunTable, *, law="all", budgets=(), c_min=None, c_max=None, 
     for name in table.groups():
         t = table.subset(name)
         k, spread = estimate_k(t.N, t.D, t.C)
-        g = {"n_points": int(t.N.size), "k": k, "k_spread": spread, "errors": {}}
+        n_models = int(np.unique(t.N).size)
+        g = {"n_points": int(t.N.size), "k": k, "k_spread": spread, "n_models": n_models, "errors": {},
+             "warnings": []}
+        if n_models < 2 and laws & {"frontier", "isoflop"}:
+            g["warnings"].append(
+                f"{name}: every row comes from one model size (N = {t.N[0]:.4g}); its 'frontier' is that run's own "
+                "learning curve, not a frontier across models, and its γ_c is not comparable to a scaling "
+                "study's — train at least two widths")
         objs = {"table": t}
         if "frontier" in laws:
             try:
@@ -144,22 +154,40 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def all_warnings(result: dict, table_warnings: list | tuple = ()) -> list[str]:
+    """The table's warnings, then each group's and each failed fit's, as one list of lines."""
+    lines = list(table_warnings)
+    for name, g in result["groups"].items():
+        lines += g.get("warnings", [])
+        for law in ("frontier", "nd", "isoflop"):
+            fit = g.get(law)
+            if fit is not None and not fit.get("converged", True):
+                lines.append(f"{name}: the {law} fit failed: {fit['message']}")
+        lines += [f"{name}: the {law} fit could not be made: {msg}" for law, msg in g.get("errors", {}).items()]
+    return lines
+
+
 def write_outputs(result: dict, out_dir: Path, *, source: str, notes: list, law: str, loss_label: str,
-                  data_unit: str) -> list[Path]:
+                  data_unit: str, table_warnings: list | tuple = ()) -> list[Path]:
     """Write fit.json, report.md and PNG plots into ``out_dir``; returns the written paths."""
     from fit import plots  # matplotlib only when writing
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     objs = result["_objects"]
-    doc = {"source": str(source), "notes": notes, "law": law, "groups": result["groups"]}
+    warnings = all_warnings(result, table_warnings)
+    doc = {"source": str(source), "notes": notes, "warnings": warnings, "law": law, "groups": result["groups"]}
     paths = [out_dir / "fit.json"]
     paths[0].write_text(json.dumps(doc, indent=2, default=float))
     tables = {k: v["table"] for k, v in objs.items()}
     figs = []
     fronts = {k: v.get("frontier") for k, v in objs.items()}
-    if any(f is not None for f in fronts.values()):
-        figs.append(plots.plot_frontier(tables, fronts, out_dir / "frontier.png", loss_label))
+    failures = {name: {**g.get("errors", {}), **{law: g[law]["message"] for law in ("frontier", "nd")
+                                                  if law in g and not g[law]["converged"]}}
+                for name, g in result["groups"].items()}
+    if law in ("frontier", "all"):
+        figs.append(plots.plot_frontier(tables, fronts, out_dir / "frontier.png", loss_label,
+                                        failures=failures, warnings=warnings))
     nds = {k: v.get("nd") for k, v in objs.items()}
     for name, f in nds.items():
         if f is not None and f.converged:
@@ -171,9 +199,11 @@ def write_outputs(result: dict, out_dir: Path, *, source: str, notes: list, law:
         if f is not None and f.levels:
             safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
             figs.append(plots.plot_isoflop(f, out_dir / f"isoflop_{safe}.png", name, loss_label))
-    if any(f is not None for f in list(nds.values()) + list(fronts.values())):
-        figs.append(plots.plot_residuals(tables, nds, fronts, out_dir / "residuals.png"))
+    if law in ("frontier", "nd", "all"):
+        figs.append(plots.plot_residuals(tables, nds, fronts, out_dir / "residuals.png", failures=failures))
     md = [f"# Scaling-law fit of `{source}`", "", *[f"- {n}" for n in notes], ""]
+    if warnings:
+        md += ["**Warnings**", "", *[f"- **{w}**" for w in warnings], ""]
     md += ["| group | law | quantity | estimate [95% percentile interval] |", "|---|---|---|---|"]
     md += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(result)]
     md += ["", "Intervals: bootstrap percentile intervals over points (frontier: over frontier checkpoints;",

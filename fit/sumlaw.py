@@ -324,10 +324,15 @@ def fit_sum_law(
         dv = derived(samples)
         intervals = {k: summarize(dv[k], level) for k in point}
         boot_info.update(n_ok=len(samples), samples=samples)
+    scipy_says = (pol.message if isinstance(pol.message, str) else pol.message.decode()).strip(" :") or "no message"
+    if pol.success:
+        how = f"best start polished by L-BFGS-B ({scipy_says})"
+    else:  # e.g. scipy's bare "ABNORMAL": its line search found no further decrease
+        how = (f"best start polished by L-BFGS-B until its line search found no further decrease (scipy: "
+               f"{scipy_says}); the gradient there is within tolerance, so the optimum stands")
     return SumLawFit(
         True,
-        f"converged: {n_conv}/{len(starts)} starts converged; best polished by L-BFGS-B "
-        f"({pol.message if isinstance(pol.message, str) else pol.message.decode()})",
+        f"converged: {n_conv}/{len(starts)} starts converged; {how}",
         params=point,
         intervals=intervals,
         objective=f_best,

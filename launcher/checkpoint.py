@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher.engine import Runtime, barrier
+from launcher.errors import UserError
 from zoo.hub.checkpoint import METADATA, save_checkpoint
 
 DS_DIR = "deepspeed"
@@ -35,7 +36,8 @@ class TrainState:
     ``samples_seen``/``atoms_seen`` count training data (original structures only with the
     symmetry loss); ``model_atoms`` the atoms the model was evaluated on (× (M+1) with it) and
     ``forward_flops`` their forward FLOPs (for the measured κ); ``train_time_s`` the rank-0 time
-    spent in training steps (loading included; validation and checkpoints excluded).
+    spent in training steps (loading included; validation and checkpoints excluded),
+    ``train_cpu_time_s`` the CPU time of all ranks in them (rank 0's process CPU time × world size).
     """
 
     step: int = 0
@@ -46,6 +48,7 @@ class TrainState:
     forward_flops: int | None = None
     model_atoms: int = 0
     train_time_s: float = 0.0
+    train_cpu_time_s: float = 0.0
 
 
 def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -91,18 +94,24 @@ def save(run_dir, step: int, engine, eval_model, state: TrainState, loader_state
 
 
 def find(path: str | os.PathLike) -> Path:
-    """The checkpoint to resume from: ``path`` itself, or the latest complete one of a run dir.
+    """The checkpoint to resume from: ``path`` itself, or the latest one of a run dir that still holds
+    its engine state (:mod:`launcher.retention` keeps it for the last ``--keep-engine-state`` only).
 
-    Raises ``FileNotFoundError`` if there is none.
+    Raises ``UserError`` if there is none, or if ``path`` is a checkpoint whose engine state was pruned.
     """
     path = Path(path)
-    if (path / METADATA).is_file() and (path / DS_DIR).is_dir():
-        return path
+    if (path / METADATA).is_file():
+        if (path / DS_DIR).is_dir():
+            return path
+        raise UserError(f"--resume {path}: this checkpoint keeps its weights only (its engine state was "
+                        f"pruned, --keep-engine-state); resume from the run directory {run_dir_of(path)} instead")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     done = sorted(d for d in folder.glob("step-*")
-                  if d.is_dir() and not d.name.endswith(".partial") and (d / METADATA).is_file())
+                  if d.is_dir() and not d.name.endswith(".partial") and (d / METADATA).is_file()
+                  and (d / DS_DIR).is_dir())
     if not done:
-        raise FileNotFoundError(f"--resume {path}: no complete checkpoint (step-*/metadata.json) found")
+        raise UserError(f"--resume {path}: no complete checkpoint with engine state (step-*/metadata.json "
+                        "and step-*/deepspeed/) found")
     return done[-1]
 
 
@@ -116,14 +125,14 @@ def load(checkpoint: Path, engine, runtime: Runtime) -> tuple[TrainState, dict]:
 
     Raises
     ------
-    FileNotFoundError
+    UserError
         if this rank's loader state is missing (the run was saved with another world size).
     """
     loader_path = checkpoint / _loader_file(runtime.rank)
     saved_ranks = len(list(checkpoint.glob("loader-rank*.json")))
     if saved_ranks != runtime.world_size or not loader_path.is_file():
-        raise FileNotFoundError(
-            f"{checkpoint} was written by {saved_ranks} ranks; resume it with the same number "
+        raise UserError(
+            f"--resume {checkpoint}: written by {saved_ranks} ranks; resume it with the same number "
             f"(this job has {runtime.world_size})"
         )
     path, client = engine.load_checkpoint(str(checkpoint / DS_DIR), tag=DS_TAG, load_module_strict=True,

@@ -22,10 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from zoo.registry import DEFAULT_MODEL, MODELS, get_spec
+from launcher.errors import EXIT_USER_ERROR, UserError, is_rank0
+from zoo.registry import DEFAULT_MODEL, MODELS, count_parameters, get_spec
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "omol25_sample"
@@ -53,7 +56,7 @@ class TrainConfig:
     # data
     train: str = str(DEFAULT_DATA / "train")
     val: str = str(DEFAULT_DATA / "val")
-    shards: str | None = None  # cache of converted shards; default <train>/../shards
+    shards: str | None = None  # converted shards; default: the project's cache keyed by the inputs (launcher.data)
     max_atoms: int | None = DEFAULT_MAX_ATOMS  # data budget D in atoms (global); None = the whole split
     atoms_per_batch: int = 128  # per rank and step
     shuffle_buffer: int = 256
@@ -76,6 +79,7 @@ class TrainConfig:
     run_dir: str | None = None
     checkpoint_fraction: float = 0.1  # checkpoint (and validate) every 10 % of the run
     log_every: int = 10
+    keep_engine_state: int = 2  # checkpoints that keep the resumable engine state (weights: every one)
     resume: str | None = None
 
     def learning_rate(self, width: int) -> float:
@@ -114,6 +118,15 @@ def _budget(text: str) -> int | None:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line, from rank 0 only, and exits with status 2."""
+
+    def error(self, message: str):
+        if is_rank0():
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
 class _Help(argparse.HelpFormatter):
     """Shows a flag's default unless it is unset (None, False, empty) or the help already says it."""
 
@@ -127,7 +140,7 @@ class _Help(argparse.HelpFormatter):
 def parser() -> argparse.ArgumentParser:
     """The command-line surface of ``launcher/train.py``."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="launcher/train.py",
         description="Train a zoo model on OMol25-format shards with DeepSpeed (paper recipe by default).",
         formatter_class=_Help,
@@ -142,7 +155,9 @@ def parser() -> argparse.ArgumentParser:
                         "(FLOPs counted x(M+1); atoms seen count the original batch only)")
     p.add_argument("--train", default=d.train, help="train split: .aselmdb files/dir, or a shard dir")
     p.add_argument("--val", default=d.val, help="validation split: .aselmdb files/dir, or a shard dir")
-    p.add_argument("--shards", default=None, help="shard cache (default: <train>/../shards)")
+    p.add_argument("--shards", default=None,
+                   help="directory for the converted shards of raw --train/--val (default: the project's cache, "
+                        "keyed by the inputs' identity; refuses a directory holding other data)")
     p.add_argument("--max-atoms", type=_budget, default=d.max_atoms,
                    help="data budget D in atoms, or 'all' for the whole train split")
     p.add_argument("--atoms-per-batch", type=int, default=d.atoms_per_batch, help="atoms per rank and step")
@@ -169,7 +184,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-fraction", type=float, default=d.checkpoint_fraction,
                    help="checkpoint and validate every this fraction of the run (and at the end)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metric lines")
+    p.add_argument("--keep-engine-state", type=int, default=d.keep_engine_state, metavar="K",
+                   help="keep the resumable engine state (optimizer, ZeRO partitions) of only the last K "
+                        "checkpoints; the weights and metadata of every checkpoint are kept")
     p.add_argument("--resume", default=None, help="RUN_DIR or checkpoint dir to continue (same run)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -178,13 +197,10 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line into a :class:`TrainConfig` (checks values, raises ``SystemExit``)."""
     p = parser()
     a = p.parse_args(argv)
-    for name in ("atoms_per_batch", "shuffle_buffer", "log_every"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if a.symmetry_loss < 0:
-        p.error("--symmetry-loss must be >= 0")
-    if not 0 < a.checkpoint_fraction <= 1:
-        p.error("--checkpoint-fraction must be in (0, 1]")
+    try:
+        check_ranges(a)
+    except UserError as error:
+        p.error(str(error))
     explicit = {}
     if a.zero_stage is not None:
         explicit["zero_stage"] = a.zero_stage
@@ -217,8 +233,53 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         run_dir=a.run_dir,
         checkpoint_fraction=a.checkpoint_fraction,
         log_every=a.log_every,
+        keep_engine_state=a.keep_engine_state,
         resume=a.resume,
     )
+
+
+def check_ranges(a: argparse.Namespace) -> None:
+    """Refuse any flag outside its range, a missing path, or a model that cannot be built.
+
+    The model (architecture, ``--width``, ``--model-arg``) is built on the meta device, so a bad
+    width or constructor override is caught before any work, at no memory cost.
+
+    Raises
+    ------
+    UserError naming the flag, its value and the allowed range.
+    """
+    def need(ok: bool, flag: str, value, rule: str) -> None:
+        if not ok:
+            raise UserError(f"{flag} {value}: {rule}")
+
+    for name in ("atoms_per_batch", "shuffle_buffer", "log_every", "keep_engine_state"):
+        value = getattr(a, name)
+        need(value >= 1, f"--{name.replace('_', '-')}", value, "must be >= 1")
+    if a.width is not None:
+        need(a.width >= 1, "--width", a.width, "must be >= 1")
+    if a.lr_width is not None:
+        need(a.lr_width >= 1, "--lr-width", a.lr_width, "must be >= 1")
+    for flag, value in (("--lr", a.lr), ("--base-lr", a.base_lr)):
+        if value is not None:
+            need(math.isfinite(value) and value > 0, flag, value, "must be a positive number")
+    need(a.num_workers >= 0, "--num-workers", a.num_workers, "must be >= 0")
+    need(a.symmetry_loss >= 0, "--symmetry-loss", a.symmetry_loss, "must be >= 0")
+    need(a.seed >= 0, "--seed", a.seed, "must be >= 0")
+    need(math.isfinite(a.weight_decay) and a.weight_decay >= 0, "--weight-decay", a.weight_decay, "must be >= 0")
+    need(0 <= a.warmup_fraction < 1, "--warmup-fraction", a.warmup_fraction, "must be in [0, 1)")
+    need(0 < a.checkpoint_fraction <= 1, "--checkpoint-fraction", a.checkpoint_fraction, "must be in (0, 1]")
+    for flag, path in (("--train", a.train), ("--val", a.val), ("--resume", a.resume),
+                       ("--deepspeed_config", a.deepspeed_config)):
+        if path is not None:
+            need(Path(path).exists(), flag, path, "no such file or directory")
+    if a.resume is None:
+        overrides = dict(a.model_arg)
+        try:
+            count_parameters(a.model, a.width, direct_forces=not a.conservative, **overrides)
+        except (TypeError, ValueError, KeyError) as error:
+            shown = " ".join(f"--model-arg {k}={v}" for k, v in overrides.items())
+            raise UserError(f"--model {a.model} --width {a.width or get_spec(a.model).default_width} {shown}"
+                            f": cannot build the model ({error})".replace("  :", ":")) from error
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -242,8 +303,8 @@ def deepspeed_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
 
     Raises
     ------
-    ValueError
-        if the user's file sets ``optimizer``/``scheduler``, gradient accumulation > 1 or fp16;
+    UserError (a ValueError)
+        if the user's file is not JSON or sets ``optimizer``/``scheduler``, gradient accumulation > 1 or fp16;
         for ZeRO-3 with conservative forces. Their double backward needs the weights gathered
         after the forward, which ZeRO-3 releases. Making the whole model one ZeRO-3 leaf module
         (``deepspeed.utils.set_z3_leaf_modules``, docs/FEASIBILITY.md) gets past that, but then failed
@@ -261,18 +322,21 @@ def deepspeed_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
     if cfg.deepspeed_config:
         path = Path(cfg.deepspeed_config)
         if not path.is_file():
-            raise FileNotFoundError(f"--deepspeed_config {path}: no such file")
-        user = json.loads(path.read_text())
+            raise UserError(f"--deepspeed_config {path}: no such file")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"--deepspeed_config {path}: not valid JSON ({error})") from error
         for key in ("optimizer", "scheduler"):
             if key in user:
-                raise ValueError(
+                raise UserError(
                     f"--deepspeed_config {path}: remove {key!r}; the launcher builds schedule-free AdamW "
                     "(set its learning rate with --lr / --base-lr)"
                 )
         if int(user.get("gradient_accumulation_steps", 1)) != 1:
-            raise ValueError(f"--deepspeed_config {path}: gradient_accumulation_steps must be 1")
+            raise UserError(f"--deepspeed_config {path}: gradient_accumulation_steps must be 1")
         if user.get("fp16", {}).get("enabled", False):
-            raise ValueError(f"--deepspeed_config {path}: fp16 is not supported (use bf16)")
+            raise UserError(f"--deepspeed_config {path}: fp16 is not supported (use bf16)")
     config = _merge(defaults, user)
     stage = cfg.deepspeed_overrides.get("zero_stage", config.get("zero_optimization", {}).get("stage", 2))
     config = _merge(config, {"zero_optimization": {"stage": int(stage)}})
@@ -287,12 +351,12 @@ def deepspeed_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
         precision = precision or "auto"
         bf16 = bf16_supported if precision == "auto" else precision == "bf16"
     if bf16 and not bf16_supported:
-        raise ValueError("bf16 asked for but this device does not support it (use --precision fp32)")
+        raise UserError("bf16 asked for but this device does not support it (use --precision fp32)")
     config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
     config.pop("train_batch_size", None)
     config["train_micro_batch_size_per_gpu"] = 1
     config["gradient_accumulation_steps"] = 1
     if int(stage) == 3 and not cfg.direct_forces:
-        raise ValueError("ZeRO-3 cannot train conservative forces (their double backward needs weights that "
+        raise UserError("ZeRO-3 cannot train conservative forces (their double backward needs weights that "
                          "ZeRO-3 releases after the forward); use --zero-stage 1 or 2, or direct forces")
     return config

@@ -12,14 +12,34 @@ Without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported (the CP
 then uses gloo), and when several ranks share the CPU each gets ``cores / local ranks`` intra-op
 threads unless ``OMP_NUM_THREADS`` was given (docs/FEASIBILITY.md: 2 ranks on 2 cores, 104 ms → 31 ms
 per step with one thread each).
+
+What DeepSpeed and PyTorch print on a CPU machine, and what this module does about it:
+
+- their deprecation warnings (``FutureWarning``/``DeprecationWarning`` raised inside ``deepspeed``
+  and ``torch``) are hidden: they concern their own internals, not the user's code;
+- DeepSpeed's warning "You are using ZeRO with an untested optimizer" is dropped (``--debug``
+  keeps it): the launcher chooses schedule-free AdamW on purpose (``zero_allow_untested_optimizer``);
+- on CPU, DeepSpeed would compile its shared-memory communication op with ninja at start-up
+  (minutes on a busy machine, printing "deepspeed_shm_comm_op built successfully", and every other
+  install of DeepSpeed on the machine rebuilds it in the same cache and holds its lock). That op
+  serves only ``inference_all_reduce``, which training never calls (ZeRO reduces through
+  torch.distributed/gloo), so :func:`init_distributed` marks it unavailable and it is not built.
+  Any other op DeepSpeed builds goes to the project's own ``.cache/torch_extensions``
+  (``TORCH_EXTENSIONS_DIR``, unless set);
+- the ``deepspeed`` launcher's own lines ("Setting CUDA_VISIBLE_DEVICES", "ignoring it because one
+  or several of --include/--exclude/--num_gpus…") are printed before this code runs; they are
+  harmless on CPU (ranks use the CPU accelerator and gloo) — the README says so once.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -55,6 +75,11 @@ def setup_environment() -> None:
     """
     # DeepSpeed's gather helpers call a torch.distributed function deprecated in torch 2.13
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    if "--debug" not in sys.argv:
+        for module in ("deepspeed", "torch"):
+            for category in (FutureWarning, DeprecationWarning, UserWarning):
+                warnings.filterwarnings("ignore", category=category, module=module)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # plain `python train.py`
@@ -80,6 +105,12 @@ def init_distributed() -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
+    if "--debug" not in sys.argv:
+        logging.getLogger("DeepSpeed").addFilter(lambda record: "untested optimizer" not in record.getMessage())
+    if not cuda:  # the shm op serves inference_all_reduce only (see the module docstring): do not compile it
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")

@@ -4,7 +4,9 @@
 model with the data's normalisation → the architecture's pre-training hook (if its registry spec
 has one, e.g. fitted scale factors, computed on the same batches on every rank) → training
 stream → schedule-free AdamW → engine → evaluation copy → counters (restored on resume) → FLOP
-counter, device peak and run log. Nothing here names an architecture: what differs between them
+counter, device peak, the disk the checkpoints need (checked against the free space,
+:mod:`launcher.retention`) and run log. Phases that take a while show progress on rank 0
+(:class:`launcher.progress.Phase`). Nothing here names an architecture: what differs between them
 comes from :data:`zoo.registry.MODELS`.
 """
 
@@ -21,10 +23,12 @@ import torch
 
 from launcher import checkpoint as ckpt
 from launcher.config import REPO, TrainConfig, deepspeed_config
-from launcher.data import Splits, prepare
+from launcher.data import Splits, prepare, rejected_summary
 from launcher.engine import Runtime, broadcast_object, build_engine, init_distributed
+from launcher.errors import UserError
 from launcher.optim import build_optimizer
-from launcher.progress import RunLog
+from launcher.progress import Phase, RunLog
+from launcher.retention import check_disk, disk_plan, gb
 from launcher.throughput import device_peak
 from zoo.flops.counter import StepFlopCounter
 from zoo.hub.checkpoint import read_metadata
@@ -51,8 +55,10 @@ class Job:
     lr: float
     state: ckpt.TrainState
     counter: StepFlopCounter
-    peak: float  # FLOP/s of the whole job, for MFU
+    peak: float  # FLOP/s of the whole job (GPU) or FLOP per CPU-second (CPU), for MFU
     peak_source: str
+    cpu_time_mfu: bool  # MFU against CPU time (launcher.throughput)
+    disk: dict  # launcher.retention.disk_plan + free space
     hook: PretrainHook | None
     pretrain: dict | None  # the hook's record (fitted now, or read from the checkpoint)
     code_version: str
@@ -132,10 +138,13 @@ def resolve_run(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path | None]:
     if cfg.resume:
         checkpoint = ckpt.find(cfg.resume)
         run_dir = ckpt.run_dir_of(checkpoint)
+        if not (run_dir / "config.json").is_file():
+            raise UserError(f"--resume {cfg.resume}: {run_dir} holds no config.json (not a run directory)")
         saved = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()))
         saved.resume = str(checkpoint)
         return saved, run_dir, checkpoint
-    cfg.width = cfg.width or get_spec(cfg.model).default_width
+    if cfg.width is None:
+        cfg.width = get_spec(cfg.model).default_width
     name = cfg.run_dir or broadcast_object(
         str(REPO / "runs" / f"{cfg.model}-w{cfg.width}-{time.strftime('%Y%m%d-%H%M%S')}"))
     return cfg, Path(name), None
@@ -150,13 +159,19 @@ def run_pretrain_hook(hook: PretrainHook | None, cfg: TrainConfig, model: ForceF
     if resume_from is not None:
         saved = read_metadata(resume_from).get(hook.metadata_key)
         if saved is None:
-            raise ValueError(f"--resume {resume_from}: the checkpoint records no {hook.metadata_key} "
+            raise UserError(f"--resume {resume_from}: the checkpoint records no {hook.metadata_key} "
                              f"for {cfg.model}")
         return saved
     loader = make_loader(splits.train, cfg, runtime, model.data_cutoff, train=True, single=True)
     batches = [b.to(runtime.device) for b in itertools.islice(iter(loader), hook.batches)]
     model.to(runtime.device)
-    record = hook.fit(model, batches)
+    with Phase(f"{hook.description}: fitting on {len(batches)} batches", unit="passes",
+               enabled=runtime.is_main) as phase:
+        def progress(done: int, total: int) -> None:
+            phase.total = total
+            phase.advance(done - phase.done)
+
+        record = hook.fit(model, batches, progress=progress)
     record["note"] = (f"fitted before the engine was built on the first {hook.batches} batches of the train "
                       f"shards (index order, {cfg.atoms_per_batch} atoms per batch), identical on every rank; "
                       "restored from the checkpoint on resume")
@@ -168,7 +183,7 @@ def set_up(cfg: TrainConfig) -> Job:
     runtime = init_distributed()
     start_time = time.time()
     cfg, run_dir, resume_from = resolve_run(cfg)
-    deepspeed_config(cfg, runtime.bf16_supported)  # refuse a bad engine configuration before any work
+    bf16 = deepspeed_config(cfg, runtime.bf16_supported)["bf16"]["enabled"]  # refuse a bad one before any work
     splits = prepare(cfg, runtime)
     spec = get_spec(cfg.model)
 
@@ -176,41 +191,48 @@ def set_up(cfg: TrainConfig) -> Job:
     model = build(cfg.model, cfg.width, direct_forces=cfg.direct_forces, **cfg.model_overrides)
     model.set_normalization(splits.train.element_references, splits.train.force_rms)
     cutoff = model.data_cutoff
-    pretrain = run_pretrain_hook(spec.pretrain, cfg, model, splits, runtime, resume_from)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loader = make_loader(splits.train, cfg, runtime, cutoff, train=True, max_atoms=cfg.max_atoms)
     total = int(loader.steps)
+    schedule = checkpoint_steps(total, cfg.checkpoint_fraction)
+    first_step = read_metadata(resume_from)["step"] if resume_from is not None else 0
+    # every rank checks (one file system holds the run dir), so all refuse alike, before any long phase
+    disk = check_disk(run_dir, disk_plan(n_params, sum(1 for s in schedule if s > first_step),
+                                         cfg.keep_engine_state, bf16))
+    pretrain = run_pretrain_hook(spec.pretrain, cfg, model, splits, runtime, resume_from)
     lr = cfg.learning_rate(cfg.width)
     optimizer = build_optimizer(model, lr, cfg.betas, cfg.weight_decay, round(cfg.warmup_fraction * total))
-    engine, ds_config = build_engine(cfg, model, optimizer, runtime)
+    with Phase("building the DeepSpeed engine", enabled=runtime.is_main):
+        engine, ds_config = build_engine(cfg, model, optimizer, runtime)
 
     eval_model = build(cfg.model, cfg.width, direct_forces=cfg.direct_forces, **cfg.model_overrides)
     eval_model.set_normalization(splits.train.element_references, splits.train.force_rms)
     if pretrain is not None:
         spec.pretrain.restore(eval_model, pretrain)
     eval_model.to(runtime.device)
-    n_params = sum(p.numel() for p in eval_model.parameters() if p.requires_grad)
 
     state = ckpt.TrainState()
     if resume_from is not None:
         saved_hash = read_metadata(resume_from)["data_hash"]
         if saved_hash != splits.train.data_hash:
-            raise ValueError(f"--resume {resume_from}: the training shards changed (data hash {saved_hash[:12]} "
+            raise UserError(f"--resume {resume_from}: the training shards changed (data hash {saved_hash[:12]} "
                              f"in the checkpoint, {splits.train.data_hash[:12]} now); a resumed run needs the same data")
-        state, loader_state = ckpt.load(resume_from, engine, runtime)
+        with Phase(f"loading {resume_from}", enabled=runtime.is_main):
+            state, loader_state = ckpt.load(resume_from, engine, runtime)
         loader.load_state_dict(loader_state)
-    elif runtime.is_main:
+    if resume_from is None and runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
     counter = StepFlopCounter(eval_model, direct_forces=cfg.direct_forces)
     if state.step == 0:
         state.flops, state.forward_flops = 0, 0
-    peak, peak_source = device_peak(runtime.device, ds_config["bf16"]["enabled"], runtime.world_size,
-                                    runtime.is_main)
+    peak, peak_source, cpu_time_mfu = device_peak(runtime.device, ds_config["bf16"]["enabled"],
+                                                  runtime.world_size, runtime.is_main)
     job = Job(cfg=cfg, runtime=runtime, run_dir=run_dir, resume_from=resume_from, splits=splits, engine=engine,
               eval_model=eval_model, loader=loader, ds_config=ds_config, n_params=n_params, cutoff=cutoff,
               total=total, lr=lr, state=state, counter=counter, peak=peak, peak_source=peak_source,
-              hook=spec.pretrain, pretrain=pretrain, code_version=code_version(),
-              schedule=checkpoint_steps(total, cfg.checkpoint_fraction),
+              cpu_time_mfu=cpu_time_mfu, disk=disk, hook=spec.pretrain, pretrain=pretrain,
+              code_version=code_version(), schedule=schedule,
               log=RunLog(run_dir, total, state.step, runtime.is_main), start_time=start_time,
               wall_offset=state.wall_time_s)
     announce(job)
@@ -228,11 +250,21 @@ def announce(job: Job) -> None:
                    train_structures=job.splits.train.n_structures, train_atoms=job.splits.train.n_atoms,
                    checkpoint=str(job.resume_from) if job.resume_from else None, flops_counted=True,
                    peak_flops=job.peak, peak_source=job.peak_source, symmetry_loss=cfg.symmetry_loss,
-                   code_version=job.code_version, **hook_record)
+                   code_version=job.code_version, data_rejected=rejected_summary(job.splits), disk=job.disk,
+                   **hook_record)
     job.log.say(f"[bold]{cfg.model}[/] width {cfg.width}: N = {job.n_params:,} parameters, {job.total} steps × "
                 f"{runtime.world_size} rank(s), lr {job.lr:.3g}, ZeRO-{ds['zero_optimization']['stage']}, "
                 f"{'bf16' if ds['bf16']['enabled'] else 'fp32'} on {runtime.device}; run dir {job.run_dir}")
-    job.log.say(f"MFU against {job.peak:.3g} FLOP/s: {job.peak_source}")
+    job.log.say(f"MFU against {job.peak_source}")
+    for name, split in rejected_summary(job.splits).items():
+        if split["rejected"]:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in split["reasons"].items())
+            job.log.say(f"[yellow]{name} split: conversion rejected {split['rejected']} structure(s) "
+                        f"({reasons}); kept {split['structures']}; listed in {split['index']}[/]")
+    disk = job.disk
+    job.log.say(f"checkpoints: {disk['checkpoints']} to write, ≈{gb(disk['weights_bytes'])} of weights each (all "
+                f"kept) + ≈{gb(disk['engine_bytes'])} of engine state (the last {disk['keep_engine_state']} kept); "
+                f"≈{gb(disk['needed_bytes'])} needed, {gb(disk['free_bytes'])} free")
     if job.pretrain is not None:
         job.log.say(f"{job.hook.description}: {job.pretrain.get('note', 'restored from the checkpoint')}")
     if cfg.symmetry_loss:

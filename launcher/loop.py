@@ -5,7 +5,9 @@ engine, counters) → for each global batch :func:`train_step` (with ``--symmetr
 rotated copies appended; forward, global loss, backward, step; atoms, FLOPs and time counted) →
 :meth:`Window.add` (metrics lines) → at every checkpoint step (each ``checkpoint_fraction`` of the
 run and the end) :func:`validate_and_save` (averaged weights → validation on the fixed subset, at
-the end also on the whole split → checkpoint with throughput, MFU and κ).
+the end also on the whole split → checkpoint with throughput, MFU and κ; the engine state of all
+but the last ``--keep-engine-state`` checkpoints pruned, :mod:`launcher.retention`). Validation and
+checkpoint writing show their own progress (:meth:`launcher.progress.RunLog.phase`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 from datapipe import keys
 from launcher import checkpoint as ckpt
 from launcher.config import TrainConfig
+from launcher.data import rejected_summary
 from launcher.job import Job, make_loader, set_up
 from launcher.loss import global_loss, loss_terms
 from launcher.optim import averaged_weights
+from launcher.retention import gb, prune_engine_state
 from launcher.throughput import rates, run_summary
 from launcher.validate import validate
 from zoo.hub.checkpoint import read_metadata
@@ -46,11 +50,11 @@ def train(cfg: TrainConfig) -> dict:
     kill_at = int(os.environ.get(KILL_ENV, "0"))
     metrics, window = {}, Window()
     job.engine.train()
-    tick = time.time()
+    tick, cpu_tick = time.time(), time.process_time()
     for batch in job.loader:
         step = train_step(job, batch)
-        now = time.time()
-        step.seconds, tick = now - tick, now
+        now, cpu_now = time.time(), time.process_time()
+        step.seconds, step.cpu_seconds, tick, cpu_tick = now - tick, cpu_now - cpu_tick, now, cpu_now
         count(job, step)
         window.add(step)
         if job.state.step % job.cfg.log_every == 0 or job.state.step in job.schedule:
@@ -58,7 +62,7 @@ def train(cfg: TrainConfig) -> dict:
         if job.state.step in job.schedule:
             job.state.wall_time_s = job.wall_time()
             metrics = validate_and_save(job, final=job.state.step == job.total)
-            tick = time.time()
+            tick, cpu_tick = time.time(), time.process_time()
         if kill_at and job.state.step == kill_at and job.runtime.is_main:
             os.kill(os.getpid(), signal.SIGKILL)
     return finish(job, metrics)
@@ -75,6 +79,7 @@ class Step:
     flops: int  # FLOPs of the step (forward, loss, backward)
     forward_flops: int
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time in the step
 
 
 def rotation_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -111,6 +116,7 @@ def count(job: Job, step: Step) -> None:
     state.atoms_seen += step.atoms
     state.model_atoms += step.model_atoms
     state.train_time_s += step.seconds
+    state.train_cpu_time_s += step.cpu_seconds * job.runtime.world_size
     if state.flops is not None:  # None: resumed from a run that did not count from its start
         state.flops += step.flops
     if state.forward_flops is not None:  # None: resumed from a checkpoint before κ was measured
@@ -122,6 +128,7 @@ class Window:
     """Accumulators between two ``train`` records (their ``step_flops`` sum to the cumulative count)."""
 
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     atoms: int = 0
     structures: int = 0
     loss: float = 0.0
@@ -133,6 +140,7 @@ class Window:
     def add(self, step: Step) -> None:
         self.step_flops.append(step.flops)
         self.seconds += step.seconds
+        self.cpu_seconds += step.cpu_seconds
         self.atoms += step.atoms
         self.structures += step.structures
         self.loss += step.loss["loss"]
@@ -143,7 +151,8 @@ class Window:
     def report(self, job: Job) -> Window:
         """Write the ``train`` record and the progress line; returns a fresh window."""
         state, stats = job.state, self.last.loss
-        speed = rates(self.seconds, self.atoms, self.structures, self.flops, job.peak)
+        cpu = self.cpu_seconds * job.runtime.world_size if job.cpu_time_mfu else None
+        speed = rates(self.seconds, self.atoms, self.structures, self.flops, job.peak, cpu)
         job.log.record("train", step=state.step, loss=stats["loss"], energy_loss=stats["energy_loss"],
                        force_loss=stats["force_loss"], mean_loss=self.loss / self.steps, **speed,
                        samples_seen=state.samples_seen, atoms_seen=state.atoms_seen, flops=state.flops,
@@ -159,15 +168,20 @@ def validate_and_save(job: Job, final: bool) -> dict:
     cfg, runtime, splits, state, log = job.cfg, job.runtime, job.splits, job.state, job.log
     averaged_weights(job.engine, job.eval_model)
     val_loader = make_loader(splits.val, cfg, runtime, job.cutoff, train=False, max_structures=cfg.max_val_structures)
-    metrics = validate(job.eval_model, val_loader, runtime.device, job.force_rms)
+    with log.phase(f"step {state.step}: validation", val_loader.rank_structures, _unit(job)) as ph:
+        metrics = validate(job.eval_model, val_loader, runtime.device, job.force_rms, progress=ph.advance)
     log.record("val", step=state.step, samples_seen=state.samples_seen, atoms_seen=state.atoms_seen,
                flops=state.flops, **metrics)
     log.say(f"step {state.step}: val loss {metrics['loss']:.4f}, energy MAE "
             f"{metrics['energy_mae_mev_per_atom']:.2f} meV/atom, force MAE {metrics['force_mae_mev_per_A']:.1f} "
             f"meV/Å (zero-force {metrics['zero_force_mae_mev_per_A']:.1f})")
     full = validate_full(job, metrics) if final else None
-    path = ckpt.save(job.run_dir, state.step, job.engine, job.eval_model, state, _jsonable(job.loader.state_dict()),
-                     checkpoint_metadata(job, metrics, full), runtime)
+    size = job.disk["weights_bytes"] + job.disk["engine_bytes"]
+    with log.phase(f"step {state.step}: writing checkpoint (≈{gb(size)})"):
+        path = ckpt.save(job.run_dir, state.step, job.engine, job.eval_model, state,
+                         _jsonable(job.loader.state_dict()), checkpoint_metadata(job, metrics, full), runtime)
+        if runtime.is_main:
+            prune_engine_state(path.parent, cfg.keep_engine_state)
     log.record("checkpoint", step=state.step, path=str(path))
     return metrics if full is None else {**metrics, "full": full}
 
@@ -180,7 +194,9 @@ def validate_full(job: Job, subset: dict) -> dict:
         full = dict(subset)
     else:
         loader = make_loader(job.splits.val, cfg, job.runtime, job.cutoff, train=False)
-        full = validate(job.eval_model, loader, job.runtime.device, job.force_rms)
+        with job.log.phase(f"step {state.step}: validation on the whole split", loader.rank_structures,
+                           _unit(job)) as ph:
+            full = validate(job.eval_model, loader, job.runtime.device, job.force_rms, progress=ph.advance)
     full["seconds"] = time.time() - started
     job.log.record("val_full", step=state.step, **full)
     job.log.say(f"step {state.step}: full validation split ({full['structures']} structures, {full['atoms']} atoms, "
@@ -195,14 +211,16 @@ def checkpoint_metadata(job: Job, metrics: dict, full: dict | None) -> dict:
     config = {**cfg.to_json(), "width": cfg.width, "world_size": job.runtime.world_size, "deepspeed": job.ds_config,
               "graph_cutoff": job.cutoff, "lr_effective": cfg.learning_rate(cfg.width),
               "model_overrides": {"direct_forces": cfg.direct_forces, **cfg.model_overrides},
-              "val_data_hash": job.splits.val.data_hash, "train_shards": str(job.splits.train.directory)}
+              "val_data_hash": job.splits.val.data_hash, "train_shards": str(job.splits.train.directory),
+              "val_shards": str(job.splits.val.directory)}
     return CheckpointMetadata(
         architecture=cfg.model, width=cfg.width, config=config, N=job.n_params, samples_seen=state.samples_seen,
         atoms_seen=state.atoms_seen, step=state.step, flops=state.flops, validation=metrics,
         data_hash=job.splits.train.data_hash, code_version=job.code_version, wall_time_s=state.wall_time_s,
         steps_total=job.total, validation_full=full, world_size=job.runtime.world_size,
-        throughput=run_summary(state, job.peak, job.peak_source, job.n_params, job.counter),
-        symmetry_loss=cfg.symmetry_loss,
+        throughput=run_summary(state, job.peak, job.peak_source, job.n_params, job.counter, job.cpu_time_mfu),
+        symmetry_loss=cfg.symmetry_loss, val_data_hash=job.splits.val.data_hash,
+        data_rejected=rejected_summary(job.splits),
         atoms_seen_note="original training atoms; rotated copies of the symmetry loss not counted"
         if cfg.symmetry_loss else None,
         flops_note=None if state.flops is not None else "resumed from a run that did not count FLOPs from its start",
@@ -215,7 +233,8 @@ def finish(job: Job, metrics: dict) -> dict:
     state = job.state
     state.wall_time_s = job.wall_time()
     job.log.record("end", step=state.step, wall_time_s=state.wall_time_s, validation=metrics,
-                   throughput=run_summary(state, job.peak, job.peak_source, job.n_params, job.counter))
+                   throughput=run_summary(state, job.peak, job.peak_source, job.n_params, job.counter,
+                                          job.cpu_time_mfu))
     full = metrics.get("full", metrics)
     job.log.say(f"done: {state.step} steps, {state.atoms_seen:,} atoms, {state.wall_time_s:.0f} s; "
                 f"val force MAE {metrics.get('force_mae_mev_per_A', float('nan')):.1f} meV/Å "
@@ -224,6 +243,11 @@ def finish(job: Job, metrics: dict) -> dict:
                 f"meV/Å (zero-force {full.get('zero_force_mae_mev_per_A', float('nan')):.1f})")
     job.log.close()
     return metrics
+
+
+def _unit(job: Job) -> str:
+    """What a validation phase counts: rank 0's structures (each rank validates its share)."""
+    return "structures" if job.runtime.world_size == 1 else f"structures on rank 0 (of {job.runtime.world_size})"
 
 
 def _jsonable(value):

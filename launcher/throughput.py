@@ -7,10 +7,11 @@ All counts are global (summed over ranks); times are the rank-0 wall time spent 
   batch: with ``--symmetry-loss M`` the rotated copies are not counted, as they are not new data);
 - ``flops_per_s`` — step FLOPs (:class:`zoo.flops.counter.StepFlopCounter`, FMA = 2; forward, loss
   and backward of every model evaluation, so ``× (M + 1)`` with the symmetry loss) per second;
-- ``mfu`` — ``flops_per_s`` over the peak of all devices of the job: ``world_size`` × the per-device
-  peak of :func:`zoo.flops.peaks.peak_flops` (a datasheet figure for known GPUs, a *measured* fp32
-  matmul rate for a CPU — ``peak_source`` says which; measured on rank 0 with its thread count and
-  assumed equal on every rank);
+- ``mfu`` — on GPUs ``flops_per_s`` over the peak of all devices of the job: ``world_size`` × the
+  datasheet peak of :func:`zoo.flops.peaks.peak_flops`; on CPUs the FLOPs over the CPU time of the
+  training processes (rank 0's process CPU time × ``world_size``) times the matmul FLOP per
+  CPU-second measured at start-up — a busy machine slows both alike, so its load cannot push MFU
+  above 100 % (``peak_source`` says which; ``cpu_time_s`` is the CPU time used);
 - ``kappa`` — measured κ = forward FLOPs / (atoms through the model × N), summed over the run
   (arXiv 2510.09768's κ, the constant of C ≈ 3κ·N·D).
 """
@@ -24,43 +25,66 @@ import torch
 from launcher.engine import broadcast_object
 
 
-def device_peak(device: torch.device, bf16: bool, world_size: int, is_main: bool) -> tuple[float, str]:
-    """(peak FLOP/s of the whole job, where the figure comes from); rank 0 decides, all ranks get it."""
+def device_peak(device: torch.device, bf16: bool, world_size: int, is_main: bool) -> tuple[float, str, bool]:
+    """(peak, where the figure comes from, per CPU-second); rank 0 decides, all ranks get it.
+
+    On a GPU the peak FLOP/s of the whole job (``world_size`` devices); on a CPU the FLOP per
+    CPU-second of one core (MFU then divides by the ranks' CPU time, see the module docstring).
+    """
     answer = None
     if is_main:
         from zoo.flops.peaks import peak_flops
 
         peak, source = peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
-        answer = (peak * world_size, f"{world_size} × {peak:.4g} FLOP/s per device ({source})")
+        if device.type == "cpu":
+            answer = (peak, f"{peak:.4g} FLOP per CPU-second ({source}); MFU = training FLOPs / (CPU seconds of "
+                            "the ranks × that), which other load on the machine cannot push up", True)
+        else:
+            answer = (peak * world_size, f"{world_size} × {peak:.4g} FLOP/s per device ({source})", False)
     return broadcast_object(answer)
 
 
-def rates(seconds: float, atoms: float, structures: float, flops: float | None, peak: float) -> dict:
-    """``{atoms_per_s, structures_per_s, flops_per_s, mfu}`` for a span of ``seconds``."""
+def rates(seconds: float, atoms: float, structures: float, flops: float | None, peak: float,
+          cpu_seconds: float | None = None) -> dict:
+    """``{atoms_per_s, structures_per_s, flops_per_s, mfu}`` for a span of ``seconds``.
+
+    With ``cpu_seconds`` (the job's CPU time over the span) ``peak`` is FLOP per CPU-second and
+    MFU is ``flops / (cpu_seconds × peak)``; without, ``peak`` is FLOP/s and MFU is
+    ``flops_per_s / peak``.
+    """
     seconds = max(seconds, 1e-9)
     flops_per_s = None if flops is None else flops / seconds
+    if flops is None or not peak > 0:
+        mfu = None
+    elif cpu_seconds is not None:
+        mfu = flops / (max(cpu_seconds, 1e-9) * peak)
+    else:
+        mfu = flops_per_s / peak
     return {
         "atoms_per_s": atoms / seconds,
         "structures_per_s": structures / seconds,
         "flops_per_s": flops_per_s,
-        "mfu": None if flops_per_s is None or not peak > 0 else flops_per_s / peak,
+        "mfu": mfu,
     }
 
 
-def run_summary(state, peak: float, peak_source: str, n_params: int, counter) -> dict:
+def run_summary(state, peak: float, peak_source: str, n_params: int, counter, cpu_time: bool = False) -> dict:
     """The ``throughput`` block of a checkpoint's metadata, over the run so far (resumes included).
 
     ``state`` is the :class:`launcher.checkpoint.TrainState`; ``counter`` the step FLOP counter
-    (or None). ``counting_overhead`` is rank 0's share of wall time spent counting FLOPs since
+    (or None); ``cpu_time``: ``peak`` is per CPU-second (``state.train_cpu_time_s`` is the job's
+    CPU time in training steps). ``counting_overhead`` is rank 0's share of wall time spent counting FLOPs since
     this process started counting; ``count_max_fit_error`` the largest relative error of the
     counter's linear fit on a later exact count (None before one).
     """
-    summary = rates(state.train_time_s, state.atoms_seen, state.samples_seen, state.flops, peak)
+    cpu_seconds = state.train_cpu_time_s if cpu_time else None
+    summary = rates(state.train_time_s, state.atoms_seen, state.samples_seen, state.flops, peak, cpu_seconds)
     kappa = None
     if state.forward_flops is not None and state.model_atoms > 0 and n_params > 0:
         kappa = state.forward_flops / (state.model_atoms * n_params)
     summary.update(
         train_time_s=state.train_time_s,
+        cpu_time_s=cpu_seconds,
         pflops=None if state.flops is None else state.flops / 1e15,
         peak_flops=peak,
         peak_source=peak_source,

@@ -11,7 +11,9 @@ The paper's recipe on the embedded data (``data/omol25_sample``), ZeRO-2; ``NAME
     python launcher/train.py --model NAME --width 64                    # one process
     python launcher/train.py --resume runs/NAME-w64-20261129-101500      # continue after a crash
 
-Every flag: ``python launcher/train.py --help``. What happens: :mod:`launcher.loop`.
+Every flag: ``python launcher/train.py --help``. What happens: :mod:`launcher.loop`. A mistake
+in a flag, path or the data ends the job with one line from rank 0 and exit status 2
+(:mod:`launcher.errors`; ``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from launcher.config import parse
 from launcher.engine import setup_environment
+from launcher.errors import is_rank0, run
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line and run the job; returns the final validation metrics."""
     cfg = parse(argv)
+    if is_rank0():
+        what = f"resuming {cfg.resume}" if cfg.resume else f"{cfg.model} width {cfg.width or 'default'}"
+        print(f"starting: {what}; loading PyTorch and DeepSpeed …", flush=True)
     setup_environment()  # before DeepSpeed is imported: DS_ACCELERATOR, rendezvous, threads
     from launcher.loop import train
 
@@ -36,4 +42,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -24,7 +24,7 @@ from launcher.engine import all_reduce_sum
 from launcher.loss import loss_terms
 
 
-def validate(model, batches, device: torch.device, force_rms: float) -> dict:
+def validate(model, batches, device: torch.device, force_rms: float, progress=None) -> dict:
     """Evaluate ``model`` on ``batches`` (this rank's share) and reduce over ranks.
 
     Parameters
@@ -32,6 +32,7 @@ def validate(model, batches, device: torch.device, force_rms: float) -> dict:
     model : single-device :class:`~zoo.models.base.ForceField` (fp32).
     batches : iterable of torch-geometric batches with reference energy and forces.
     force_rms : σ of the training split (eV/Å), for the loss.
+    progress : optional ``progress(structures)`` called after each batch with its structure count.
 
     Returns
     -------
@@ -55,6 +56,8 @@ def validate(model, batches, device: torch.device, force_rms: float) -> dict:
         sums[4] += float(df.abs().double().sum())
         sums[5] += float(batch[keys.FORCES].abs().double().sum())
         sums[6] += float(terms.force_sum)
+        if progress is not None:
+            progress(terms.structures)
     model.train(was_training)
     n_struct, n_atoms, n_comp, e_abs, f_abs, zero_abs, f_l2 = all_reduce_sum(sums, device)
     if n_struct < 1:

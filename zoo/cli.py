@@ -44,10 +44,13 @@ def flops_command(
     params: float = typer.Option(None, "--params", help="with --atoms: C = 3·κ·N·D for N parameters"),
     atoms: float = typer.Option(None, "--atoms", help="D, atoms seen, for the C = 3κND convention"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    structures: int = typer.Option(8, "--structures", help="reference batch: the first N structures of the "
+                                   "validation sample (memory grows with it; compare κ at equal N)"),
 ) -> None:
     """Parameters, forward FLOPs per atom and per edge, κ and step FLOPs of MODEL at WIDTH.
 
-    Counted with fvcore on a reference batch (zoo.flops.report), no training; FMA = 2 FLOPs.
+    Counted with fvcore on a reference batch (zoo.flops.report), no training; FMA = 2 FLOPs. The
+    trace holds one forward's activations: see the README for the memory of large widths.
     """
     import json
 
@@ -55,8 +58,15 @@ def flops_command(
     from zoo.flops.trace import compute_3knd
     from zoo.registry import get_spec
 
+    from zoo.registry import MODELS
+
+    if model not in MODELS:
+        raise typer.BadParameter(f"unknown model {model!r}; known: {', '.join(sorted(MODELS))}", param_hint="--model")
+    for value, flag in [(w, "--width") for w in width or []] + [(structures, "--structures")]:
+        if value < 1:
+            raise typer.BadParameter(f"{value}: must be >= 1", param_hint=flag)
     widths = width or [get_spec(model).default_width]
-    rows = [model_report(model, w, direct_forces=not conservative) for w in widths]
+    rows = [model_report(model, w, direct_forces=not conservative, structures=structures) for w in widths]
     for row in rows:
         if atoms is not None:
             n = row["parameters"] if params is None else params

@@ -22,9 +22,14 @@ AMD MI300X              163.4      653.7      1307       AMD Instinct MI300X dat
 
 PyTorch runs fp32 matmuls on CUDA without TF32 unless ``torch.backends.cuda.matmul.allow_tf32``
 (or ``torch.set_float32_matmul_precision("high")``) is set; :func:`peak_flops` then uses the tf32
-column. For a CPU there is no meaningful datasheet figure: :func:`measure_peak` times a large
-fp32 matmul with the current thread count (best of a few) and that *achieved* rate is the peak
-MFU is measured against (stated as such in the logs).
+column. For a CPU there is no datasheet figure that holds on a shared machine (clock, turbo and
+SIMD units vary), and a wall-clock measurement taken while other processes load the machine is
+too low, so MFU came out above 100 %. :func:`measure_peak` therefore measures a CPU per *CPU
+second*: the FLOPs of a large fp32 matmul (current thread count, best of a few) over the CPU time
+the process spent on it — FLOP per core-second. The launcher divides the training FLOPs by the CPU
+time of the training processes times that figure (:mod:`launcher.throughput`). Load from other
+processes takes cores away from both alike, so it cannot push MFU up; it stays below 100 % unless
+the model's kernels beat a large matmul per cycle. On CUDA devices MFU is against wall time.
 """
 
 from __future__ import annotations
@@ -71,26 +76,33 @@ def lookup_peak(device_name: str, dtype: str) -> float | None:
 
 @functools.lru_cache(maxsize=None)
 def measure_peak(device: str = "cpu", size: int = 2048, repeats: int = 5) -> float:
-    """Achieved FLOP/s of a ``size``² fp32 matmul on ``device`` (best of ``repeats``); cached."""
+    """Achieved rate of a ``size``² fp32 matmul on ``device`` (best of ``repeats``); cached.
+
+    On a CUDA device FLOP per second of wall time; on the CPU FLOP per second of the process's CPU
+    time (all its threads: FLOP per core-second), which other processes' load does not lower.
+    """
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
     best = float("inf")
     for _ in range(repeats + 1):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         a @ b
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
+        best = min(best, clock() - start)
+    return 2.0 * size**3 / max(best, 1e-9)
 
 
 def peak_flops(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
     """Peak FLOP/s for training in ``dtype`` on ``device`` and where the figure comes from.
 
-    Returns ``(flops_per_second, source)`` with source ``"datasheet: <name> <dtype>"`` or
-    ``"measured: fp32 matmul on <device>"`` (CPUs and unknown accelerators).
+    Returns ``(flops_per_second, source)`` with source ``"datasheet: <name> <dtype>"``,
+    ``"measured: fp32 matmul on <device>"`` (unknown accelerators, per second of wall time) or, on
+    a CPU, ``"measured: fp32 … matmul per CPU-second …"`` (FLOP per second of CPU time, see the
+    module docstring).
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -102,11 +114,14 @@ def peak_flops(device: torch.device | str | None = None, dtype: torch.dtype = to
         if peak is not None:
             return peak, f"datasheet: {name} {key} dense"
         return measure_peak(str(device)), f"measured: fp32 matmul on {name} (not in the table)"
-    return measure_peak("cpu"), f"measured: fp32 {2048}² matmul, {torch.get_num_threads()} threads"
+    return measure_peak("cpu"), f"measured: fp32 {2048}² matmul per CPU-second, {torch.get_num_threads()} thread(s)"
 
 
 def mfu(achieved_flops_per_second: float, device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32) -> float:
-    """Model FLOPs utilisation: achieved FLOP/s (FMA = 2) over :func:`peak_flops` of the device."""
+    """Model FLOPs utilisation: achieved rate (FMA = 2) over :func:`peak_flops` of the device.
+
+    On a CPU the rate is FLOP per CPU-second of the process (see the module docstring).
+    """
     peak, _ = peak_flops(device, dtype)
     return achieved_flops_per_second / peak

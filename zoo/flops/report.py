@@ -1,10 +1,16 @@
 """κ and FLOPs of an architecture at any width, without training: behind ``zoo flops``.
 
-The reference batch is the first structures of the embedded validation sample
+The reference batch is the first :data:`REFERENCE_STRUCTURES` structures of the embedded validation sample
 ``data/omol25_sample/val`` (real molecules of the project's data path) when it exists, else the
 handed-in cases (``../shared/cases`` beside the repository: C04's 300-atom water cluster and methane, C01's benzene,
 water and Na⁺, C02's water and far H). κ depends on the graph density of the data (edges per
 atom), so compare κ on the same reference batch.
+
+Memory: the count traces one forward of the whole batch, so it holds the model's activations. At 32
+reference structures (≈ 790 atoms) GemNet-OC's triplet and quadruplet tensors took 1.5 GB at width
+16, 3.2 GB at width 64 and ≈ 10 GB at width 256 (issue 15); the default of 8 structures keeps
+width 256 to a few GB (the README gives the measured figure). κ and FLOPs per atom change little
+with the batch (they are per atom), but compare them only on the same reference batch.
 """
 
 from __future__ import annotations
@@ -13,13 +19,15 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_VAL = REPO / "data" / "omol25_sample" / "val"
 CASES = REPO.parent / "shared" / "cases"
 _CASE_FILES = ("C04-mixed-sizes.extxyz", "C01-last-structure-without-edges.extxyz", "C02-atom-beyond-cutoff.extxyz")
+#: structures of the reference batch (the first of the validation sample)
+REFERENCE_STRUCTURES = 8
 
 
-def reference_structures(max_structures: int = 32) -> tuple[list, str]:
+def reference_structures(max_structures: int = REFERENCE_STRUCTURES) -> tuple[list, str]:
     """``(list of ase.Atoms, description)`` of the reference batch (see module docstring).
 
     Raises ``FileNotFoundError`` when neither the sample nor the cases exist.
@@ -42,13 +50,14 @@ def reference_structures(max_structures: int = 32) -> tuple[list, str]:
     return atoms, "cases " + ", ".join(p.name.split("-")[0] for p in paths)
 
 
-def model_report(name: str, width: int, direct_forces: bool = True, structures: list | None = None,
+def model_report(name: str, width: int, direct_forces: bool = True, structures: list | int | None = None,
                  **overrides) -> dict:
     """FLOPs and κ of architecture ``name`` at ``width`` on the reference batch.
 
     Returns a dict: parameters, atoms, edges, structures, forward FLOPs (total, per atom, per
     edge), κ, the step FLOPs (and its parts), the step/forward ratio, the paper's κ, the
-    reference description and the unsupported operators (empty for the zoo).
+    reference description and the unsupported operators (empty for the zoo). ``structures``: a list
+    of ``ase.Atoms``, or how many reference structures to take (default :data:`REFERENCE_STRUCTURES`).
     """
     from datapipe.graph import batch_from_atoms
     from zoo.flops.trace import PAPER_KAPPA, count_parameters, count_step, kappa
@@ -58,8 +67,8 @@ def model_report(name: str, width: int, direct_forces: bool = True, structures: 
     model = build(name, width=width, direct_forces=direct_forces, **overrides)
     model.train()
     source = "given structures"
-    if structures is None:
-        structures, source = reference_structures()
+    if structures is None or isinstance(structures, int):
+        structures, source = reference_structures(structures or REFERENCE_STRUCTURES)
     batch = batch_from_atoms(structures, cutoff=model.data_cutoff)
     flops = count_step(model, batch)
     n = count_parameters(model)

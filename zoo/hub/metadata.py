@@ -25,6 +25,10 @@ Keys (units and meaning)
 ``world_size``        ranks that trained it
 ``throughput``        atoms/s, FLOP/s, MFU, measured κ (:mod:`launcher.throughput`)
 ``symmetry_loss``     rotated copies per batch (arXiv 2510.09768's ablation; 0 = off)
+``val_data_hash``     identity of the validation shards (runs compare only on the same validation set)
+``data_rejected``     what shard conversion dropped, per split: ``{"train": {"structures", "rejected",
+                      "reasons": {reason: n}, "index"}, "val": {...}}`` (structures kept, rejected, why,
+                      the index listing each rejected structure)
 
 An architecture's pre-training hook adds its record under its own key
 (:attr:`zoo.models.base.PretrainHook.metadata_key`, e.g. ``scale_factors``).
@@ -80,6 +84,8 @@ class CheckpointMetadata:
     symmetry_loss: int = 0
     atoms_seen_note: str | None = None
     flops_note: str | None = None
+    val_data_hash: str | None = None
+    data_rejected: dict | None = None
     #: records of pre-training hooks, each stored at the top level under its own key
     extra: dict = field(default_factory=dict)
 

@@ -39,7 +39,8 @@ class PretrainHook:
     ----------
     metadata_key : where the record goes in checkpoint metadata (``scale_factors``).
     batches : how many training batches (index order, no shuffling) ``fit`` sees.
-    fit : ``fit(model, batches) -> dict`` — fits in place and returns a JSON-able record.
+    fit : ``fit(model, batches, progress=None) -> dict`` — fits in place and returns a JSON-able record;
+        ``progress(done, total)``, if given, is called as it goes (for the launcher's progress bar).
     restore : ``restore(model, record)`` — puts a record (from ``fit`` or a checkpoint) into a model.
     description : one line for the run log.
     """

@@ -113,7 +113,7 @@ def _set_scale(factor: ScaleFactor, name: str) -> None:
     factor.scale.fill_(math.sqrt(target / (sum_x / n_x)))
 
 
-def fit_scale_factors(model: nn.Module, batches: Iterable) -> dict[str, float]:
+def fit_scale_factors(model: nn.Module, batches: Iterable, progress=None) -> dict[str, float]:
     """Fit every :class:`ScaleFactor` of ``model`` on ``batches``, one after the other.
 
     Factors are fitted in module order (a factor's input depends on the ones before it), each
@@ -125,6 +125,8 @@ def fit_scale_factors(model: nn.Module, batches: Iterable) -> dict[str, float]:
     ----------
     model : a module containing ScaleFactor submodules (e.g. :class:`zoo.models.gemnet_oc.model.GemNetOC`).
     batches : re-iterable collection of batches the model accepts (a list).
+    progress : optional ``progress(done, total)`` called after each factor is fitted (one pass
+        over ``batches`` each).
 
     Returns
     -------
@@ -150,6 +152,8 @@ def fit_scale_factors(model: nn.Module, batches: Iterable) -> dict[str, float]:
             _set_scale(factor, name)
             factor._stats = None
             fitted[name] = float(factor.scale)
+            if progress is not None:
+                progress(len(fitted), len(factors))
     finally:
         for _, factor in factors:
             factor._stats = None

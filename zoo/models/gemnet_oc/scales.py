@@ -31,10 +31,13 @@ def has_scale_factors(model: nn.Module) -> bool:
     return any(isinstance(m, ScaleFactor) for m in model.modules())
 
 
-def fit(model: nn.Module, batches: list) -> dict:
-    """Fit ``model``'s scale factors on ``batches``; the record ``{"factors": {name: scale}, "seconds"}``."""
+def fit(model: nn.Module, batches: list, progress=None) -> dict:
+    """Fit ``model``'s scale factors on ``batches``; the record ``{"factors": {name: scale}, "seconds"}``.
+
+    ``progress(done, total)`` is called after each factor (see :func:`fit_scale_factors`).
+    """
     started = time.time()
-    factors = fit_scale_factors(model, batches)
+    factors = fit_scale_factors(model, batches, progress=progress)
     return {"factors": factors, "seconds": time.time() - started}
 
 
