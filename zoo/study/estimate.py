@@ -1,0 +1,145 @@
+"""What a study will cost, before it runs: N, κ, FLOPs and time per run (``zoo study --dry-run``).
+
+Per run: N is counted on the meta device; κ (forward FLOPs per atom and parameter) and the step
+FLOPs per atom (forward + backward + optimizer) are counted by :func:`zoo.flops.report.model_report`
+on its reference batch; C = 3κ·N·D_max is the paper's convention. Widths above
+:data:`MAX_TRACE_PARAMS` parameters are not traced (building them costs memory and minutes): they
+take κ and the step/forward ratio of the largest traced width of the same architecture (κ varies
+slowly once N is large; the table marks them).
+
+Time on CPU: seconds per atom ≈ ``o + f / R`` with ``f`` the step FLOPs per atom, ``R`` the
+effective FLOP/s of one CPU core and ``o`` a per-atom overhead (graph building, scatters, the
+loader), per architecture (:data:`CPU_SPEED`, measured by :func:`calibrate` on finished runs), plus
+a fixed start-up and validation cost per run. Time on GPUs: step FLOPs / (GPUs × the preset's
+assumed achieved FLOP/s per GPU).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from zoo.study.plan import RunSpec
+from zoo.study.presets import Preset
+
+MAX_TRACE_PARAMS = 12_000_000
+
+#: ``{architecture: (R FLOP/s, o s/atom)}`` on one core of this project's 2-core development machine,
+#: fitted by :func:`calibrate` to the quick study's runs (see docs/study/README.md)
+CPU_SPEED = {"mpnn": (2.0e9, 2e-4), "mc-egnn": (2.0e9, 4e-4), "gemnet-oc": (1.0e9, 4e-3), "esen": (1.5e9, 1e-3)}
+#: seconds per run outside training steps (imports, DeepSpeed engine, FLOP trace, validations), measured likewise
+CPU_RUN_OVERHEAD_S = 40.0
+
+
+def run_costs(preset: Preset, runs: list[RunSpec], d_max: int) -> list[dict]:
+    """One dict per run: architecture, width, N, kappa, traced, step_flops_per_atom, C (3κND_max),
+    step_flops (step FLOPs over D_max)."""
+    from zoo.flops.report import model_report
+    from zoo.registry import count_parameters
+
+    out, traced = [], {}
+    for run in sorted(runs, key=lambda r: (r.architecture, r.width)):
+        n = count_parameters(run.architecture, run.width, **run.model_args)
+        if n <= MAX_TRACE_PARAMS or run.architecture not in traced:
+            rep = model_report(run.architecture, run.width, **run.model_args)
+            kappa, ratio, exact = rep["kappa"], rep["step_over_forward"], True
+            traced[run.architecture] = (kappa, ratio)
+        else:
+            (kappa, ratio), exact = traced[run.architecture], False
+        step_per_atom = ratio * kappa * n
+        out.append({"run": run.name, "architecture": run.architecture, "width": run.width, "N": n, "kappa": kappa,
+                    "traced": exact, "step_flops_per_atom": step_per_atom, "C": 3.0 * kappa * n * d_max,
+                    "step_flops": step_per_atom * d_max})
+    order = {r.name: i for i, r in enumerate(runs)}
+    return sorted(out, key=lambda c: order[c["run"]])
+
+
+def cpu_seconds(cost: dict, d_max: int, speed: dict | None = None) -> float:
+    """Estimated wall seconds of one single-rank CPU run (training + :data:`CPU_RUN_OVERHEAD_S`)."""
+    rate, overhead = (speed or CPU_SPEED)[cost["architecture"]]
+    return d_max * (overhead + cost["step_flops_per_atom"] / rate) + CPU_RUN_OVERHEAD_S
+
+
+def schedule_seconds(durations: list[float], parallel: int) -> float:
+    """Makespan of running ``durations`` longest first on ``parallel`` slots (greedy list scheduling)."""
+    slots = [0.0] * max(1, parallel)
+    for d in sorted(durations, reverse=True):
+        slots[slots.index(min(slots))] += d
+    return max(slots)
+
+
+def calibrate(study_dir: Path) -> dict:
+    """Fit ``(R, o)`` per architecture to a finished study: seconds per atom = o + f / R.
+
+    Reads each run's final ``metadata.json`` (train time, atoms seen, step FLOPs). With one width
+    an architecture gets ``o = 0``. Returns ``{architecture: (R, o)}``; raises ``ValueError`` if
+    ``study_dir`` holds no finished run.
+    """
+    from zoo.study.collect import checkpoints_of
+
+    points: dict = {}
+    for run_dir in sorted((Path(study_dir) / "runs").glob("*")):
+        ckpts = checkpoints_of(run_dir)
+        if not ckpts:
+            continue
+        meta = json.loads((ckpts[-1] / "metadata.json").read_text())
+        thr = meta.get("throughput", {})
+        if not thr.get("train_time_s") or not meta.get("flops"):
+            continue
+        atoms = meta["atoms_seen"]
+        points.setdefault(meta["architecture"], []).append((meta["flops"] / atoms, thr["train_time_s"] / atoms))
+    if not points:
+        raise ValueError(f"{study_dir}: no finished run with throughput to calibrate from")
+    out = {}
+    for arch, pts in points.items():
+        f, t = np.array(pts).T
+        if len(pts) >= 2 and np.ptp(f) > 0:
+            slope, intercept = np.polyfit(f, t, 1)
+            if slope > 0 and intercept >= 0:
+                out[arch] = (1.0 / slope, float(intercept))
+                continue
+        out[arch] = (float(np.sum(f) / np.sum(t)), 0.0)
+    return out
+
+
+def dry_run_text(preset: Preset, costs: list[dict], ladder: dict, speed: dict | None = None) -> str:
+    """The plan as text: runs, N, κ, C, and the time (CPU) or GPU-hours (cluster) estimate."""
+    d_max = ladder["atoms"][-1]
+    lines = [f"preset {preset.name}: {preset.description}",
+             f"{len(costs)} runs × one epoch of D_max = {d_max:,} atoms; {preset.atoms_per_batch} atoms/step × "
+             f"{preset.ranks} rank(s); {preset.parallel} run(s) at a time",
+             f"data ladder ({'exact, from the shard plan' if ladder['exact'] else 'fractions of D_max'}): "
+             f"checkpoints at steps {ladder['checkpoint_steps']} of {ladder['steps']}: D = "
+             + ", ".join(f"{d:.3g}" for d in ladder["atoms"]),
+             "",
+             f"{'run':18} {'N':>13} {'kappa':>7} {'step FLOP/atom':>15} {'C=3kND_max':>12} "
+             + ("{:>10}".format("GPU-h") if preset.gpu_flops else "{:>10}".format("CPU s"))]
+    total, durations = 0.0, []
+    for c in costs:
+        if preset.gpu_flops:
+            value = c["step_flops"] / preset.gpu_flops / 3600.0
+            total += value
+        else:
+            value = cpu_seconds(c, d_max, speed)
+            durations.append(value)
+        mark = "" if c["traced"] else "*"
+        lines.append(f"{c['run']:18} {c['N']:13,d} {c['kappa']:7.2f}{mark:1} {c['step_flops_per_atom']:15.3g} "
+                     f"{c['C']:12.3g} {value:10.3g}")
+    lines.append("")
+    if any(not c["traced"] for c in costs):
+        lines.append(f"* κ of the largest traced width of that architecture (N ≤ {MAX_TRACE_PARAMS:,} traced)")
+    lines.append(f"total compute Σ C = {sum(c['C'] for c in costs):.3g} FLOPs (3κND); step FLOPs "
+                 f"{sum(c['step_flops'] for c in costs):.3g}")
+    if preset.gpu_flops:
+        lines.append(f"estimated {total:,.0f} GPU-hours ({total / preset.ranks:,.0f} h wall per run slot of "
+                     f"{preset.ranks} GPUs, runs one after another: {total / preset.ranks / 24:,.1f} days); "
+                     + preset.throughput_note)
+    else:
+        wall = schedule_seconds(durations, preset.parallel)
+        lines.append(f"estimated wall time {wall / 3600:.2f} h on {preset.parallel} core(s), idle machine "
+                     f"(serial sum {sum(durations) / 3600:.2f} h); s/atom = o + f/R per architecture "
+                     f"{ {a: (f'{r:.3g} FLOP/s', f'{o:.2g} s') for a, (r, o) in (speed or CPU_SPEED).items()} } "
+                     f"+ {CPU_RUN_OVERHEAD_S:.0f} s per run")
+    return "\n".join(lines)
