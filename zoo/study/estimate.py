@@ -2,10 +2,10 @@
 
 Per run: N is counted on the meta device; κ (forward FLOPs per atom and parameter) and the step
 FLOPs per atom (forward + backward + optimizer) are counted by :func:`zoo.flops.report.model_report`
-on its reference batch; C = 3κ·N·D_max is the paper's convention. Widths above
-:data:`MAX_TRACE_PARAMS` parameters are not traced (building them costs memory and minutes): they
-take κ and the step/forward ratio of the largest traced width of the same architecture (κ varies
-slowly once N is large; the table marks them).
+on its reference batch; C = 3κ·N·D_max is the paper's convention. At most four widths per
+architecture are traced, none above :data:`MAX_TRACE_PARAMS` parameters (building those costs
+memory and minutes); the others interpolate κ in log N between traced widths or hold the largest
+traced one's (κ varies slowly once N is large; the table marks them).
 
 Time on CPU: seconds per atom ≈ ``o + f / R`` with ``f`` the step FLOPs per atom, ``R`` the
 effective FLOP/s of one CPU core and ``o`` a per-atom overhead (graph building, scatters, the
@@ -33,25 +33,37 @@ CPU_SPEED = {"mpnn": (2.0e9, 2e-4), "mc-egnn": (2.0e9, 4e-4), "gemnet-oc": (1.0e
 CPU_RUN_OVERHEAD_S = 40.0
 
 
-def run_costs(preset: Preset, runs: list[RunSpec], d_max: int) -> list[dict]:
+def run_costs(preset: Preset, runs: list[RunSpec], d_max: int, max_traces: int = 4) -> list[dict]:
     """One dict per run: architecture, width, N, kappa, traced, step_flops_per_atom, C (3κND_max),
-    step_flops (step FLOPs over D_max)."""
+    step_flops (step FLOPs over D_max).
+
+    Per architecture at most ``max_traces`` widths with N ≤ :data:`MAX_TRACE_PARAMS` are traced
+    (spread over the ladder in log N); the other runs interpolate κ and the step/forward ratio
+    linearly in log N between traced widths and hold them constant beyond (``traced`` False).
+    """
     from zoo.flops.report import model_report
     from zoo.registry import count_parameters
 
-    out, traced = [], {}
-    for run in sorted(runs, key=lambda r: (r.architecture, r.width)):
-        n = count_parameters(run.architecture, run.width, **run.model_args)
-        if n <= MAX_TRACE_PARAMS or run.architecture not in traced:
-            rep = model_report(run.architecture, run.width, **run.model_args)
-            kappa, ratio, exact = rep["kappa"], rep["step_over_forward"], True
-            traced[run.architecture] = (kappa, ratio)
-        else:
-            (kappa, ratio), exact = traced[run.architecture], False
-        step_per_atom = ratio * kappa * n
-        out.append({"run": run.name, "architecture": run.architecture, "width": run.width, "N": n, "kappa": kappa,
-                    "traced": exact, "step_flops_per_atom": step_per_atom, "C": 3.0 * kappa * n * d_max,
-                    "step_flops": step_per_atom * d_max})
+    sizes = {r.name: count_parameters(r.architecture, r.width, **r.model_args) for r in runs}
+    out = []
+    for arch in dict.fromkeys(r.architecture for r in runs):
+        ladder = sorted((r for r in runs if r.architecture == arch), key=lambda r: sizes[r.name])
+        small = [r for r in ladder if sizes[r.name] <= MAX_TRACE_PARAMS] or ladder[:1]
+        picks = {small[round(i)].name for i in np.linspace(0, len(small) - 1, min(max_traces, len(small)))}
+        traced = {}
+        for r in ladder:
+            if r.name in picks:
+                rep = model_report(arch, r.width, **r.model_args)
+                traced[np.log(sizes[r.name])] = (rep["kappa"], rep["step_over_forward"])
+        xs = sorted(traced)
+        for r in ladder:
+            n = sizes[r.name]
+            kappa = float(np.interp(np.log(n), xs, [traced[x][0] for x in xs]))
+            ratio = float(np.interp(np.log(n), xs, [traced[x][1] for x in xs]))
+            step_per_atom = ratio * kappa * n
+            out.append({"run": r.name, "architecture": arch, "width": r.width, "N": n, "kappa": kappa,
+                        "traced": r.name in picks, "step_flops_per_atom": step_per_atom, "C": 3.0 * kappa * n * d_max,
+                        "step_flops": step_per_atom * d_max})
     order = {r.name: i for i, r in enumerate(runs)}
     return sorted(out, key=lambda c: order[c["run"]])
 
@@ -129,7 +141,8 @@ def dry_run_text(preset: Preset, costs: list[dict], ladder: dict, speed: dict | 
                      f"{c['C']:12.3g} {value:10.3g}")
     lines.append("")
     if any(not c["traced"] for c in costs):
-        lines.append(f"* κ of the largest traced width of that architecture (N ≤ {MAX_TRACE_PARAMS:,} traced)")
+        lines.append(f"* κ interpolated in log N between traced widths, or the largest traced one's beyond "
+                     f"(traced: at most 4 widths per architecture, N ≤ {MAX_TRACE_PARAMS:,})")
     lines.append(f"total compute Σ C = {sum(c['C'] for c in costs):.3g} FLOPs (3κND); step FLOPs "
                  f"{sum(c['step_flops'] for c in costs):.3g}")
     if preset.gpu_flops:

@@ -15,6 +15,7 @@ Ctrl-C (SIGINT) or SIGTERM stops the study: every running run's process group ge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -102,6 +103,16 @@ def _render(slots: list[Slot], total_atoms: int, started: float):
     return table
 
 
+def _status_line(slots: list[Slot], started: float) -> str:
+    """``[time] done/running/waiting`` and each running run's step, loss and atoms/s, on one line."""
+    counts = {s: sum(x.state == s for x in slots) for s in ("done", "running", "waiting", "failed")}
+    running = [f"{s.run.name} {s.info.get('step', 0)}/{s.info.get('steps', '?')} loss "
+               f"{s.info.get('loss') or float('nan'):.3f} {s.info.get('atoms_per_s') or 0:,.0f} atoms/s"
+               for s in slots if s.state == "running"]
+    return (f"[{time.time() - started:,.0f} s] {counts['done']} done, {counts['running']} running, "
+            f"{counts['waiting']} waiting, {counts['failed']} failed; " + "; ".join(running))
+
+
 def _interrupt(signum, frame) -> None:
     """SIGTERM handler: stop the study as Ctrl-C does."""
     raise KeyboardInterrupt
@@ -148,13 +159,16 @@ def run_grid(runs: list[RunSpec], command, parallel: int, total_atoms: int, cons
     queue = [s for s in slots if s.state == "waiting"]
     if cost is not None:
         queue.sort(key=lambda s: -cost(s.run))
-    child_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    child_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1",
+                 **(env or {})}
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), child_env.get("PYTHONPATH")]))
     started = time.time()
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    live = Live(_render(slots, total_atoms, started), console=console, refresh_per_second=2) \
+        if console.is_terminal else contextlib.nullcontext()
+    last_line = started
     try:
-        with Live(_render(slots, total_atoms, started), console=console, refresh_per_second=2,
-                  transient=False, auto_refresh=console.is_terminal) as live:
+        with live:
             while queue or any(s.state == "running" for s in slots):
                 while queue and sum(s.state == "running" for s in slots) < parallel:
                     _launch(queue.pop(0), command, child_env, console)
@@ -165,8 +179,12 @@ def run_grid(runs: list[RunSpec], command, parallel: int, total_atoms: int, cons
                             _finished(s, console)
                 if console.is_terminal:
                     live.update(_render(slots, total_atoms, started))
+                elif time.time() - last_line >= 60:  # a log file: one status line a minute
+                    last_line = time.time()
+                    console.print(_status_line(slots, started), soft_wrap=True)
                 time.sleep(poll_s)
-            live.update(_render(slots, total_atoms, started), refresh=True)
+        if not console.is_terminal:  # a log file: the final table once
+            console.print(_render(slots, total_atoms, started))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping the running runs (rerun the same command to resume them)[/]")
         _stop(slots)
