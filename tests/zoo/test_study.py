@@ -82,7 +82,7 @@ def test_every_run_gets_the_same_data_and_validation_set(small):
     assert prepare_data(preset, out, workers=1)[1] == val  # idempotent: the same dirs, nothing redone
     assert ShardIndex.load(val).data_hash == val_index.data_hash
     runs = runs_of(preset, out)
-    assert len(runs) == sum(len(w) for w in preset.widths.values()) == 8
+    assert len(runs) == sum(len(w) for w in preset.widths.values()) == 12
     commands = [train_command(preset, r, train, val, resume=False) for r in runs]
     for cmd in commands:
         assert cmd[cmd.index("--train") + 1] == str(train) and cmd[cmd.index("--val") + 1] == str(val)
@@ -144,7 +144,7 @@ def test_quick_study_interrupted_resumed_fitted_and_refitted(tmp_path):
 
     rows = list(csv.DictReader(open(out / "runs.csv")))
     preset = PRESETS["quick"]
-    assert len(rows) == 8 * len(preset.checkpoint_at)
+    assert len(rows) == 12 * len(preset.checkpoint_at)
     assert {r["run"] for r in rows} == {r.name for r in runs_of(preset, out)}
     assert len({r["data_hash"] for r in rows}) == 1 and len({r["val_data_hash"] for r in rows}) == 1
     ladders = {tuple(sorted(int(r["D"]) for r in rows if r["run"] == run)) for run in {r["run"] for r in rows}}

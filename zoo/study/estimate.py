@@ -26,11 +26,18 @@ from zoo.study.presets import Preset
 
 MAX_TRACE_PARAMS = 12_000_000
 
-#: ``{architecture: (R FLOP/s, o s/atom)}`` on one core of this project's 2-core development machine,
-#: fitted by :func:`calibrate` to the quick study's runs (see docs/study/README.md)
-CPU_SPEED = {"mpnn": (2.0e9, 2e-4), "mc-egnn": (2.0e9, 4e-4), "gemnet-oc": (1.0e9, 4e-3), "esen": (1.5e9, 1e-3)}
-#: seconds per run outside training steps (imports, DeepSpeed engine, FLOP trace, validations), measured likewise
-CPU_RUN_OVERHEAD_S = 40.0
+#: R, compute-bound FLOP/s of one core of the 2-core development machine: eSEN at width 64 trains at
+#: ≈ 2.3e8 step FLOPs per atom, the whole sample split (8e13 FLOPs) in ≈ 1 h on 2 idle cores
+#: (launcher/config.py, DEFAULT_MAX_ATOMS), i.e. ≈ 1.1e10 FLOP/s per core
+CPU_CORE_FLOPS = 1.1e10
+#: ``{architecture: (R FLOP/s, o s/atom)}``: o fitted by :func:`calibrate` to the quick study of
+#: 2026-12-01 (widths 4–16, 64 atoms per step) on the shared machine at load average ≈ 11 on 2 cores,
+#: so an upper bound for an idle machine; ``--calibrate DIR`` refits it to a study of your own
+CPU_SPEED = {"mpnn": (CPU_CORE_FLOPS, 2.4e-3), "mc-egnn": (CPU_CORE_FLOPS, 4.1e-3),
+             "gemnet-oc": (CPU_CORE_FLOPS, 4.5e-2), "esen": (CPU_CORE_FLOPS, 7.1e-3)}
+#: seconds per run outside training steps (interpreter and DeepSpeed start-up, FLOP trace, pre-training
+#: hook, validations, checkpoints): the quick study's wall time per run minus its training time, median
+CPU_RUN_OVERHEAD_S = 65.0
 
 
 def run_costs(preset: Preset, runs: list[RunSpec], d_max: int, max_traces: int = 4) -> list[dict]:
@@ -82,12 +89,14 @@ def schedule_seconds(durations: list[float], parallel: int) -> float:
     return max(slots)
 
 
-def calibrate(study_dir: Path) -> dict:
-    """Fit ``(R, o)`` per architecture to a finished study: seconds per atom = o + f / R.
+def calibrate(study_dir: Path, rate: float = CPU_CORE_FLOPS) -> dict:
+    """Per-atom overhead ``o`` per architecture from a finished study, with ``R = rate`` fixed:
+    ``o`` = median over its runs of (train seconds per atom − step FLOPs per atom / R), ≥ 0.
 
-    Reads each run's final ``metadata.json`` (train time, atoms seen, step FLOPs). With one width
-    an architecture gets ``o = 0``. Returns ``{architecture: (R, o)}``; raises ``ValueError`` if
-    ``study_dir`` holds no finished run.
+    Small widths are overhead-bound, so their timings pin ``o`` but not ``R``; ``R`` is the
+    documented compute-bound rate (:data:`CPU_CORE_FLOPS`). Reads each run's last
+    ``metadata.json``. Returns ``{architecture: (R, o)}``; raises ``ValueError`` if ``study_dir``
+    holds no finished run.
     """
     from zoo.study.collect import checkpoints_of
 
@@ -101,19 +110,10 @@ def calibrate(study_dir: Path) -> dict:
         if not thr.get("train_time_s") or not meta.get("flops"):
             continue
         atoms = meta["atoms_seen"]
-        points.setdefault(meta["architecture"], []).append((meta["flops"] / atoms, thr["train_time_s"] / atoms))
+        points.setdefault(meta["architecture"], []).append(thr["train_time_s"] / atoms - meta["flops"] / atoms / rate)
     if not points:
         raise ValueError(f"{study_dir}: no finished run with throughput to calibrate from")
-    out = {}
-    for arch, pts in points.items():
-        f, t = np.array(pts).T
-        if len(pts) >= 2 and np.ptp(f) > 0:
-            slope, intercept = np.polyfit(f, t, 1)
-            if slope > 0 and intercept >= 0:
-                out[arch] = (1.0 / slope, float(intercept))
-                continue
-        out[arch] = (float(np.sum(f) / np.sum(t)), 0.0)
-    return out
+    return {arch: (rate, max(0.0, float(np.median(v)))) for arch, v in points.items()}
 
 
 def dry_run_text(preset: Preset, costs: list[dict], ladder: dict, speed: dict | None = None) -> str:

@@ -50,18 +50,27 @@ class RunSpec:
         return f"{self.architecture}-w{self.width}"
 
 
-def paper_widths(architecture: str) -> tuple[int, ...]:
+def paper_widths(architecture: str, **overrides) -> tuple[int, ...]:
     """This zoo's widths whose parameter counts are nearest the paper's N ladder of ``architecture``.
 
-    Searched over widths 2…8192 (parameters counted on the meta device); duplicates removed.
+    N grows with width, so each target is found by bisection over widths 2…8192 (parameters
+    counted on the meta device, with the constructor ``overrides``); duplicates removed, order kept.
     """
+    from functools import lru_cache
+
     from zoo.registry import count_parameters
 
-    candidates = sorted({*range(2, 64), *range(64, 1024, 8), *range(1024, 8193, 64)})
-    counts = [(count_parameters(architecture, w), w) for w in candidates]
+    size = lru_cache(maxsize=None)(lambda w: count_parameters(architecture, w, **overrides))
     chosen = []
     for target in PAPER_N[architecture]:
-        _, width = min(counts, key=lambda c: abs(c[0] - target) / target)
+        lo, hi = 2, 8192  # invariant: the best width lies in [lo, hi]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if size(mid) < target:
+                lo = mid
+            else:
+                hi = mid
+        width = min((lo, hi), key=lambda w: abs(size(w) - target))
         if width not in chosen:
             chosen.append(width)
     return tuple(chosen)
@@ -71,7 +80,7 @@ def widths_of(preset: Preset) -> dict[str, tuple[int, ...]]:
     """``{architecture: widths}`` of the preset (the paper preset's from :func:`paper_widths`)."""
     if preset.widths:
         return dict(preset.widths)
-    return {a: paper_widths(a) for a in PAPER_N}
+    return {a: paper_widths(a, **preset.model_args.get(a, {})) for a in PAPER_N}
 
 
 def runs_of(preset: Preset, out: Path) -> list[RunSpec]:

@@ -9,7 +9,8 @@ run has seen exactly the same atoms (see :mod:`zoo.study.plan`).
 Presets
 -------
 ``quick``
-    minutes on 2 CPU cores: two tiny widths of each architecture (fewer layers), 3,000 atoms from the
+    minutes on 2 CPU cores: three tiny widths of each architecture (fewer layers; three, so that
+    L(N, D) has its 3 distinct N), 3,000 atoms from the
     first file of the embedded train split, four checkpoints per run, 40 validation structures. A
     smoke test of the whole pipeline (its fits are noise).
 ``cpu``
@@ -18,13 +19,14 @@ Presets
 ``paper``
     arXiv 2510.09768's ladders for a GPU cluster: the paper's parameter counts N per architecture
     (``/work/shared/data/omol25_scaling_checkpoints.csv``, the published checkpoint table) mapped
-    to this zoo's width knobs, one epoch of OMol25's neutral subset (≈9.2e8 atoms), 8 ranks per run.
+    to this zoo's width knobs (eSEN at lmax 4, as the paper's), one epoch of OMol25's neutral subset
+    (≈9.2e8 atoms), 8 ranks per run.
 
 >>> from zoo.study.presets import PRESETS
 >>> sorted(PRESETS)
 ['cpu', 'paper', 'quick']
 >>> PRESETS["quick"].widths["mpnn"]
-(8, 16)
+(8, 16, 32)
 >>> PRESETS["quick"].checkpoint_at
 (0.125, 0.25, 0.5, 1.0)
 """
@@ -117,8 +119,8 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             name="quick",
-            description="smoke test of the whole pipeline: 2 tiny widths × 4 architectures, 3,000 atoms",
-            widths={"mpnn": (8, 16), "mc-egnn": (8, 16), "gemnet-oc": (4, 8), "esen": (4, 8)},
+            description="smoke test of the whole pipeline: 3 tiny widths × 4 architectures, 3,000 atoms",
+            widths={"mpnn": (8, 16, 32), "mc-egnn": (8, 16, 32), "gemnet-oc": (4, 8, 16), "esen": (4, 8, 16)},
             max_atoms=3_000,
             checkpoint_at=(0.125, 0.25, 0.5, 1.0),
             atoms_per_batch=64,
@@ -151,6 +153,7 @@ PRESETS: dict[str, Preset] = {
             train="data/omol25/train_neutral",
             val="data/omol25/val_neutral",
             shuffle_buffer=10_000,
+            model_args={"esen": {"lmax": 4}},  # the paper's eSEN is lmax 4
             throughput_note=("assumed achieved throughput per GPU: 989 TFLOP/s (H100 SXM dense bf16 peak) × 10 % "
                              "MFU = 98.9 TFLOP/s; GPU-hours = step FLOPs (measured κ, training step ≈ 3× forward) "
                              "/ that rate"),
