@@ -96,6 +96,7 @@ def test_schedule_estimate_packs_longest_first():
     assert schedule_seconds([5, 4, 3, 3, 1], 1) == 16
 
 
+@pytest.mark.slow
 def test_paper_dry_run_prints_runs_flops_and_gpu_hours():
     out = subprocess.run([*ZOO, "study", "--preset", "paper", "--dry-run", "--out", "/nonexistent/study"],
                          capture_output=True, text=True, cwd=REPO, timeout=600,

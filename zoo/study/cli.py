@@ -15,6 +15,7 @@ Steps: convert the data once (:func:`zoo.study.plan.prepare_data`) → the grid 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -62,9 +63,9 @@ def study_command(
     started = time.time()
     train_dir, val_dir = prepare_data(spec, out)
     ladder = data_ladder(spec, train_dir)
-    (out / "study.json").write_text(json.dumps({"preset": asdict(spec), "runs": [r.name for r in runs_of(spec, out)],
-                                                "ladder": ladder}, indent=1, default=str) + "\n")
-    (out / "runs.txt").write_text("".join(r.name + "\n" for r in runs_of(spec, out)))
+    _write(out / "study.json", json.dumps({"preset": asdict(spec), "runs": [r.name for r in runs_of(spec, out)],
+                                          "ladder": ladder}, indent=1, default=str) + "\n")
+    _write(out / "runs.txt", "".join(r.name + "\n" for r in runs_of(spec, out)))
     if prepare_only:
         console.print(f"data ready in {out / 'data'}; {len(runs_of(spec, out))} runs listed in {out / 'runs.txt'}")
         return
@@ -77,6 +78,13 @@ def study_command(
     if only is not None:
         return
     _fit_and_report(spec, out, ladder, train_dir, val_dir, n_bootstrap, time.time() - started, console)
+
+
+def _write(path: Path, text: str) -> None:
+    """Write atomically (array tasks of one study write the same files at once)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _check_same_study(out: Path, spec, console) -> None:

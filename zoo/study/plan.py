@@ -181,7 +181,7 @@ def train_command(preset: Preset, run: RunSpec, train_dir: Path, val_dir: Path, 
             "--atoms-per-batch", str(preset.atoms_per_batch), "--shuffle-buffer", str(preset.shuffle_buffer),
             "--max-val-structures", "all", "--seed", str(preset.seed),
             "--checkpoint-at", ",".join(f"{f:.10g}" for f in preset.checkpoint_at),
-            "--log-every", "5", "--run-dir", str(run.run_dir)]
+            "--log-every", str(preset.log_every), "--run-dir", str(run.run_dir)]
     for key, value in run.model_args.items():
         args += ["--model-arg", f"{key}={value}"]
     return head + args

@@ -14,7 +14,8 @@ Presets
     first file of the embedded train split, four checkpoints per run, 40 validation structures. A
     smoke test of the whole pipeline (its fits are noise).
 ``cpu``
-    about two hours on an idle 2-core machine: three widths per architecture on 60,000 atoms
+    about two hours on an idle 2-core machine: 3–4 widths per architecture at the registry's depths
+    (N from 2e4 to 1.6e6) on 60,000 atoms, six checkpoints from 1/32 of the run
     (``zoo study --preset cpu --dry-run`` prints the estimate and how it was made).
 ``paper``
     arXiv 2510.09768's ladders for a GPU cluster: the paper's parameter counts N per architecture
@@ -64,6 +65,7 @@ class Preset:
     train, val : where the raw splits are (relative to the repository or absolute).
     seed : model initialisation and data order, the same for every run.
     shuffle_buffer : structures per shuffle buffer of the training stream.
+    log_every : steps between a run's metric lines (what the live table shows).
     model_args : ``{architecture: {key: value}}`` constructor overrides.
     throughput_note : how a time or GPU-hour estimate was made (for ``--dry-run``).
     gpu_flops : for cluster presets, the assumed *achieved* FLOP/s per GPU (peak × MFU).
@@ -82,6 +84,7 @@ class Preset:
     val: str = "data/omol25_sample/val"
     seed: int = 0
     shuffle_buffer: int = 256
+    log_every: int = 10
     model_args: dict = field(default_factory=dict)
     throughput_note: str = ""
     gpu_flops: float | None = None
@@ -126,6 +129,7 @@ PRESETS: dict[str, Preset] = {
             atoms_per_batch=64,
             val_structures=40,
             shuffle_buffer=64,
+            log_every=5,
             train="data/omol25_sample/train/data0000.aselmdb",
             model_args={"mpnn": {"num_layers": 2}, "mc-egnn": {"num_layers": 2}, "esen": {"num_layers": 1, "lmax": 1},
                         "gemnet-oc": {"num_blocks": 1}},
@@ -133,8 +137,10 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="cpu",
-            description="the mini scaling study on 2 CPU cores: 3 widths × 4 architectures, 60,000 atoms each",
-            widths={"mpnn": (16, 32, 64), "mc-egnn": (8, 16, 32), "gemnet-oc": (4, 8, 16), "esen": (4, 8, 16)},
+            description="the mini scaling study on 2 CPU cores: 3-4 widths × 4 architectures (registry depths), "
+                        "60,000 atoms each",
+            widths={"mpnn": (32, 64, 128, 256), "mc-egnn": (16, 32, 64, 96), "gemnet-oc": (8, 16, 32),
+                    "esen": (8, 16, 32, 64)},
             max_atoms=60_000,
             checkpoint_at=(1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0),
             atoms_per_batch=128,
@@ -153,6 +159,7 @@ PRESETS: dict[str, Preset] = {
             train="data/omol25/train_neutral",
             val="data/omol25/val_neutral",
             shuffle_buffer=10_000,
+            log_every=50,
             model_args={"esen": {"lmax": 4}},  # the paper's eSEN is lmax 4
             throughput_note=("assumed achieved throughput per GPU: 989 TFLOP/s (H100 SXM dense bf16 peak) × 10 % "
                              "MFU = 98.9 TFLOP/s; GPU-hours = step FLOPs (measured κ, training step ≈ 3× forward) "
