@@ -42,7 +42,7 @@ def _iv(block: dict | None, key: str) -> str:
     if not block:
         return "not fitted"
     if not block.get("converged"):
-        return f"not converged ({block.get('message', '')})"
+        return "not converged¹"
     value, iv = block.get(key), block.get("intervals", {}).get(key)
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
@@ -118,6 +118,10 @@ def write_report(out: Path, preset: Preset, rows: list[dict], fit: dict, ladder:
                   f"{_iv(nd, 'beta')} | {_iv(nd, 'a')} | {_iv(nd, 'b')} | {_iv(iso, 'a')} |")
     md += ["", f"Paper: a ≈ {PAPER_A}, b ≈ {PAPER_B}. Paper's γ_c order: eSEN > GemNet-OC > MC-EGNN > MPNN.",
            f"On this study the order {verdict}.", ""]
+    unconverged = [f"{a} {law}: {g[law]['message']}" for a, g in fit["groups"].items() for law in ("nd", "isoflop")
+                   if g.get(law) and not g[law].get("converged")]
+    if unconverged:
+        md += ["¹ " + "; ".join(unconverged), ""]
     errors = {a: g["errors"] for a, g in fit["groups"].items() if g.get("errors")}
     if errors:
         md += ["Fits that could not be made: " + "; ".join(f"{a} {law}: {m}" for a, e in errors.items()
