@@ -98,8 +98,9 @@ def write_report(out: Path, preset: Preset, rows: list[dict], fit: dict, ladder:
            f"`{(ladder['plan_id'] or '')[:12]}`), each D a prefix of the next.",
            "- L = validation force loss (mean per-atom L2 force error / σ, the paper's f_loss); C = 3κ·N·D with κ"
            " measured per run; schedule-free AdamW, μP-transferred LR (registry defaults)."]
-    if wall_s is not None:
-        md.append(f"- Wall time of this invocation: {wall_s:,.0f} s.")
+    run_s = sum(r["wall_time_s"] or 0.0 for r in finals)
+    md.append(f"- Training time: Σ over runs of each run's wall time (in process, resumes included) = {run_s:,.0f} s"
+              + (f"; this `zoo study` invocation took {wall_s:,.0f} s before the fits." if wall_s is not None else "."))
     md += ["", "## Runs (final checkpoints)", "",
            "| architecture | width | N | D | C (FLOPs) | L | force MAE (meV/Å) | energy MAE (meV/atom) |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
