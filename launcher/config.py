@@ -78,6 +78,7 @@ class TrainConfig:
     # bookkeeping
     run_dir: str | None = None
     checkpoint_fraction: float = 0.1  # checkpoint (and validate) every 10 % of the run
+    checkpoint_at: list[float] | None = None  # instead: at these fractions of the run (and the end)
     log_every: int = 10
     keep_engine_state: int = 2  # checkpoints that keep the resumable engine state (weights: every one)
     resume: str | None = None
@@ -97,6 +98,16 @@ class TrainConfig:
         if "betas" in known:
             known["betas"] = tuple(known["betas"])
         return cls(**known)
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"fractions must lie in (0, 1], got {text!r}")
+    return sorted(set(values))
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -183,6 +194,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="default: runs/<model>-w<width>-<time>")
     p.add_argument("--checkpoint-fraction", type=float, default=d.checkpoint_fraction,
                    help="checkpoint and validate every this fraction of the run (and at the end)")
+    p.add_argument("--checkpoint-at", type=_fractions, default=None, metavar="F1,F2,...",
+                   help="checkpoint and validate at these fractions of the run's steps (and at the end) "
+                        "instead of every --checkpoint-fraction, e.g. a geometric data ladder 0.125,0.25,0.5")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metric lines")
     p.add_argument("--keep-engine-state", type=int, default=d.keep_engine_state, metavar="K",
                    help="keep the resumable engine state (optimizer, ZeRO partitions) of only the last K "
@@ -232,6 +246,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         deepspeed_overrides=explicit,
         run_dir=a.run_dir,
         checkpoint_fraction=a.checkpoint_fraction,
+        checkpoint_at=a.checkpoint_at,
         log_every=a.log_every,
         keep_engine_state=a.keep_engine_state,
         resume=a.resume,

@@ -110,6 +110,15 @@ def checkpoint_steps(total: int, fraction: float) -> set[int]:
     return {max(1, round(k * total / count)) for k in range(1, count + 1)} | {total}
 
 
+def checkpoint_steps_at(total: int, fractions) -> set[int]:
+    """Steps after which to validate and checkpoint: at each of ``fractions`` of ``total``, and the last.
+
+    >>> sorted(checkpoint_steps_at(40, [0.125, 0.25, 0.5]))
+    [5, 10, 20, 40]
+    """
+    return {min(total, max(1, round(f * total))) for f in fractions} | {total}
+
+
 def make_loader(index, cfg: TrainConfig, runtime, cutoff: float, train: bool, max_atoms=None,
                 max_structures=None, single: bool = False):
     """A loader over ``index``: the training stream (shuffled, budget ``max_atoms``), the
@@ -231,8 +240,14 @@ def set_up(cfg: TrainConfig) -> Job:
     job = Job(cfg=cfg, runtime=runtime, run_dir=run_dir, resume_from=resume_from, splits=splits, engine=engine,
               eval_model=eval_model, loader=loader, ds_config=ds_config, n_params=n_params, cutoff=cutoff,
               total=total, lr=lr, state=state, counter=counter, peak=peak, peak_source=peak_source,
+<<<<<<< HEAD
               cpu_time_mfu=cpu_time_mfu, disk=disk, hook=spec.pretrain, pretrain=pretrain,
               code_version=code_version(), schedule=schedule,
+=======
+              hook=spec.pretrain, pretrain=pretrain, code_version=code_version(),
+              schedule=checkpoint_steps_at(total, cfg.checkpoint_at) if cfg.checkpoint_at
+              else checkpoint_steps(total, cfg.checkpoint_fraction),
+>>>>>>> study
               log=RunLog(run_dir, total, state.step, runtime.is_main), start_time=start_time,
               wall_offset=state.wall_time_s)
     announce(job)

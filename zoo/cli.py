@@ -21,6 +21,15 @@ def _register_fit() -> None:
 _register_fit()
 
 
+def _register_study() -> None:
+    from zoo.study.cli import study_command
+
+    app.command("study")(study_command)
+
+
+_register_study()
+
+
 @app.command("params")
 def params_command(
     model: list[str] = typer.Option(None, "--model", help="architecture(s); default: all"),

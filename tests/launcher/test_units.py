@@ -10,7 +10,7 @@ import torch
 from datapipe.graph import batch_from_atoms
 from launcher.config import TrainConfig, deepspeed_config, parse
 from zoo.registry import transferred_lr
-from launcher.job import checkpoint_steps
+from launcher.job import checkpoint_steps, checkpoint_steps_at
 from launcher.loss import global_loss, loss_terms
 from launcher.optim import averaged_weights_plain, build_optimizer
 from zoo.hub.checkpoint import load_model, read_metadata, save_checkpoint
@@ -132,3 +132,14 @@ def test_config_json_round_trip():
     cfg = parse(["--model", "mpnn", "--width", "8", "--model-arg", "num_layers=1", "--zero-stage", "1"])
     again = TrainConfig.from_json(cfg.to_json())
     assert again == cfg and again.model_overrides == {"num_layers": 1} and again.zero_stage == 1
+
+
+def test_checkpoint_at_fractions_give_a_geometric_ladder():
+    cfg = parse(["--checkpoint-at", "0.5,0.125,0.25"])
+    assert cfg.checkpoint_at == [0.125, 0.25, 0.5]
+    assert TrainConfig.from_json(cfg.to_json()).checkpoint_at == [0.125, 0.25, 0.5]  # resumed runs keep it
+    assert sorted(checkpoint_steps_at(58, cfg.checkpoint_at)) == [7, 14, 29, 58]
+    assert sorted(checkpoint_steps_at(3, [0.01, 0.5])) == [1, 2, 3]  # never step 0, always the last
+    for bad in ("0", "1.5", "a,b", ""):
+        with pytest.raises(SystemExit):
+            parse(["--checkpoint-at", bad])
