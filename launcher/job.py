@@ -203,7 +203,8 @@ def set_up(cfg: TrainConfig) -> Job:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loader = make_loader(splits.train, cfg, runtime, cutoff, train=True, max_atoms=cfg.max_atoms)
     total = int(loader.steps)
-    schedule = checkpoint_steps(total, cfg.checkpoint_fraction)
+    schedule = (checkpoint_steps_at(total, cfg.checkpoint_at) if cfg.checkpoint_at
+                else checkpoint_steps(total, cfg.checkpoint_fraction))
     first_step = read_metadata(resume_from)["step"] if resume_from is not None else 0
     # every rank checks (one file system holds the run dir), so all refuse alike, before any long phase
     disk = check_disk(run_dir, disk_plan(n_params, sum(1 for s in schedule if s > first_step),
@@ -240,14 +241,8 @@ def set_up(cfg: TrainConfig) -> Job:
     job = Job(cfg=cfg, runtime=runtime, run_dir=run_dir, resume_from=resume_from, splits=splits, engine=engine,
               eval_model=eval_model, loader=loader, ds_config=ds_config, n_params=n_params, cutoff=cutoff,
               total=total, lr=lr, state=state, counter=counter, peak=peak, peak_source=peak_source,
-<<<<<<< HEAD
               cpu_time_mfu=cpu_time_mfu, disk=disk, hook=spec.pretrain, pretrain=pretrain,
               code_version=code_version(), schedule=schedule,
-=======
-              hook=spec.pretrain, pretrain=pretrain, code_version=code_version(),
-              schedule=checkpoint_steps_at(total, cfg.checkpoint_at) if cfg.checkpoint_at
-              else checkpoint_steps(total, cfg.checkpoint_fraction),
->>>>>>> study
               log=RunLog(run_dir, total, state.step, runtime.is_main), start_time=start_time,
               wall_offset=state.wall_time_s)
     announce(job)
