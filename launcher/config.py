@@ -77,6 +77,10 @@ class TrainConfig:
     checkpoint_fraction: float = 0.1  # checkpoint (and validate) every 10 % of the run
     log_every: int = 10
     resume: str | None = None
+    # faults (launcher.health, launcher.engine)
+    max_consecutive_skips: int = 5  # stop after this many skipped (non-finite) steps in a row; 0 = never
+    skip_bad_shards: bool = False  # skip (count, record) unreadable structures instead of stopping
+    dist_timeout_s: float = 1800.0  # how long a rank waits for the others (joining, any collective)
 
     def learning_rate(self, width: int) -> float:
         """The learning rate of this run (explicit ``lr`` or the width-transferred one)."""
@@ -170,6 +174,13 @@ def parser() -> argparse.ArgumentParser:
                    help="checkpoint and validate every this fraction of the run (and at the end)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metric lines")
     p.add_argument("--resume", default=None, help="RUN_DIR or checkpoint dir to continue (same run)")
+    p.add_argument("--max-consecutive-skips", type=int, default=d.max_consecutive_skips,
+                   help="stop after this many consecutive steps skipped for a non-finite loss or gradient (0: never)")
+    p.add_argument("--skip-bad-shards", action="store_true",
+                   help="skip the structures of a shard that cannot be read (counted, recorded in checkpoints, not "
+                        "in D) instead of stopping the run")
+    p.add_argument("--dist-timeout", type=float, default=d.dist_timeout_s, metavar="SECONDS",
+                   help="how long a rank waits for the others to join or to reach a collective before it stops")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -185,6 +196,10 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         p.error("--symmetry-loss must be >= 0")
     if not 0 < a.checkpoint_fraction <= 1:
         p.error("--checkpoint-fraction must be in (0, 1]")
+    if a.max_consecutive_skips < 0:
+        p.error("--max-consecutive-skips must be >= 0")
+    if not a.dist_timeout > 0:
+        p.error("--dist-timeout must be > 0 seconds")
     explicit = {}
     if a.zero_stage is not None:
         explicit["zero_stage"] = a.zero_stage
@@ -218,6 +233,9 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         checkpoint_fraction=a.checkpoint_fraction,
         log_every=a.log_every,
         resume=a.resume,
+        max_consecutive_skips=a.max_consecutive_skips,
+        skip_bad_shards=a.skip_bad_shards,
+        dist_timeout_s=a.dist_timeout,
     )
 
 
@@ -289,6 +307,8 @@ def deepspeed_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
     if bf16 and not bf16_supported:
         raise ValueError("bf16 asked for but this device does not support it (use --precision fp32)")
     config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
+    if bf16:  # DeepSpeed then discards non-finite bf16 gradients instead of applying them (launcher.health)
+        config["bf16"].setdefault("check_grad_overflow", True)
     config.pop("train_batch_size", None)
     config["train_micro_batch_size_per_gpu"] = 1
     config["gradient_accumulation_steps"] = 1

@@ -1,6 +1,7 @@
 """Setting up a training job: everything :func:`launcher.loop.train` needs before its first step.
 
-:func:`set_up` reads as the recipe's first half: ranks → run directory (fresh or resumed) → shards →
+:func:`set_up` reads as the recipe's first half: ranks (all checked in within ``--dist-timeout``) → run directory (fresh or resumed; locked against a
+second job) → shards →
 model with the data's normalisation → the architecture's pre-training hook (if its registry spec
 has one, e.g. fitted scale factors, computed on the same batches on every rank) → training
 stream → schedule-free AdamW → engine → evaluation copy → counters (restored on resume) → FLOP
@@ -22,9 +23,11 @@ import torch
 from launcher import checkpoint as ckpt
 from launcher.config import REPO, TrainConfig, deepspeed_config
 from launcher.data import Splits, prepare
+from launcher.health import GradientWatch
 from launcher.engine import Runtime, broadcast_object, build_engine, init_distributed
 from launcher.optim import build_optimizer
 from launcher.progress import RunLog
+from launcher.runlock import RunDirectoryLocked, RunLock
 from launcher.throughput import device_peak
 from zoo.flops.counter import StepFlopCounter
 from zoo.hub.checkpoint import read_metadata
@@ -60,6 +63,8 @@ class Job:
     log: RunLog
     start_time: float  # time.time() when this process started the job
     wall_offset: float  # wall time of the run before this process (resumes)
+    gradient_watch: GradientWatch | None = None  # flags non-finite gradients (launcher.health)
+    lock: RunLock | None = None  # rank 0's hold on the run directory (launcher.runlock)
 
     @property
     def force_rms(self) -> float:
@@ -104,8 +109,22 @@ def checkpoint_steps(total: int, fraction: float) -> set[int]:
     return {max(1, round(k * total / count)) for k in range(1, count + 1)} | {total}
 
 
+def lock_run_dir(run_dir: Path, runtime: Runtime) -> RunLock | None:
+    """Rank 0 locks ``run_dir`` (:mod:`launcher.runlock`); every rank raises if another job holds it."""
+    lock, error = None, None
+    if runtime.is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except RunDirectoryLocked as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error:
+        raise RunDirectoryLocked(error)
+    return lock
+
+
 def make_loader(index, cfg: TrainConfig, runtime, cutoff: float, train: bool, max_atoms=None,
-                max_structures=None, single: bool = False):
+                max_structures=None, single: bool = False, skip_bad_shards: bool = False):
     """A loader over ``index``: the training stream (shuffled, budget ``max_atoms``), the
     validation set (index order; the first ``max_structures`` structures, the same subset at every
     checkpoint and for any number of ranks), or with ``single`` the stream as rank 0 of 1 sees it
@@ -124,6 +143,7 @@ def make_loader(index, cfg: TrainConfig, runtime, cutoff: float, train: bool, ma
         max_atoms=max_atoms,
         max_structures=max_structures,
         shuffle=train and not single,
+        skip_bad_shards=skip_bad_shards,
     )
 
 
@@ -165,9 +185,10 @@ def run_pretrain_hook(hook: PretrainHook | None, cfg: TrainConfig, model: ForceF
 
 def set_up(cfg: TrainConfig) -> Job:
     """Build everything of a run (or of its resumption) on this rank; see the module docstring."""
-    runtime = init_distributed()
+    runtime = init_distributed(cfg.dist_timeout_s)
     start_time = time.time()
     cfg, run_dir, resume_from = resolve_run(cfg)
+    lock = lock_run_dir(run_dir, runtime)
     deepspeed_config(cfg, runtime.bf16_supported)  # refuse a bad engine configuration before any work
     splits = prepare(cfg, runtime)
     spec = get_spec(cfg.model)
@@ -177,7 +198,8 @@ def set_up(cfg: TrainConfig) -> Job:
     model.set_normalization(splits.train.element_references, splits.train.force_rms)
     cutoff = model.data_cutoff
     pretrain = run_pretrain_hook(spec.pretrain, cfg, model, splits, runtime, resume_from)
-    loader = make_loader(splits.train, cfg, runtime, cutoff, train=True, max_atoms=cfg.max_atoms)
+    loader = make_loader(splits.train, cfg, runtime, cutoff, train=True, max_atoms=cfg.max_atoms,
+                         skip_bad_shards=cfg.skip_bad_shards)
     total = int(loader.steps)
     lr = cfg.learning_rate(cfg.width)
     optimizer = build_optimizer(model, lr, cfg.betas, cfg.weight_decay, round(cfg.warmup_fraction * total))
@@ -212,7 +234,7 @@ def set_up(cfg: TrainConfig) -> Job:
               hook=spec.pretrain, pretrain=pretrain, code_version=code_version(),
               schedule=checkpoint_steps(total, cfg.checkpoint_fraction),
               log=RunLog(run_dir, total, state.step, runtime.is_main), start_time=start_time,
-              wall_offset=state.wall_time_s)
+              wall_offset=state.wall_time_s, gradient_watch=GradientWatch(engine.module), lock=lock)
     announce(job)
     return job
 

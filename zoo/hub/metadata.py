@@ -25,6 +25,11 @@ Keys (units and meaning)
 ``world_size``        ranks that trained it
 ``throughput``        atoms/s, FLOP/s, MFU, measured κ (:mod:`launcher.throughput`)
 ``symmetry_loss``     rotated copies per batch (arXiv 2510.09768's ablation; 0 = off)
+``skipped``           what the run did not train on, never counted in ``atoms_seen``: ``steps`` skipped
+                      by every rank (non-finite loss or gradient, a rank without readable data),
+                      ``structures`` and ``atoms`` of those steps and of unreadable shards
+                      (``--skip-bad-shards``), ``records`` (step, reason, structure ids or shard
+                      and rows; the first 1000); ``null`` in checkpoints written before it existed
 
 An architecture's pre-training hook adds its record under its own key
 (:attr:`zoo.models.base.PretrainHook.metadata_key`, e.g. ``scale_factors``).
@@ -80,6 +85,7 @@ class CheckpointMetadata:
     symmetry_loss: int = 0
     atoms_seen_note: str | None = None
     flops_note: str | None = None
+    skipped: dict | None = None
     #: records of pre-training hooks, each stored at the top level under its own key
     extra: dict = field(default_factory=dict)
 
