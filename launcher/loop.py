@@ -6,6 +6,14 @@ rotated copies appended; forward, global loss, backward, step; atoms, FLOPs and 
 :meth:`Window.add` (metrics lines) → at every checkpoint step (each ``checkpoint_fraction`` of the
 run and the end) :func:`validate_and_save` (averaged weights → validation on the fixed subset, at
 the end also on the whole split → checkpoint with throughput, MFU and κ).
+
+Faults are met by every rank alike (:mod:`launcher.health`): an unreadable shard stops the run
+naming it and the checkpoint to resume from (or, with ``--skip-bad-shards``, its structures are
+skipped and counted); a non-finite loss or gradient skips the step on every rank (counted, logged
+with the batch's structure ids, recorded in the checkpoint's ``skipped``; the run stops after
+``--max-consecutive-skips`` in a row); a rank that dies is named by the others
+(:func:`launcher.health.stop_together`). ``SYMSCALE_FAULT`` injects these faults for the tests
+(:mod:`launcher.faults`).
 """
 
 from __future__ import annotations
