@@ -35,6 +35,7 @@ from datapipe.keys import MAX_ATOMIC_NUMBER
 
 def _integer(value, what: str, name: str) -> int:
     """``value`` as an int if it is an integer number (``2``, ``2.0``, ``numpy.int64(2)``), else ValueError."""
+    value = value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value  # numpy scalars
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         try:  # numpy 0-d arrays, strings of numbers from extended XYZ comments
             value = float(value)
