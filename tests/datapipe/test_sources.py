@@ -22,9 +22,11 @@ def test_aselmdb_any_suffix_case_file_folder_or_glob(raw_dir, tmp_path):
     upper.mkdir()
     shutil.copy(raw_dir / "partA.aselmdb", upper / "partA.ASELMDB")
     shutil.copy(raw_dir / "partB.aselmdb", upper / "partB.AseLmdb")
-    for name, inputs in {"folder": [upper], "files": sorted(upper.iterdir()),
+    (upper / "partA.ASELMDB-lock").write_bytes(b"")  # LMDB's lock file beside a database is not an input
+    files = sorted(p for p in upper.iterdir() if not p.name.endswith("-lock"))
+    for name, inputs in {"folder": [upper], "files": files,
                          "glob": [os.fspath(raw_dir / "part*.aselmdb")],
-                         "glob-upper": [os.fspath(upper / "*.[Aa][Ss][Ee]*")]}.items():
+                         "glob-upper": [os.fspath(upper / "*.[Aa][Ss][Ee][Ll][Mm][Dd][Bb]")]}.items():
         index = convert(inputs, tmp_path / name)
         assert index.n_structures == reference.n_structures == 240, name
         assert index.n_atoms == reference.n_atoms, name
