@@ -130,8 +130,15 @@ def batch_from_atoms(
     data = []
     for index, atoms in enumerate(atoms_list):
         name = str(atoms.info.get("structure_id", f"atoms:{index}"))
-        charge, spin = charge_spin.checked(atoms.get_atomic_numbers(), atoms.info.get("charge", 0),
-                                           atoms.info.get("spin", 1), name)
+        try:
+            charge, spin = charge_spin.checked(atoms.get_atomic_numbers(), atoms.info.get("charge", 0),
+                                               atoms.info.get("spin", 1), name)
+        except ValueError as error:
+            unset = [key for key in ("charge", "spin") if key not in atoms.info]
+            if not unset:
+                raise
+            raise ValueError(f"{error} (atoms.info has no {' or '.join(repr(k) for k in unset)}: the defaults are "
+                             "charge 0 and spin 1, a singlet; set atoms.info['charge'] and atoms.info['spin'])") from None
         energy, forces = float("nan"), None
         if atoms.calc is not None:
             try:
