@@ -236,9 +236,9 @@ def test_a_second_job_on_the_same_run_directory_refuses_to_start(data, tmp_path)
     first = start(train_args(data["train"], data["val"], run_dir),
                   {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     deadline = time.time() + LIMIT
-    while not (run_dir / "metrics.jsonl").is_file() or not records(run_dir, "start"):
-        assert first.poll() is None and time.time() < deadline, "the first job did not start"
-        time.sleep(0.5)
+    while not (run_dir / "metrics.jsonl").is_file() or not records(run_dir, "checkpoint"):  # started, resumable
+        assert first.poll() is None and time.time() < deadline, "the first job did not reach its first checkpoint"
+        time.sleep(0.2)
     os.kill(first.pid, signal.SIGSTOP)
     try:
         second = run(train_args(data["train"], data["val"], run_dir), timeout=LIMIT)
