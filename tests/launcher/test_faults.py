@@ -133,10 +133,14 @@ def test_consecutive_skips_stop_the_run(data, tmp_path):
     assert [s["consecutive"] for s in records(run_dir, "skip")] == [1, 2, 3]
 
 
-def late_shard(train, world_size=1):
-    """The shard the single-rank run reads last (damaging it makes the run fail mid-way)."""
-    loader = StreamingLoader(train, rank=0, world_size=world_size, num_workers=0, atoms_per_batch=100,
-                             shuffle_buffer=256, seed=0, shuffle=True)
+#: a shuffle buffer of one shard (24 structures): shards are then read one after the other during the run
+BUFFER = ["--shuffle-buffer", "24"]
+
+
+def late_shard(train):
+    """The shard the single-rank run (with :data:`BUFFER`) reads last: damaging it makes the run fail mid-way."""
+    loader = StreamingLoader(train, rank=0, world_size=1, num_workers=0, atoms_per_batch=100,
+                             shuffle_buffer=24, seed=0, shuffle=True)
     index = ShardIndex.load(train)
     return index.shard_path(loader.plan.streams[0][0].pieces[-1][0])
 
@@ -157,7 +161,7 @@ def damaged(data, tmp_path):
 def test_bad_shard_mid_run_stops_naming_it_and_the_checkpoint(data, damaged, tmp_path):
     train, name = damaged
     run_dir = tmp_path / "run"
-    result = run(train_args(train, data["val"], run_dir), timeout=LIMIT)
+    result = run(train_args(train, data["val"], run_dir, *BUFFER), timeout=LIMIT)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training data failed at step") and f"rank 0: shard {name}" in last, last
@@ -168,7 +172,7 @@ def test_bad_shard_mid_run_stops_naming_it_and_the_checkpoint(data, damaged, tmp
 def test_skip_bad_shards_counts_and_records_what_was_not_read(data, damaged, tmp_path):
     train, name = damaged
     run_dir = tmp_path / "run"
-    result = run(train_args(train, data["val"], run_dir, "--skip-bad-shards"), timeout=LIMIT)
+    result = run(train_args(train, data["val"], run_dir, *BUFFER, "--skip-bad-shards"), timeout=LIMIT)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = final_metadata(run_dir)
     skipped, index = meta["skipped"], ShardIndex.load(train)
