@@ -32,7 +32,7 @@ import torch
 
 from datapipe.shards import ShardError
 from launcher import checkpoint as ckpt
-from launcher.engine import all_gather_objects, all_reduce_sum, lost_ranks, report_stop
+from launcher.engine import RankLost, all_gather_objects, all_reduce_sum, lost_ranks, report_stop
 
 #: structure ids kept per skip record (the counts are always exact)
 MAX_IDS_PER_RECORD = 64
