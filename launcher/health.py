@@ -85,8 +85,8 @@ def agree_on_batch(batch, rank: int, device: torch.device, step: int, run_dir: P
         messages = all_gather_objects(f"rank {rank}: {batch.message}" if isinstance(batch, DataFault) else None)
         raise RunStopped(f"training data failed at step {step}: " + "; ".join(m for m in messages if m) +
                          f". The run stopped on every rank; {resume_hint(run_dir)} once the shard is restored "
-                         "(reconvert it: python -m datapipe.convert), or add --skip-bad-shards to skip, count and "
-                         "record the structures that cannot be read")
+                         "(reconvert it: python -m datapipe.convert), or add --skip-bad-shards (to the resume as well) to "
+                         "skip, count and record the structures that cannot be read")
     return not empty
 
 

@@ -147,13 +147,20 @@ def make_loader(index, cfg: TrainConfig, runtime, cutoff: float, train: bool, ma
     )
 
 
+#: options a resumed run takes from its own command line rather than from the run's saved config
+OPERATIONAL = ("skip_bad_shards", "max_consecutive_skips", "dist_timeout_s")
+
+
 def resolve_run(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path | None]:
-    """(config, run dir, checkpoint to resume or None); a resumed run takes its saved config."""
+    """(config, run dir, checkpoint to resume or None); a resumed run takes its saved config, except
+    the :data:`OPERATIONAL` options, which come from this command line."""
     if cfg.resume:
         checkpoint = ckpt.find(cfg.resume)
         run_dir = ckpt.run_dir_of(checkpoint)
         saved = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()))
         saved.resume = str(checkpoint)
+        for name in OPERATIONAL:  # how to meet faults is chosen per invocation, not fixed by the run
+            setattr(saved, name, getattr(cfg, name))
         return saved, run_dir, checkpoint
     cfg.width = cfg.width or get_spec(cfg.model).default_width
     name = cfg.run_dir or broadcast_object(
