@@ -167,6 +167,12 @@ def test_bad_shard_mid_run_stops_naming_it_and_the_checkpoint(data, damaged, tmp
     assert last.startswith("error: training data failed at step") and f"rank 0: shard {name}" in last, last
     assert "its last complete checkpoint is" in last and f"--resume {run_dir}" in last and "--skip-bad-shards" in last
     assert records(run_dir, "checkpoint"), "the shard goes bad after the first checkpoint"
+    # as the message says: resume with --skip-bad-shards; the run ends with D exact
+    result = run([PYTHON, "launcher/train.py", "--resume", str(run_dir), "--skip-bad-shards"], timeout=LIMIT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta, index = final_metadata(run_dir), ShardIndex.load(train)
+    assert meta["skipped"]["structures"] > 0 and meta["step"] == steps_of(run_dir)
+    assert meta["atoms_seen"] + meta["skipped"]["atoms"] == index.n_atoms
 
 
 def test_skip_bad_shards_counts_and_records_what_was_not_read(data, damaged, tmp_path):
