@@ -16,7 +16,7 @@ import torch
 import vesin
 from torch_geometric.data import Batch, Data
 
-from datapipe import keys
+from datapipe import charge_spin, keys
 
 
 def radius_graph(positions: np.ndarray, cutoff: float) -> np.ndarray:
@@ -118,9 +118,27 @@ def batch_from_atoms(
     atoms_list: Sequence, cutoff: float = keys.DEFAULT_CUTOFF, dtype: torch.dtype = torch.float32
 ) -> Batch:
     """Batch a list of ``ase.Atoms`` (labels read from ``get_potential_energy``/``get_forces``
-    when a calculator holds them; charge and spin from ``atoms.info``, defaults 0 and 1)."""
+    when a calculator holds them; charge and spin from ``atoms.info``, defaults 0 and 1).
+
+    Raises
+    ------
+    ValueError
+        naming the structure (``atoms.info["structure_id"]`` or ``atoms:<index>``) if its charge or
+        multiplicity is not an integer or contradicts its electron count
+        (:func:`datapipe.charge_spin.checked`; never rounded).
+    """
     data = []
     for index, atoms in enumerate(atoms_list):
+        name = str(atoms.info.get("structure_id", f"atoms:{index}"))
+        try:
+            charge, spin = charge_spin.checked(atoms.get_atomic_numbers(), atoms.info.get("charge", 0),
+                                               atoms.info.get("spin", 1), name)
+        except ValueError as error:
+            unset = [key for key in ("charge", "spin") if key not in atoms.info]
+            if not unset:
+                raise
+            raise ValueError(f"{error} (atoms.info has no {' or '.join(repr(k) for k in unset)}: the defaults are "
+                             "charge 0 and spin 1, a singlet; set atoms.info['charge'] and atoms.info['spin'])") from None
         energy, forces = float("nan"), None
         if atoms.calc is not None:
             try:
@@ -135,9 +153,9 @@ def batch_from_atoms(
                 cutoff=cutoff,
                 energy=energy,
                 forces=forces,
-                charge=int(atoms.info.get("charge", 0)),
-                spin=int(atoms.info.get("spin", 1)),
-                structure_id=str(atoms.info.get("structure_id", f"atoms:{index}")),
+                charge=charge,
+                spin=spin,
+                structure_id=name,
                 source=str(atoms.info.get("source", "")),
                 dtype=dtype,
             )

@@ -36,7 +36,10 @@ Usage
   seed, world_size, num_workers and budgets (else ``load_state_dict`` raises ValueError).
 - Ranks compute the same plan from ``index.json`` alone: give every rank the same shard
   directory (compare ``loader.plan.plan_id`` across ranks if in doubt).
-- A shard missing, truncated or altered raises :class:`datapipe.shards.ShardError` naming it.
+- A shard missing, truncated or altered raises :class:`datapipe.shards.ShardError` naming it; with
+  ``skip_bad_shards=True`` its unreadable structures are left out instead and listed in
+  ``loader.last_skipped`` for the batch just yielded (a batch with nothing readable is ``None``),
+  so the caller can count them: the plan, the steps and every other structure stay as they were.
 - Loss means must be global: batches differ in atoms across ranks (all-reduce the counts).
 
 The plan (which structure goes in which batch) is described in :mod:`datapipe.plan`.
@@ -62,28 +65,47 @@ def _identity(item):
     return item
 
 
-def _stream_records(index: ShardIndex, stream: Stream, wanted: np.ndarray) -> Iterator[tuple[int, object]]:
+def _stream_records(index: ShardIndex, stream: Stream, wanted: np.ndarray,
+                    skip_bad: bool = False) -> Iterator[tuple[int, object]]:
     """``(stream position, Record)`` for every wanted position, in read order; pieces with
-    nothing wanted are not opened."""
+    nothing wanted are not opened. With ``skip_bad``, a piece whose shard fails to read yields
+    ``(position, dict)`` for each wanted position not read yet: ``{"shard", "row", "atoms", "error"}``."""
     offset = 0
     for shard, start, stop in stream.pieces:
         mask = wanted[offset:offset + stop - start]
         if mask.any():
             natoms = index.natoms(shard)
-            for row, record in iter_shard(index.shard_path(shard), natoms, start, stop, mask):
-                if record is not None:
-                    yield offset + row - start, record
+            done = start - 1
+            try:
+                for row, record in iter_shard(index.shard_path(shard), natoms, start, stop, mask):
+                    done = row
+                    if record is not None:
+                        yield offset + row - start, record
+            except ShardError as error:
+                if not skip_bad:
+                    raise
+                name = index.shards[shard]["name"]
+                for row in range(done + 1, stop):
+                    if mask[row - start]:
+                        yield offset + row - start, {"shard": name, "row": row, "atoms": int(natoms[row]),
+                                                     "error": str(error)}
         offset += stop - start
 
 
-def iter_stream_batches(index: ShardIndex, stream: Stream, skip_batches: int, cutoff: float) -> Iterator:
+def iter_stream_batches(index: ShardIndex, stream: Stream, skip_batches: int, cutoff: float,
+                        skip_bad: bool = False) -> Iterator:
     """Yield the stream's planned batches from batch ``skip_batches`` on, as the numpy arrays of
     :func:`datapipe.packing.batch_arrays` (wrapped by :func:`datapipe.packing.to_batch` in the
     consumer); holds at most about ``shuffle_buffer`` decoded structures.
 
+    With ``skip_bad``, structures of a shard that cannot be read are left out and listed under
+    ``"unread"`` (``{"shard", "row", "atoms", "error"}`` each); a batch with nothing readable is
+    ``{"empty": True, "unread": [...]}``.
+
     Raises
     ------
-    ShardError naming the shard if one is missing, truncated or does not match the index.
+    ShardError naming the shard if one is missing, truncated or does not match the index (unless
+    ``skip_bad``).
     """
     if skip_batches >= stream.n_batches:
         return
@@ -91,10 +113,10 @@ def iter_stream_batches(index: ShardIndex, stream: Stream, skip_batches: int, cu
     remaining = stream.order[first:]
     wanted = np.zeros(len(stream.natoms), dtype=bool)
     wanted[remaining] = True
-    reader = _stream_records(index, stream, wanted)
+    reader = _stream_records(index, stream, wanted, skip_bad)
     pending: dict[int, object] = {}
     for b in range(skip_batches, stream.n_batches):
-        records = []
+        records, unread = [], []
         for position in stream.order[stream.bounds[b]:stream.bounds[b + 1]].tolist():
             while position not in pending:
                 try:
@@ -103,22 +125,28 @@ def iter_stream_batches(index: ShardIndex, stream: Stream, skip_batches: int, cu
                     raise ShardError(f"stream ended before position {position} was read (pieces {stream.pieces}); "
                                      "a shard is shorter than its index") from None
                 pending[got] = record
-            records.append(pending.pop(position))
-        yield batch_arrays(records, cutoff)
+            item = pending.pop(position)
+            (unread if isinstance(item, dict) else records).append(item)
+        arrays = batch_arrays(records, cutoff) if records else {"empty": True}
+        if skip_bad:
+            arrays["unread"] = unread
+        yield arrays
 
 
 class _RankDataset(IterableDataset):
     """One rank's streams; in a DataLoader worker ``w`` it yields stream ``w``'s batches."""
 
-    def __init__(self, index: ShardIndex, streams: list[Stream], skips: list[int], cutoff: float, first: int):
+    def __init__(self, index: ShardIndex, streams: list[Stream], skips: list[int], cutoff: float, first: int,
+                 skip_bad: bool = False):
         self.index, self.streams, self.skips, self.cutoff, self.first = index, streams, skips, cutoff, first
+        self.skip_bad = skip_bad
 
     def __iter__(self):
         info = get_worker_info()
         # DataLoader worker i serves stream (first + i) mod W: a resumed DataLoader restarts its
         # round robin at worker 0, so streams are rotated to continue the original cycle.
         w = (self.first + (0 if info is None else info.id)) % len(self.streams)
-        return iter_stream_batches(self.index, self.streams[w], self.skips[w], self.cutoff)
+        return iter_stream_batches(self.index, self.streams[w], self.skips[w], self.cutoff, self.skip_bad)
 
 
 class StreamingLoader:
@@ -150,7 +178,8 @@ class StreamingLoader:
     def __init__(self, shard_dir: str | os.PathLike, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  atoms_per_batch: int = 1024, cutoff: float = keys.DEFAULT_CUTOFF, shuffle_buffer: int = 1000,
                  seed: int = 0, max_atoms: int | None = None, max_structures: int | None = None,
-                 shuffle: bool = True, epoch: int = 0, prefetch_factor: int = 4, pin_memory: bool = False):
+                 shuffle: bool = True, epoch: int = 0, prefetch_factor: int = 4, pin_memory: bool = False,
+                 skip_bad_shards: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.index = ShardIndex.load(shard_dir)
@@ -158,6 +187,10 @@ class StreamingLoader:
         self.atoms_per_batch, self.cutoff, self.shuffle_buffer = atoms_per_batch, float(cutoff), shuffle_buffer
         self.seed, self.max_atoms, self.max_structures, self.shuffle = seed, max_atoms, max_structures, shuffle
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.skip_bad_shards = bool(skip_bad_shards)
+        #: with ``skip_bad_shards``: the structures left out of the batch just yielded
+        #: (``{"shard", "row", "atoms", "error"}`` each)
+        self.last_skipped: list[dict] = []
         self.set_epoch(epoch)
 
     # --- plan ------------------------------------------------------------------------------------
@@ -184,7 +217,7 @@ class StreamingLoader:
             elif path.stat().st_size != entry["bytes"]:
                 problems.append(f"{entry['name']} has {path.stat().st_size} bytes, index records {entry['bytes']} "
                                 "(truncated or altered)")
-        if problems:
+        if problems and not self.skip_bad_shards:  # skip mode: the reader skips them, counted
             raise ShardError(f"shards in {self.index.directory}: " + "; ".join(problems))
 
     @property
@@ -252,7 +285,7 @@ class StreamingLoader:
         for worker, _ in self._sequence[:self.batches_consumed]:
             skips[worker] += 1
         first = self._sequence[self.batches_consumed][0] if self.batches_consumed < self.steps else 0
-        dataset = _RankDataset(self.index, self._streams, skips, self.cutoff, first)
+        dataset = _RankDataset(self.index, self._streams, skips, self.cutoff, first, self.skip_bad_shards)
         if self.num_workers > 0:
             source = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                                 prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init)
@@ -261,21 +294,24 @@ class StreamingLoader:
         expected = self._sequence[self.batches_consumed:]
         count = 0
         for arrays in source:
-            batch = to_batch(arrays)
-            if self.pin_memory:
+            unread = arrays.pop("unread", [])
+            batch = None if arrays.get("empty") else to_batch(arrays)
+            if self.pin_memory and batch is not None:
                 batch = batch.pin_memory()
             if count >= len(expected):
                 raise RuntimeError("loader produced more batches than planned")  # a bug, never data
             worker, b = expected[count]
             stream = self._streams[worker]
             planned = stream.natoms[stream.order[stream.bounds[b]:stream.bounds[b + 1]]]
-            natoms = batch[keys.NATOMS]
-            if len(natoms) != len(planned) or int(natoms.sum()) != int(planned.sum()):
-                raise RuntimeError(f"rank {self.rank}: batch {self.batches_consumed} has {len(natoms)} structures / "
-                                   f"{int(natoms.sum())} atoms, the plan says {len(planned)} / {int(planned.sum())}; "
+            n_structures = len(unread) + (0 if batch is None else batch.num_graphs)
+            n_atoms = sum(r["atoms"] for r in unread) + (0 if batch is None else int(batch[keys.NATOMS].sum()))
+            if n_structures != len(planned) or n_atoms != int(planned.sum()):
+                raise RuntimeError(f"rank {self.rank}: batch {self.batches_consumed} has {n_structures} structures / "
+                                   f"{n_atoms} atoms, the plan says {len(planned)} / {int(planned.sum())}; "
                                    "the DataLoader did not interleave workers round robin")
             count += 1
             self.batches_consumed += 1  # counted when handed out, so a state saved now excludes it
+            self.last_skipped = unread
             yield batch
         if count != len(expected):
             raise RuntimeError(f"rank {self.rank} produced {count} of {len(expected)} planned batches")

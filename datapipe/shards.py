@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import webdataset as wds
 
+from datapipe import charge_spin
+
 #: Suffixes of the members of one sample, in the order TarWriter writes them (sorted).
 MEMBERS = ("f64", "json")
 
@@ -73,13 +75,15 @@ def encode(record: Record, row: int) -> dict:
 def decode(sample: dict) -> Record:
     """Inverse of :func:`encode` (``sample`` maps member suffix → bytes).
 
-    Raises ValueError if the array member does not hold ``2 * natoms * 3`` float64 values."""
+    Raises ValueError if the array member does not hold ``2 * natoms * 3`` float64 values, or if
+    charge/spin are not integers or contradict the electron count (:func:`datapipe.charge_spin.checked`)."""
     meta = json.loads(sample["json"])
     n = int(meta["natoms"])
     arrays = np.frombuffer(sample["f64"], dtype="<f8")
     if arrays.size != 6 * n or len(meta["numbers"]) != n:
         raise ValueError(f"{meta['id']}: {arrays.size} floats and {len(meta['numbers'])} numbers for {n} atoms")
     arrays = arrays.reshape(2, n, 3).astype(np.float64)  # a writable native copy
+    charge, spin = charge_spin.checked(meta["numbers"], meta["charge"], meta["spin"], meta["id"])
     return Record(
         structure_id=meta["id"],
         source=meta["source"],
@@ -87,8 +91,8 @@ def decode(sample: dict) -> Record:
         positions=arrays[0],
         energy=float(meta["energy"]),
         forces=arrays[1],
-        charge=int(meta["charge"]),
-        spin=int(meta["spin"]),
+        charge=charge,
+        spin=spin,
     )
 
 
@@ -181,7 +185,10 @@ def _finish(name, row, sample, natoms, start, wanted):
                          "(truncated or altered)")
     if row < start or (wanted is not None and not wanted[row - start]):
         return row, None
-    record = decode(sample)
+    try:
+        record = decode(sample)
+    except ValueError as error:
+        raise ShardError(f"shard {name}: row {row}: {error}") from error
     if record.natoms != natoms[row]:
         raise ShardError(f"shard {name}: row {row} ({record.structure_id}) has {record.natoms} atoms, "
                          f"index records {natoms[row]}; the shard does not match its index")

@@ -14,6 +14,8 @@ Every structure is read one at a time (constant memory). Its stable id is
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ import ase.io
 import numpy as np
 from scipy.spatial import cKDTree
 
-from datapipe import keys
+from datapipe import charge_spin, keys
 from datapipe.shards import Record
 
 #: Extensions picked up when a directory is given as input.
@@ -46,20 +48,29 @@ REASONS = (
 
 
 def expand_inputs(inputs) -> list[Path]:
-    """Files named by ``inputs`` (files, or directories searched recursively for
-    :data:`KNOWN_SUFFIXES`), sorted by stem. Raises ValueError on a missing path, an empty
-    result, or two files with the same stem (their ids would collide)."""
+    """Files named by ``inputs``: files, directories (searched recursively for
+    :data:`KNOWN_SUFFIXES`, whatever their case: ``.aselmdb`` and ``.ASELMDB`` alike) or glob
+    patterns (``"omol/train/*.aselmdb"``), sorted by stem.
+
+    Raises ValueError on a missing path, a pattern that matches nothing, an empty result, or two
+    files with the same stem (their ids would collide)."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     files: list[Path] = []
-    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+    for item in items:
         path = Path(item)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in KNOWN_SUFFIXES))
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in KNOWN_SUFFIXES))
         elif path.is_file():
             files.append(path)
+        elif glob.has_magic(os.fspath(item)):
+            matches = sorted(Path(m) for m in glob.glob(os.fspath(item), recursive=True))
+            if not matches:
+                raise ValueError(f"input pattern {os.fspath(item)!r} matches no file")
+            files.extend(m for m in matches if m.is_file())
         else:
             raise ValueError(f"input {os.fspath(path)!r} does not exist")
     if not files:
-        raise ValueError(f"no input files found in {list(map(str, [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs))}")
+        raise ValueError(f"no input files found in {[os.fspath(i) for i in items]}")
     stems: dict[str, Path] = {}
     for path in files:
         if path.stem in stems and stems[path.stem].resolve() != path.resolve():
@@ -69,12 +80,31 @@ def expand_inputs(inputs) -> list[Path]:
     return sorted(stems.values(), key=lambda p: p.stem)
 
 
+def open_database(path: Path):
+    """An ASE database over ``path`` opened read-only through its backend, chosen explicitly.
+
+    ``.aselmdb`` (any case) is opened as type ``"aselmdb"`` (the LMDB backend of the
+    ``ase-db-backends`` package, which OMol25 uses) rather than left to ASE's guess from the file
+    name, which fails on ``.ASELMDB`` or a renamed file; ``.db`` as ASE's SQLite.
+
+    Raises
+    ------
+    ImportError
+        naming the package to install when the LMDB backend is missing.
+    """
+    if path.suffix.lower() == ".aselmdb":
+        missing = [name for name in ("ase_db_backends", "lmdb") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ImportError(f"{path}: reading .aselmdb needs the LMDB backend of ASE databases; install it with "
+                              "`pip install ase-db-backends` (it brings `lmdb`)")
+        return ase.db.connect(os.fspath(path), type="aselmdb", readonly=True)
+    return ase.db.connect(os.fspath(path), type="db")
+
+
 def iter_atoms(path: Path) -> Iterator:
     """Stream ``ase.Atoms`` from one file, ``row.data`` merged into ``atoms.info`` for databases."""
-    suffix = path.suffix.lower()
-    if suffix in (".aselmdb", ".db"):
-        kwargs = {"readonly": True} if suffix == ".aselmdb" else {}
-        db = ase.db.connect(os.fspath(path), **kwargs)
+    if path.suffix.lower() in (".aselmdb", ".db"):
+        db = open_database(path)
         try:
             for row in db.select():
                 atoms = row.toatoms()
@@ -137,10 +167,9 @@ def check(atoms, structure_id: str, source: str) -> tuple[Record | None, str | N
     info = atoms.info
     defaulted = "charge" not in info or "spin" not in info
     try:
-        charge_value, spin_value = float(info.get("charge", 0)), float(info.get("spin", 1))
-    except (TypeError, ValueError):
-        return None, REASONS[9], f"charge {info.get('charge')!r}, spin {info.get('spin')!r}", False
-    if not (charge_value.is_integer() and spin_value.is_integer() and spin_value >= 1):
-        return None, REASONS[9], f"charge {charge_value}, spin {spin_value} (need integers, spin >= 1)", False
-    record = Record(structure_id, source, numbers, positions, energy, forces, int(charge_value), int(spin_value))
+        charge_value, spin_value = charge_spin.checked(numbers, info.get("charge", 0), info.get("spin", 1),
+                                                       structure_id)
+    except ValueError as error:
+        return None, REASONS[9], str(error).removeprefix(f"structure {structure_id!r}: "), False
+    record = Record(structure_id, source, numbers, positions, energy, forces, charge_value, spin_value)
     return record, None, "", defaulted

@@ -7,8 +7,10 @@ Layout of ``RUN_DIR/checkpoints/step-XXXXXXXX/``::
                                        client_state = the training counters)
     loader-rank00000.json, ...         each rank's StreamingLoader.state_dict() (JSON)
 
-A checkpoint is written into ``step-XXXXXXXX.partial`` and renamed once every rank has finished,
-so a run killed while saving leaves no half checkpoint that ``--resume`` could pick up.
+A checkpoint is written into ``step-XXXXXXXX.partial``, flushed to disk and renamed once every rank
+has finished, so a run killed while saving leaves no half checkpoint that ``--resume`` could pick
+up; a rank that cannot write (disk full) makes every rank raise :class:`CheckpointError` and
+leaves the earlier checkpoints as they were.
 The DeepSpeed part is DeepSpeed's own format (``torch.save``); it is only read back by
 ``engine.load_checkpoint`` of a resumed run — the model-facing files need no pickle.
 """
@@ -18,10 +20,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from launcher.engine import Runtime, barrier
+from launcher import faults
+from launcher.engine import Runtime, all_gather_objects, barrier
 from launcher.errors import UserError
 from zoo.hub.checkpoint import METADATA, save_checkpoint
 
@@ -38,6 +41,10 @@ class TrainState:
     ``forward_flops`` their forward FLOPs (for the measured κ); ``train_time_s`` the rank-0 time
     spent in training steps (loading included; validation and checkpoints excluded),
     ``train_cpu_time_s`` the CPU time of all ranks in them (rank 0's process CPU time × world size).
+    ``skipped_*`` count what was not trained on (:mod:`launcher.health`): steps skipped by every
+    rank (non-finite loss or gradient, a rank without readable data) and the structures/atoms of
+    those steps and of unreadable shards (``--skip-bad-shards``); ``skips`` their records (the
+    first :data:`launcher.health.MAX_RECORDS`); ``consecutive_skips`` the current run of skips.
     """
 
     step: int = 0
@@ -49,6 +56,11 @@ class TrainState:
     model_atoms: int = 0
     train_time_s: float = 0.0
     train_cpu_time_s: float = 0.0
+    skipped_steps: int = 0
+    skipped_structures: int = 0
+    skipped_atoms: int = 0
+    consecutive_skips: int = 0
+    skips: list = field(default_factory=list)
 
 
 def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -63,6 +75,11 @@ def save(run_dir, step: int, engine, eval_model, state: TrainState, loader_state
          metadata: dict, runtime: Runtime) -> Path:
     """Write one checkpoint (collective: every rank must call it).
 
+    Everything goes into ``step-XXXXXXXX.partial``; once every rank has written and flushed its
+    files to disk (``fsync``), rank 0 renames it to ``step-XXXXXXXX`` and syncs the directory, so
+    a crash at any moment (``kill -9``, power loss) leaves either the complete checkpoint or none
+    (the partial directory is removed by the next save or ignored by :func:`find`).
+
     Parameters
     ----------
     engine : the DeepSpeed engine (its ``save_checkpoint`` is collective).
@@ -70,18 +87,40 @@ def save(run_dir, step: int, engine, eval_model, state: TrainState, loader_state
     state : the counters, stored in DeepSpeed's ``client_state``.
     loader_state : this rank's ``loader.state_dict()``, JSON-serialisable.
     metadata : the checkpoint's metadata (see :mod:`zoo.hub.checkpoint`).
+
+    Raises
+    ------
+    CheckpointError
+        on every rank if any rank could not write (disk full, quota, permissions): the partial
+        directory is removed and the previous checkpoints are untouched.
     """
     final = step_dir(run_dir, step)
     partial = final.with_name(final.name + ".partial")
     if runtime.is_main and partial.exists():
         shutil.rmtree(partial)
     barrier()
-    engine.save_checkpoint(str(partial / DS_DIR), tag=DS_TAG, client_state={"train_state": asdict(state)},
-                           save_latest=False)
-    (partial / _loader_file(runtime.rank)).write_text(json.dumps(loader_state))
-    if runtime.is_main:
-        save_checkpoint(partial, eval_model, metadata)
-    barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(partial / DS_DIR), tag=DS_TAG, client_state={"train_state": asdict(state)},
+                               save_latest=False)
+        faults.maybe_kill("kill-in-checkpoint", step, runtime.rank)
+        (partial / _loader_file(runtime.rank)).write_text(json.dumps(loader_state))
+        if runtime.is_main:
+            faults.maybe_disk_full(step, runtime.rank, partial / "model.safetensors")
+            save_checkpoint(partial, eval_model, metadata)
+        _sync_tree(partial)
+    except (OSError, RuntimeError) as exc:  # disk full, quota, permissions (torch.save raises RuntimeError)
+        error = f"rank {runtime.rank}: {type(exc).__name__}: {exc}"
+    errors = [e for e in all_gather_objects(error) if e]
+    if errors:
+        if runtime.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        barrier()
+        full = " (the disk is full)" if any("No space left" in e for e in errors) else ""
+        raise CheckpointError(f"could not write checkpoint {final}{full}: {'; '.join(errors)}. The partial checkpoint "
+                              f"was removed; earlier checkpoints are intact (latest complete: {_latest(run_dir)}). "
+                              "Free space (or move the run directory), then continue with "
+                              f"`--resume {Path(run_dir)}`")
     if runtime.is_main:
         if final.exists():  # the same step saved again by a resumed run
             shutil.rmtree(final)
@@ -89,8 +128,40 @@ def save(run_dir, step: int, engine, eval_model, state: TrainState, loader_state
         latest = final.parent / "latest"
         latest.with_suffix(".tmp").write_text(final.name + "\n")
         os.replace(latest.with_suffix(".tmp"), latest)
+        _sync_dir(final.parent)
     barrier()
     return final
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the cause and what is intact."""
+
+
+def _latest(run_dir) -> str:
+    try:
+        return str(find(run_dir))
+    except FileNotFoundError:
+        return "none yet"
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """``fsync`` every file this process can see under ``root`` and the directories holding them."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(Path(folder))
 
 
 def find(path: str | os.PathLike) -> Path:
@@ -100,6 +171,9 @@ def find(path: str | os.PathLike) -> Path:
     Raises ``UserError`` if there is none, or if ``path`` is a checkpoint whose engine state was pruned.
     """
     path = Path(path)
+    if path.name.endswith(".partial"):
+        raise FileNotFoundError(f"--resume {path}: an unfinished checkpoint (written when the run stopped); "
+                                f"resume from the run directory {path.parent.parent} instead")
     if (path / METADATA).is_file():
         if (path / DS_DIR).is_dir():
             return path

@@ -82,6 +82,10 @@ class TrainConfig:
     log_every: int = 10
     keep_engine_state: int = 2  # checkpoints that keep the resumable engine state (weights: every one)
     resume: str | None = None
+    # faults (launcher.health, launcher.engine)
+    max_consecutive_skips: int = 5  # stop after this many skipped (non-finite) steps in a row; 0 = never
+    skip_bad_shards: bool = False  # skip (count, record) unreadable structures instead of stopping
+    dist_timeout_s: float = 1800.0  # how long a rank waits for the others (joining, any collective)
 
     def learning_rate(self, width: int) -> float:
         """The learning rate of this run (explicit ``lr`` or the width-transferred one)."""
@@ -203,6 +207,13 @@ def parser() -> argparse.ArgumentParser:
                         "checkpoints; the weights and metadata of every checkpoint are kept")
     p.add_argument("--resume", default=None, help="RUN_DIR or checkpoint dir to continue (same run)")
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
+    p.add_argument("--max-consecutive-skips", type=int, default=d.max_consecutive_skips,
+                   help="stop after this many consecutive steps skipped for a non-finite loss or gradient (0: never)")
+    p.add_argument("--skip-bad-shards", action="store_true",
+                   help="skip the structures of a shard that cannot be read (counted, recorded in checkpoints, not "
+                        "in D) instead of stopping the run")
+    p.add_argument("--dist-timeout", type=float, default=d.dist_timeout_s, metavar="SECONDS",
+                   help="how long a rank waits for the others to join or to reach a collective before it stops")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -215,6 +226,10 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         check_ranges(a)
     except UserError as error:
         p.error(str(error))
+    if a.max_consecutive_skips < 0:
+        p.error("--max-consecutive-skips must be >= 0")
+    if not a.dist_timeout > 0:
+        p.error("--dist-timeout must be > 0 seconds")
     explicit = {}
     if a.zero_stage is not None:
         explicit["zero_stage"] = a.zero_stage
@@ -250,6 +265,9 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         log_every=a.log_every,
         keep_engine_state=a.keep_engine_state,
         resume=a.resume,
+        max_consecutive_skips=a.max_consecutive_skips,
+        skip_bad_shards=a.skip_bad_shards,
+        dist_timeout_s=a.dist_timeout,
     )
 
 
@@ -368,6 +386,8 @@ def deepspeed_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
     if bf16 and not bf16_supported:
         raise UserError("bf16 asked for but this device does not support it (use --precision fp32)")
     config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
+    if bf16:  # DeepSpeed then discards non-finite bf16 gradients instead of applying them (launcher.health)
+        config["bf16"].setdefault("check_grad_overflow", True)
     config.pop("train_batch_size", None)
     config["train_micro_batch_size_per_gpu"] = 1
     config["gradient_accumulation_steps"] = 1

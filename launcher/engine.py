@@ -37,8 +37,10 @@ import logging
 import os
 import socket
 import sys
+import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -96,8 +98,18 @@ def setup_environment() -> None:
         torch.set_num_threads(min(threads, int(user)) if user and user.isdigit() else threads)
 
 
-def init_distributed() -> Runtime:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
+def init_distributed(timeout_s: float = 1800.0) -> Runtime:
+    """Initialise torch.distributed (gloo on CPU, NCCL on CUDA) and hand it to DeepSpeed.
+
+    Every rank first checks in at the job's rendezvous store (:func:`rendezvous`), so that a rank
+    that never starts is named after ``timeout_s`` instead of leaving the others waiting; the
+    process group then uses the same store and ``timeout_s`` for every collective.
+
+    Raises
+    ------
+    RankLost
+        naming the ranks that did not join within ``timeout_s`` (or the unreachable store host).
+    """
     setup_environment()
     import deepspeed
 
@@ -111,11 +123,96 @@ def init_distributed() -> Runtime:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    backend = "nccl" if cuda else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if not torch.distributed.is_initialized():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = rendezvous(rank, world, timeout_s)
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     return Runtime(rank, world, local_rank, device, bf16)
+
+
+class RankLost(RuntimeError):
+    """A rank died, hangs or never joined; the message names it and says what to do."""
+
+
+#: the job's rendezvous store (a PrefixStore), set by :func:`rendezvous`
+_STORE = None
+
+
+def rendezvous(rank: int, world: int, timeout_s: float):
+    """Check in at the job's key-value store (``MASTER_ADDR:MASTER_PORT``) and wait for every rank.
+
+    Rank 0 hosts the store, unless torchrun's agent already does (``TORCHELASTIC_USE_AGENT_STORE``).
+    Each rank sets ``joined/<rank>``; all wait up to ``timeout_s`` for the others' keys. The
+    store (prefixed per torchrun restart) is returned for ``init_process_group``.
+
+    Raises
+    ------
+    RankLost
+        naming the ranks missing after ``timeout_s``, or the store host if it cannot be reached.
+    """
+    global _STORE
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        base = torch.distributed.TCPStore(host, port, world, is_master=rank == 0 and not agent, timeout=timeout,
+                                          wait_for_workers=False)
+    except (RuntimeError, OSError) as error:
+        raise RankLost(f"rank {rank}: could not reach the job's rendezvous at {host}:{port} within {timeout_s:.0f} s "
+                       f"(rank 0 hosts it: did rank 0 start, and is {host}:{port} reachable from this host?) "
+                       f"[{type(error).__name__}: {error}]") from None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = torch.distributed.PrefixStore(f"symscale/{attempt}/", base)
+    store.set(f"joined/{rank}", socket.gethostname())
+    keys = [f"joined/{r}" for r in range(world)]
+    try:
+        store.wait(keys, timeout)
+    except (RuntimeError, OSError):
+        missing = [r for r in range(world) if not store.check([f"joined/{r}"])]
+        raise RankLost(f"rank {rank}: rank(s) {missing} of {world} did not join within {timeout_s:.0f} s "
+                       f"(--dist-timeout); start them (same MASTER_ADDR/MASTER_PORT, WORLD_SIZE {world}) or start "
+                       "the job again with the ranks you have") from None
+    _STORE = store
+    return store
+
+
+def report_stop(rank: int, message: str) -> None:
+    """Best effort: leave this rank's reason for stopping in the rendezvous store for the others."""
+    if _STORE is not None:
+        try:
+            _STORE.set(f"stopped/{rank}", message[:2000])
+        except Exception:  # noqa: BLE001 - the store host may be the rank that died
+            pass
+
+
+def lost_ranks(rank: int, world: int, grace_s: float = 3.0) -> str:
+    """After a failed collective: which ranks stopped and why, from the store.
+
+    Every surviving rank reports itself (:func:`report_stop`) before asking; after ``grace_s`` a
+    rank that left no word is the one that died (killed, out of memory, host lost).
+    """
+    if _STORE is None:
+        return "the rendezvous store is not available"
+    deadline = time.time() + grace_s
+    try:
+        while True:
+            said = {r: _STORE.get(f"stopped/{r}").decode() for r in range(world) if _STORE.check([f"stopped/{r}"])}
+            silent = [r for r in range(world) if r not in said]
+            if not silent or time.time() > deadline:
+                break
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 - the store lives in rank 0's process
+        return "rank 0 (which hosts the job's rendezvous store) is gone: it died or its host is unreachable"
+    parts = [f"rank {r} stopped without a word (killed, out of memory, or its host was lost; see its log)"
+             for r in silent]
+    parts += [f"rank {r}: {text}" for r, text in sorted(said.items()) if r != rank and "collective failed" not in text]
+    return "; ".join(parts) or "every other rank reports a failed collective"
 
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, optimizer, runtime: Runtime):
@@ -153,3 +250,12 @@ def broadcast_object(value, src: int = 0):
     box = [value]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's picklable ``value``, in rank order (in-memory, trusted peers)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out

@@ -1,6 +1,7 @@
 """Setting up a training job: everything :func:`launcher.loop.train` needs before its first step.
 
-:func:`set_up` reads as the recipe's first half: ranks → run directory (fresh or resumed) → shards →
+:func:`set_up` reads as the recipe's first half: ranks (all checked in within ``--dist-timeout``) → run directory (fresh or resumed; locked against a
+second job) → shards →
 model with the data's normalisation → the architecture's pre-training hook (if its registry spec
 has one, e.g. fitted scale factors, computed on the same batches on every rank) → training
 stream → schedule-free AdamW → engine → evaluation copy → counters (restored on resume) → FLOP
@@ -24,11 +25,13 @@ import torch
 from launcher import checkpoint as ckpt
 from launcher.config import REPO, TrainConfig, deepspeed_config
 from launcher.data import Splits, prepare, rejected_summary
+from launcher.health import GradientWatch
 from launcher.engine import Runtime, broadcast_object, build_engine, init_distributed
 from launcher.errors import UserError
 from launcher.optim import build_optimizer
 from launcher.progress import Phase, RunLog
 from launcher.retention import check_disk, disk_plan, gb
+from launcher.runlock import RunDirectoryLocked, RunLock
 from launcher.throughput import device_peak
 from zoo.flops.counter import StepFlopCounter
 from zoo.hub.checkpoint import read_metadata
@@ -66,6 +69,8 @@ class Job:
     log: RunLog
     start_time: float  # time.time() when this process started the job
     wall_offset: float  # wall time of the run before this process (resumes)
+    gradient_watch: GradientWatch | None = None  # flags non-finite gradients (launcher.health)
+    lock: RunLock | None = None  # rank 0's hold on the run directory (launcher.runlock)
 
     @property
     def force_rms(self) -> float:
@@ -119,8 +124,22 @@ def checkpoint_steps_at(total: int, fractions) -> set[int]:
     return {min(total, max(1, round(f * total))) for f in fractions} | {total}
 
 
+def lock_run_dir(run_dir: Path, runtime: Runtime) -> RunLock | None:
+    """Rank 0 locks ``run_dir`` (:mod:`launcher.runlock`); every rank raises if another job holds it."""
+    lock, error = None, None
+    if runtime.is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except RunDirectoryLocked as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error:
+        raise RunDirectoryLocked(error)
+    return lock
+
+
 def make_loader(index, cfg: TrainConfig, runtime, cutoff: float, train: bool, max_atoms=None,
-                max_structures=None, single: bool = False):
+                max_structures=None, single: bool = False, skip_bad_shards: bool = False):
     """A loader over ``index``: the training stream (shuffled, budget ``max_atoms``), the
     validation set (index order; the first ``max_structures`` structures, the same subset at every
     checkpoint and for any number of ranks), or with ``single`` the stream as rank 0 of 1 sees it
@@ -139,11 +158,17 @@ def make_loader(index, cfg: TrainConfig, runtime, cutoff: float, train: bool, ma
         max_atoms=max_atoms,
         max_structures=max_structures,
         shuffle=train and not single,
+        skip_bad_shards=skip_bad_shards,
     )
 
 
+#: options a resumed run takes from its own command line rather than from the run's saved config
+OPERATIONAL = ("skip_bad_shards", "max_consecutive_skips", "dist_timeout_s")
+
+
 def resolve_run(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path | None]:
-    """(config, run dir, checkpoint to resume or None); a resumed run takes its saved config."""
+    """(config, run dir, checkpoint to resume or None); a resumed run takes its saved config, except
+    the :data:`OPERATIONAL` options, which come from this command line."""
     if cfg.resume:
         checkpoint = ckpt.find(cfg.resume)
         run_dir = ckpt.run_dir_of(checkpoint)
@@ -151,6 +176,8 @@ def resolve_run(cfg: TrainConfig) -> tuple[TrainConfig, Path, Path | None]:
             raise UserError(f"--resume {cfg.resume}: {run_dir} holds no config.json (not a run directory)")
         saved = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text()))
         saved.resume = str(checkpoint)
+        for name in OPERATIONAL:  # how to meet faults is chosen per invocation, not fixed by the run
+            setattr(saved, name, getattr(cfg, name))
         return saved, run_dir, checkpoint
     if cfg.width is None:
         cfg.width = get_spec(cfg.model).default_width
@@ -189,9 +216,10 @@ def run_pretrain_hook(hook: PretrainHook | None, cfg: TrainConfig, model: ForceF
 
 def set_up(cfg: TrainConfig) -> Job:
     """Build everything of a run (or of its resumption) on this rank; see the module docstring."""
-    runtime = init_distributed()
+    runtime = init_distributed(cfg.dist_timeout_s)
     start_time = time.time()
     cfg, run_dir, resume_from = resolve_run(cfg)
+    lock = lock_run_dir(run_dir, runtime)
     bf16 = deepspeed_config(cfg, runtime.bf16_supported)["bf16"]["enabled"]  # refuse a bad one before any work
     splits = prepare(cfg, runtime)
     spec = get_spec(cfg.model)
@@ -201,7 +229,8 @@ def set_up(cfg: TrainConfig) -> Job:
     model.set_normalization(splits.train.element_references, splits.train.force_rms)
     cutoff = model.data_cutoff
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    loader = make_loader(splits.train, cfg, runtime, cutoff, train=True, max_atoms=cfg.max_atoms)
+    loader = make_loader(splits.train, cfg, runtime, cutoff, train=True, max_atoms=cfg.max_atoms,
+                         skip_bad_shards=cfg.skip_bad_shards)
     total = int(loader.steps)
     schedule = (checkpoint_steps_at(total, cfg.checkpoint_at) if cfg.checkpoint_at
                 else checkpoint_steps(total, cfg.checkpoint_fraction))
@@ -244,7 +273,7 @@ def set_up(cfg: TrainConfig) -> Job:
               cpu_time_mfu=cpu_time_mfu, disk=disk, hook=spec.pretrain, pretrain=pretrain,
               code_version=code_version(), schedule=schedule,
               log=RunLog(run_dir, total, state.step, runtime.is_main), start_time=start_time,
-              wall_offset=state.wall_time_s)
+              wall_offset=state.wall_time_s, gradient_watch=GradientWatch(engine.module), lock=lock)
     announce(job)
     return job
 

@@ -8,6 +8,14 @@ run and the end) :func:`validate_and_save` (averaged weights → validation on t
 the end also on the whole split → checkpoint with throughput, MFU and κ; the engine state of all
 but the last ``--keep-engine-state`` checkpoints pruned, :mod:`launcher.retention`). Validation and
 checkpoint writing show their own progress (:meth:`launcher.progress.RunLog.phase`).
+
+Faults are met by every rank alike (:mod:`launcher.health`): an unreadable shard stops the run
+naming it and the checkpoint to resume from (or, with ``--skip-bad-shards``, its structures are
+skipped and counted); a non-finite loss or gradient skips the step on every rank (counted, logged
+with the batch's structure ids, recorded in the checkpoint's ``skipped``; the run stops after
+``--max-consecutive-skips`` in a row); a rank that dies is named by the others
+(:func:`launcher.health.stop_together`). ``SYMSCALE_FAULT`` injects these faults for the tests
+(:mod:`launcher.faults`).
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ import torch
 
 from datapipe import keys
 from launcher import checkpoint as ckpt
+from launcher import faults, health
 from launcher.config import TrainConfig
 from launcher.data import rejected_summary
+from launcher.engine import all_gather_objects, all_reduce_sum
 from launcher.job import Job, make_loader, set_up
 from launcher.loss import global_loss, loss_terms
 from launcher.optim import averaged_weights
@@ -51,20 +61,22 @@ def train(cfg: TrainConfig) -> dict:
     metrics, window = {}, Window()
     job.engine.train()
     tick, cpu_tick = time.time(), time.process_time()
-    for batch in job.loader:
-        step = train_step(job, batch)
-        now, cpu_now = time.time(), time.process_time()
-        step.seconds, step.cpu_seconds, tick, cpu_tick = now - tick, cpu_now - cpu_tick, now, cpu_now
-        count(job, step)
-        window.add(step)
-        if job.state.step % job.cfg.log_every == 0 or job.state.step in job.schedule:
-            window = window.report(job)
-        if job.state.step in job.schedule:
-            job.state.wall_time_s = job.wall_time()
-            metrics = validate_and_save(job, final=job.state.step == job.total)
-            tick, cpu_tick = time.time(), time.process_time()
-        if kill_at and job.state.step == kill_at and job.runtime.is_main:
-            os.kill(os.getpid(), signal.SIGKILL)
+    with health.stop_together(job.runtime.rank, job.runtime.world_size, lambda: job.state.step, job.run_dir):
+        for batch in health.batches(job.loader):  # an unreadable shard: a DataFault, met by every rank
+            faults.maybe_kill("exit", job.state.step + 1, job.runtime.rank)
+            step = train_step(job, batch)
+            now, cpu_now = time.time(), time.process_time()
+            step.seconds, step.cpu_seconds, tick, cpu_tick = now - tick, cpu_now - cpu_tick, now, cpu_now
+            count(job, step)
+            window.add(step)
+            if job.state.step % job.cfg.log_every == 0 or job.state.step in job.schedule:
+                window = window.report(job)
+            if job.state.step in job.schedule:
+                job.state.wall_time_s = job.wall_time()
+                metrics = validate_and_save(job, final=job.state.step == job.total)
+                tick, cpu_tick = time.time(), time.process_time()
+            if kill_at and job.state.step == kill_at and job.runtime.is_main:
+                os.kill(os.getpid(), signal.SIGKILL)
     return finish(job, metrics)
 
 
@@ -73,13 +85,16 @@ class Step:
     """What one training step did, global over ranks."""
 
     loss: dict  # global loss terms (normalised units): loss, energy_loss, force_loss, atoms, …
-    structures: int  # original training structures (rotated copies not counted)
-    atoms: int  # original training atoms
+    structures: int  # original training structures trained on (rotated copies not counted)
+    atoms: int  # original training atoms trained on
     model_atoms: float  # atoms the model was evaluated on (× (M + 1) with the symmetry loss)
-    flops: int  # FLOPs of the step (forward, loss, backward)
+    flops: int  # FLOPs of the step (forward, loss, backward; those spent on a skipped step)
     forward_flops: int
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU time in the step
+    skip: dict | None = None  # the record of a step every rank skipped (launcher.health.skip_record)
+    unread: tuple[int, int] = (0, 0)  # (structures, atoms) of unreadable shards skipped (--skip-bad-shards)
+    unread_records: list = field(default_factory=list)
 
 
 def rotation_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -90,22 +105,66 @@ def rotation_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 def train_step(job: Job, batch) -> Step:
-    """Forward, global loss, backward and optimizer step on one batch (collective)."""
-    cfg, runtime = job.cfg, job.runtime
+    """Forward, global loss, backward and optimizer step on one batch (collective).
+
+    Every rank takes the same decision (:mod:`launcher.health`): stop if a rank's data failed,
+    skip the step if a rank has no readable structure, or if the global loss or any gradient is
+    not finite.
+    """
+    cfg, runtime, step_number = job.cfg, job.runtime, job.state.step + 1
+    unread_local = job.loader.last_skipped if cfg.skip_bad_shards else []
+    if not health.agree_on_batch(batch, runtime.rank, runtime.device, step_number, job.run_dir):
+        own = [] if batch is None else list(batch[keys.STRUCTURE_ID])
+        return skipped_step(job, "a rank's whole batch was in unreadable shards", 0, unread_local, batch, own)
     original = [float(batch.num_graphs), float(batch[keys.NATOMS].sum())]
+    unread = [float(len(unread_local)), float(sum(r["atoms"] for r in unread_local))]
+    ids, plain = list(batch[keys.STRUCTURE_ID]), batch
     if cfg.symmetry_loss:  # original + M rotated copies; the global mean loss averages over them
-        batch = with_rotated_copies(batch, cfg.symmetry_loss,
-                                    rotation_generator(cfg.seed, job.state.step + 1, runtime.rank))
+        batch = with_rotated_copies(batch, cfg.symmetry_loss, rotation_generator(cfg.seed, step_number, runtime.rank))
     batch = batch.to(runtime.device)
     parts = job.counter.breakdown(batch)
-    prediction = job.engine(batch)
-    terms = loss_terms(prediction, batch, job.force_rms)
-    loss, stats = global_loss(terms, extra=[*original, float(parts["total"]), float(parts["forward"])])
+    prediction = faults.maybe_poison(job.engine(batch), step_number, runtime.rank)
+    terms = loss_terms(prediction, batch, job.force_rms, strict=False)
+    loss, stats = global_loss(terms, extra=[*original, float(parts["total"]), float(parts["forward"]), *unread])
+    structures, atoms, flops, forward, *unread = (round(v) for v in stats["extra"])
+    if stats["nonfinite"]:  # the same global count on every rank: all skip backward and step
+        return skipped_step(job, "non-finite loss", forward, unread_local, plain, ids, sorted(set(terms.nonfinite)))
     job.engine.backward(loss)
+    if job.gradient_watch.global_count(runtime.device):
+        health.discard_gradients(job.engine)
+        return skipped_step(job, "non-finite gradient", flops, unread_local, plain, ids)
     job.engine.step()
-    structures, atoms, flops, forward = (round(v) for v in stats["extra"])
+    records = unread_records(unread_local) if unread[0] else []
     return Step(loss=stats, structures=structures, atoms=atoms, model_atoms=stats["atoms"], flops=flops,
-                forward_flops=forward)
+                forward_flops=forward, unread=tuple(unread), unread_records=records)
+
+
+def skipped_step(job: Job, reason: str, flops: int, unread_local: list, batch, ids: list,
+                 flagged: list | None = None) -> Step:
+    """Collective: the :class:`Step` of a step every rank skips; its structures are counted as skipped.
+
+    ``batch`` is this rank's original batch (None: nothing readable), ``ids`` its structure ids,
+    ``flagged`` those with a non-finite error.
+    """
+    own = [0.0, 0.0] if batch is None else [float(batch.num_graphs), float(batch[keys.NATOMS].sum())]
+    unread = [float(len(unread_local)), float(sum(r["atoms"] for r in unread_local))]
+    structures, atoms, *unread = (round(v) for v in all_reduce_sum([*own, *unread], job.runtime.device))
+    record = health.skip_record(job.state.step + 1, reason, ids, structures, atoms, flagged)
+    job.log.say(f"[yellow]step {record['step']} skipped on every rank: {reason}[/] ({structures} structures, "
+                f"{atoms} atoms not trained on; {len(record['flagged_ids'])} flagged: {record['flagged_ids'][:4]})")
+    return Step(loss={}, structures=0, atoms=0, model_atoms=0, flops=flops, forward_flops=0, skip=record,
+                unread=tuple(unread), unread_records=unread_records(unread_local))
+
+
+def unread_records(local: list) -> list:
+    """Collective: the unreadable structures of this step on every rank, one record per shard."""
+    every = [r for part in all_gather_objects(local) for r in part]
+    by_shard: dict = {}
+    for r in every:
+        entry = by_shard.setdefault(r["shard"], {"shard": r["shard"], "rows": [], "atoms": 0, "error": r["error"]})
+        entry["rows"].append(r["row"])
+        entry["atoms"] += r["atoms"]
+    return list(by_shard.values())
 
 
 def count(job: Job, step: Step) -> None:
@@ -121,6 +180,26 @@ def count(job: Job, step: Step) -> None:
         state.flops += step.flops
     if state.forward_flops is not None:  # None: resumed from a checkpoint before κ was measured
         state.forward_flops += step.forward_flops
+    state.skipped_structures += step.unread[0]  # unreadable structures (--skip-bad-shards): never in D
+    state.skipped_atoms += step.unread[1]
+    new = [{"step": state.step, "reason": "unreadable shard", **r} for r in step.unread_records]
+    if step.skip is None:
+        state.consecutive_skips = 0
+    else:
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        state.skipped_structures += step.skip["structures"]
+        state.skipped_atoms += step.skip["atoms"]
+        new.append(step.skip)
+        job.log.record("skip", consecutive=state.consecutive_skips, **step.skip)
+    for record in new[:max(0, health.MAX_RECORDS - len(state.skips))]:
+        state.skips.append(record)
+    if step.unread_records:
+        job.log.record("unread", step=state.step, shards=step.unread_records)
+        job.log.say(f"[yellow]step {state.step}: skipped {step.unread[0]} unreadable structures ({step.unread[1]} "
+                    f"atoms) of {', '.join(r['shard'] for r in step.unread_records)}[/]")
+    if step.skip is not None:
+        health.check_consecutive(state.consecutive_skips, job.cfg.max_consecutive_skips, step.skip, job.run_dir)
 
 
 @dataclass
@@ -138,6 +217,12 @@ class Window:
     last: Step | None = None
 
     def add(self, step: Step) -> None:
+        if step.skip is not None:  # spent compute, nothing trained: FLOPs only (they sum to the count)
+            self.step_flops.append(step.flops)
+            self.flops += step.flops
+            self.seconds += step.seconds
+            self.cpu_seconds += step.cpu_seconds
+            return
         self.step_flops.append(step.flops)
         self.seconds += step.seconds
         self.cpu_seconds += step.cpu_seconds
@@ -149,7 +234,10 @@ class Window:
         self.last = step
 
     def report(self, job: Job) -> Window:
-        """Write the ``train`` record and the progress line; returns a fresh window."""
+        """Write the ``train`` record and the progress line; returns a fresh window (this one, kept,
+        when every step since the last record was skipped)."""
+        if self.last is None:
+            return self
         state, stats = job.state, self.last.loss
         cpu = self.cpu_seconds * job.runtime.world_size if job.cpu_time_mfu else None
         speed = rates(self.seconds, self.atoms, self.structures, self.flops, job.peak, cpu)
@@ -224,6 +312,8 @@ def checkpoint_metadata(job: Job, metrics: dict, full: dict | None) -> dict:
         atoms_seen_note="original training atoms; rotated copies of the symmetry loss not counted"
         if cfg.symmetry_loss else None,
         flops_note=None if state.flops is not None else "resumed from a run that did not count FLOPs from its start",
+        skipped={"steps": state.skipped_steps, "structures": state.skipped_structures, "atoms": state.skipped_atoms,
+                 "records": state.skips},
         extra={job.hook.metadata_key: job.pretrain} if job.hook is not None else {},
     ).to_json()
 
@@ -241,7 +331,12 @@ def finish(job: Job, metrics: dict) -> dict:
                 f"(zero-force {metrics.get('zero_force_mae_mev_per_A', float('nan')):.1f}); full split "
                 f"({full.get('structures', 0)} structures): {full.get('force_mae_mev_per_A', float('nan')):.1f} "
                 f"meV/Å (zero-force {full.get('zero_force_mae_mev_per_A', float('nan')):.1f})")
+    if state.skipped_steps or state.skipped_structures:
+        job.log.say(f"[yellow]not trained on: {state.skipped_steps} skipped steps, {state.skipped_structures} "
+                    f"structures ({state.skipped_atoms} atoms); recorded in the checkpoints' metadata (skipped)[/]")
     job.log.close()
+    if job.lock is not None:
+        job.lock.release()
     return metrics
 
 

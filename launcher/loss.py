@@ -18,7 +18,7 @@ ranks then yields the gradient of the global mean exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -33,46 +33,51 @@ class LossTerms:
     energy_sum : scalar tensor, Σ_b |ΔE_b| / (n_b σ) (differentiable).
     force_sum : scalar tensor, Σ_i ‖ΔF_i‖₂ / σ (differentiable).
     structures, atoms : counts of this rank's batch.
+    nonfinite : ids of the structures whose energy or force error is not finite (empty when all are).
     """
 
     energy_sum: torch.Tensor
     force_sum: torch.Tensor
     structures: int
     atoms: int
+    nonfinite: list = field(default_factory=list)
 
 
-def loss_terms(prediction: dict[str, torch.Tensor], batch, force_rms: float) -> LossTerms:
+def loss_terms(prediction: dict[str, torch.Tensor], batch, force_rms: float, strict: bool = True) -> LossTerms:
     """Per-rank sums of the normalised energy and force errors.
 
     Parameters
     ----------
-    prediction : ``{"energy": [B] eV, "forces": [N, 3] eV/Å}`` from a zoo model.
+    prediction : the model's ``{"energy": [B] eV, "forces": [N, 3] eV/Å}``.
     batch : the torch-geometric batch with reference ``energy`` ``[B]``, ``forces`` ``[N, 3]``
         and ``natoms`` ``[B]``.
     force_rms : σ, eV/Å.
+    strict : raise on a non-finite error (validation); False (training) records the structures in
+        :attr:`LossTerms.nonfinite` instead, so that every rank can take the same decision after
+        the global all-reduce (:func:`global_loss`) rather than one rank raising while the others
+        wait in a collective.
 
     Raises
     ------
     ValueError
-        if a prediction or label is not finite (naming the first structure affected).
+        with ``strict``, if a prediction or label is not finite (naming the first structure affected).
     """
     natoms = batch[keys.NATOMS].to(torch.float64)  # [B]
     energy_error = (prediction[keys.ENERGY].double() - batch[keys.ENERGY].double()).abs()  # [B] eV
     force_error = prediction[keys.FORCES].float() - batch[keys.FORCES].float()  # [N, 3] eV/Å
     energy_sum = (energy_error / natoms).sum() / force_rms
     force_sum = torch.linalg.vector_norm(force_error, dim=-1).sum() / force_rms
+    nonfinite = []
     if not (torch.isfinite(energy_sum) and torch.isfinite(force_sum)):
-        bad = ~torch.isfinite(energy_error)
-        if not bool(bad.any()):
-            per_structure = torch.zeros_like(energy_error).index_add(
-                0, batch[keys.BATCH], force_error.detach().abs().sum(-1).double()
-            )
-            bad = ~torch.isfinite(per_structure)
-        index = int(bad.nonzero()[0, 0])
+        per_structure = energy_error.detach() + torch.zeros_like(energy_error).index_add(
+            0, batch[keys.BATCH], force_error.detach().abs().sum(-1).double()
+        )  # [B]
         ids = getattr(batch, keys.STRUCTURE_ID, None)
-        name = ids[index] if isinstance(ids, (list, tuple)) else f"#{index}"
-        raise ValueError(f"structure {name!r}: non-finite energy or force error in the loss")
-    return LossTerms(energy_sum, force_sum, int(natoms.numel()), int(natoms.sum().item()))
+        nonfinite = [ids[i] if isinstance(ids, (list, tuple)) else f"#{i}"
+                     for i in (~torch.isfinite(per_structure)).nonzero()[:, 0].tolist()]
+        if strict:
+            raise ValueError(f"structure {nonfinite[0]!r}: non-finite energy or force error in the loss")
+    return LossTerms(energy_sum, force_sum, int(natoms.numel()), int(natoms.sum().item()), nonfinite)
 
 
 def global_loss(terms: LossTerms, extra: list[float] | None = None) -> tuple[torch.Tensor, dict]:
@@ -84,13 +89,16 @@ def global_loss(terms: LossTerms, extra: list[float] | None = None) -> tuple[tor
     Returns
     -------
     loss : scalar tensor, ``world_size · (energy_sum / B_global + force_sum / N_global)``.
-    stats : ``{"loss", "energy_loss", "force_loss"}`` global means (floats, normalised units),
-        ``{"structures", "atoms"}`` global counts and ``"extra"`` (the summed list).
+    stats : ``{"loss", "energy_loss", "force_loss"}`` global means (floats, normalised units; over
+        the finite ranks' sums), ``{"structures", "atoms"}`` global counts, ``"nonfinite"`` the
+        number of structures with a non-finite error on all ranks (the same on every rank: skip
+        the step when it is not 0) and ``"extra"`` (the summed list).
     """
     extra = list(extra or [])
     device = terms.energy_sum.device
+    sums = [0.0, 0.0] if terms.nonfinite else [terms.energy_sum.item(), terms.force_sum.item()]
     numbers = torch.tensor(
-        [terms.structures, terms.atoms, terms.energy_sum.item(), terms.force_sum.item(), *extra],
+        [terms.structures, terms.atoms, *sums, float(len(terms.nonfinite)), *extra],
         dtype=torch.float64,
         device=device,
     )
@@ -107,7 +115,8 @@ def global_loss(terms: LossTerms, extra: list[float] | None = None) -> tuple[tor
         "force_loss": numbers[3].item() / atoms,
         "structures": round(structures),
         "atoms": round(atoms),
-        "extra": numbers[4:].tolist(),
+        "nonfinite": round(numbers[4].item()),
+        "extra": numbers[5:].tolist(),
     }
     stats["loss"] = stats["energy_loss"] + stats["force_loss"]
     return loss.float(), stats

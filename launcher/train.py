@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"starting: {what}; loading PyTorch and DeepSpeed …", flush=True)
     setup_environment()  # before DeepSpeed is imported: DS_ACCELERATOR, rendezvous, threads
     from launcher.loop import train
+    from launcher.stops import STOPS
 
-    return train(cfg)
+    try:
+        return train(cfg)
+    except STOPS as error:  # a fault every rank met: its message says what happened and what to do
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

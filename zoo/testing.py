@@ -13,7 +13,8 @@ Every ``test_*`` method then runs for that model: symmetry (rotation, translatio
 reflection), batching invariance, conservative forces against finite differences, smoothness
 as an atom crosses each cutoff, charge and spin entering the model, and the edge cases that
 public reports show force fields getting wrong (a lone ion last in a batch, an atom beyond the
-cutoff, coincident atoms, unsupported elements, a 300-atom molecule beside a 5-atom one).
+cutoff, coincident atoms, unsupported elements, a 300-atom molecule beside a 5-atom one), and
+that an atom with no neighbour within the cutoff feels exactly zero force (direct heads included).
 
 The assertion helpers (:func:`assert_invariant_energy_equivariant_forces`, …) can be used on
 their own for a model outside the registry.
@@ -216,6 +217,25 @@ class ForceFieldTests:
             assert abs(step) < 1e-8, f"energy step {step} at the {cutoff} Å cutoff"
             assert abs(f_out - f_in) < 1e-3, f"force jump {f_out - f_in} at the {cutoff} Å cutoff"
 
+    def test_conservative_forces_are_never_silently_zero(self, monkeypatch):
+        """A gradient autograd did not compute is an error where the batch has edges (zeros there would
+        be wrong forces that look right); without edges the energy does not depend on positions."""
+        model = self.make(direct_forces=False)
+        mols, lone = self.molecules()[:1], [Atoms("C", positions=[[0, 0, 0]], info={"spin": 3})]
+        with torch.no_grad():
+            with pytest.raises(RuntimeError, match="gradients are disabled.*Refusing to return zero forces"):
+                evaluate(model, mols)
+            assert torch.equal(evaluate(model, lone)[keys.FORCES], torch.zeros(1, 3))
+        interact = model.interact
+
+        def detached(*args, **kwargs):  # what a graph break or a traced forward can do
+            energy, forces = interact(*args, **kwargs)
+            return energy.detach(), forces
+
+        monkeypatch.setattr(model, "interact", detached)
+        with pytest.raises(RuntimeError, match="no path from the energy to the positions"):
+            evaluate(model, mols)
+
     # -- charge, spin ------------------------------------------------------------------------------
     def test_charge_and_spin_enter_the_model(self):
         model = self.make()
@@ -241,6 +261,25 @@ class ForceFieldTests:
         assert torch.isfinite(out[keys.ENERGY]).all() and torch.isfinite(out[keys.FORCES]).all()
         if not model.direct_forces:
             assert torch.equal(out[keys.FORCES][-1], torch.zeros(3, dtype=out[keys.FORCES].dtype))
+
+    def test_isolated_atom_feels_no_force(self, model):
+        """An atom with no neighbour within the cutoff feels exactly zero force, in both force modes:
+        alone, as a lone ion between molecules in one batch, and far from a molecule in its own
+        structure (a direct head must not turn a bias or a charge/spin embedding into a force)."""
+        far = max(model.data_cutoff, model.cutoff) + 2.0
+        lone = Atoms("C", positions=[[0, 0, 0]], info={"charge": 0, "spin": 3})
+        ion = Atoms("Na", positions=[[0, 0, 0]], info={"charge": 1, "spin": 1})
+        water = perturbed(molecule("H2O"), 8)
+        stray = water + Atoms("O", positions=[[far + 1.0, 0, 0]])
+        stray.info.update(charge=-1, spin=2)  # 19 electrons
+        benzene = self.molecules()[0]
+        for batch in ([lone], [benzene, lone, ion, stray], [stray]):
+            forces = evaluate(model, batch)[keys.FORCES].detach()
+            ends = np.cumsum([len(a) for a in batch])
+            isolated = [int(end) - 1 for a, end in zip(batch, ends) if a is not benzene]
+            zero = torch.zeros(len(isolated), 3, dtype=forces.dtype)
+            assert torch.equal(forces[isolated], zero), f"isolated atoms feel {forces[isolated].tolist()}"
+        assert float(evaluate(model, [benzene])[keys.FORCES].abs().max()) > 0, "forces vanish everywhere"
 
     def test_atom_beyond_cutoff_gives_finite_gradients(self, model):
         water = perturbed(molecule("H2O"), 4, spin=2)

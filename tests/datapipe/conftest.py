@@ -44,7 +44,9 @@ def write_aselmdb(path: str | os.PathLike, n_structures: int, seed: int, sizes=(
     try:
         for _ in range(n_structures):
             atoms = random_molecule(rng, int(rng.integers(sizes[0], sizes[1] + 1)))
-            charge, spin = int(rng.integers(-1, 2)), int(rng.integers(1, 3))
+            charge, high = int(rng.integers(-1, 2)), int(rng.integers(0, 2))
+            electrons = int(atoms.numbers.sum()) - charge
+            spin = 1 + electrons % 2 + 2 * high  # a multiplicity that fits the electron count
             db.write(atoms, data={"charge": charge, "spin": spin, "source": "emt-test"})
             atoms.info.update(charge=charge, spin=spin)
             written.append(atoms)

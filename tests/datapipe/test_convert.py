@@ -93,13 +93,19 @@ def test_every_reject_reason_counted(tmp_path):
         _labelled([8, 1, 1], [[0, 0, 0], [0.05, 0, 0], [-0.24, 0.93, 0]], charge=0, spin=1),
         _labelled([8, 1, 101], water, charge=0, spin=1),
         _labelled([8, 1, 1], water),  # no charge/spin: defaulted to 0/1, counted
+        _labelled([8, 1, 1], water, charge=0.5, spin=1),  # never rounded
+        _labelled([8, 1, 1], water, charge=0, spin=2),  # 10 electrons need an odd multiplicity
+        _labelled([8, 1, 1], water, charge=1, spin=2),  # the cation: 9 electrons, a doublet: good
     ]
     ase.io.write(tmp_path / "mixed.extxyz", frames)
     index = convert([tmp_path / "mixed.extxyz"], tmp_path / "out")
     assert [(r["id"], r["reason"]) for r in index.rejected] == [
         ("mixed:1", "non-finite energy"), ("mixed:2", "non-finite forces"),
-        ("mixed:3", "coincident atoms"), ("mixed:4", "unknown element")]
-    assert index.n_structures == 2 and index.raw["n_defaulted_charge_spin"] == 1
+        ("mixed:3", "coincident atoms"), ("mixed:4", "unknown element"),
+        ("mixed:6", "invalid charge or spin"), ("mixed:7", "invalid charge or spin")]
+    assert "charge 0.5 is not an integer" in index.rejected[4]["detail"]
+    assert "multiplicity 2 does not match 10 electrons" in index.rejected[5]["detail"]
+    assert index.n_structures == 3 and index.raw["n_defaulted_charge_spin"] == 1
     # a force array of the wrong shape (cannot be written to extxyz): checked on the Atoms
     bad = _labelled([8, 1, 1], water, charge=0, spin=1)
     bad.calc.results["forces"] = np.zeros((2, 3))
@@ -162,7 +168,7 @@ def test_traj_and_ase_db_inputs(tmp_path):
     ase.io.write(tmp_path / "w.traj", frames)
     db = ase.db.connect(str(tmp_path / "v.db"))
     for k, atoms in enumerate(frames):
-        db.write(atoms, data={"charge": -1, "spin": 2 + k})
+        db.write(atoms, data={"charge": -1, "spin": (2, 4, 2)[k]})  # 11 electrons: even multiplicities
     index = convert([tmp_path / "w.traj", tmp_path / "v.db"], tmp_path / "out")
     records = _read_all(index)
     assert sorted(records) == ["v:0", "v:1", "v:2", "w:0", "w:1", "w:2"]
@@ -170,5 +176,5 @@ def test_traj_and_ase_db_inputs(tmp_path):
         for name in ("v", "w"):
             np.testing.assert_array_equal(records[f"{name}:{k}"].positions, frames[k].positions)
             assert records[f"{name}:{k}"].energy == -10.0 - k
-    assert [(records[f"v:{k}"].charge, records[f"v:{k}"].spin) for k in range(3)] == [(-1, 2), (-1, 3), (-1, 4)]
+    assert [(records[f"v:{k}"].charge, records[f"v:{k}"].spin) for k in range(3)] == [(-1, 2), (-1, 4), (-1, 2)]
     assert index.raw["n_defaulted_charge_spin"] == 3  # the trajectory carries no charge/spin

@@ -45,7 +45,9 @@ def write_split(path: Path, n: int, seed: int) -> None:
     db = ase.db.connect(os.fspath(path), type="aselmdb")
     try:
         for _ in range(n):
-            db.write(cluster(rng, int(rng.integers(4, 16))), data={"charge": 0, "spin": 1, "source": "emt"})
+            atoms = cluster(rng, int(rng.integers(4, 16)))
+            spin = 1 + int(atoms.numbers.sum()) % 2  # singlet or doublet, as the electron count demands
+            db.write(atoms, data={"charge": 0, "spin": spin, "source": "emt"})
     finally:
         db.close()
 

@@ -31,7 +31,7 @@ def test_training_lowers_the_loss(data, name, width, overrides):
     with ase.db.connect(str(data["raw_train"])) as db:
         atoms = [row.toatoms() for row in db.select(limit=6)]
     for a in atoms:
-        a.info.update(charge=0, spin=1)
+        a.info.update(charge=0, spin=1 + int(a.numbers.sum()) % 2)  # multiplicity fits Σ Z
     torch.manual_seed(0)
     model = build(name, width, **overrides)
     batch = batch_from_atoms(atoms, cutoff=model.data_cutoff)

@@ -22,7 +22,7 @@ def molecules(path, n=6):
     with ase.db.connect(str(path)) as db:
         atoms = [row.toatoms() for row in db.select(limit=n)]
     for a in atoms:
-        a.info.update(charge=0, spin=1)
+        a.info.update(charge=0, spin=1 + int(a.numbers.sum()) % 2)  # multiplicity fits Σ Z
     return atoms
 
 

@@ -45,7 +45,7 @@ def main(db_path: str, stage: int, out: str) -> None:
     with ase.db.connect(db_path) as db:
         atoms = [row.toatoms() for row in db.select(limit=7)]
     for a in atoms:
-        a.info.update(charge=0, spin=1)
+        a.info.update(charge=0, spin=1 + int(a.numbers.sum()) % 2)  # multiplicity fits Σ Z
     shares = [atoms[:2], atoms[2:]]  # uneven: 2 and 5 structures
     torch.manual_seed(0)
     model = build("mpnn", 8, num_layers=1)

@@ -7,7 +7,10 @@
 >>> atoms.get_potential_energy(), atoms.get_forces()                 # doctest: +SKIP
 
 Charge (e) and spin multiplicity (2S+1) are read from ``atoms.info["charge"]`` and
-``atoms.info["spin"]`` (OMol25's convention; defaults 0 and 1). Only non-periodic systems are
+``atoms.info["spin"]`` (OMol25's convention; defaults 0 and 1). They are checked
+(:func:`datapipe.charge_spin.checked`: integers, multiplicity consistent with Σ Z − charge; a bad
+value raises ``ValueError``, never rounded), and changing either on the same ``Atoms`` gives a
+fresh result (ASE's own change detection ignores ``atoms.info``). Only non-periodic systems are
 supported: the zoo's graphs are molecular (OMol25 has no periodicity), and a periodic ``Atoms``
 raises ``ValueError`` rather than silently ignoring its images.
 """
@@ -43,6 +46,19 @@ class ZooCalculator(Calculator):
         self.model.to(self.device)
         self.graph_cutoff = self.model.data_cutoff
 
+    #: ``atoms.info`` keys the model reads: a change in any of them invalidates cached results
+    info_keys = ("charge", "spin")
+
+    def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
+        """What changed since the last calculation: ASE's comparison (positions, numbers, cell, …)
+        plus the :attr:`info_keys` of ``atoms.info``, which ASE's ``compare_atoms`` ignores, so that
+        a new charge or spin on the same ``Atoms`` never returns the previous result."""
+        changes = list(super().check_state(atoms, tol))
+        if self.atoms is not None and any(_info_value(atoms, key) != _info_value(self.atoms, key)
+                                          for key in self.info_keys):
+            changes.append("info")
+        return changes
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         if self.atoms.pbc.any():
@@ -57,3 +73,9 @@ class ZooCalculator(Calculator):
             "free_energy": energy,
             "forces": out[keys.FORCES].detach().double().cpu().numpy(),
         }
+
+
+def _info_value(atoms, key: str):
+    """``atoms.info[key]`` in a comparable form (numpy scalars as Python numbers; None if absent)."""
+    value = atoms.info.get(key)
+    return value.item() if hasattr(value, "item") else value

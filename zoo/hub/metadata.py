@@ -29,6 +29,11 @@ Keys (units and meaning)
 ``data_rejected``     what shard conversion dropped, per split: ``{"train": {"structures", "rejected",
                       "reasons": {reason: n}, "index"}, "val": {...}}`` (structures kept, rejected, why,
                       the index listing each rejected structure)
+``skipped``           what the run did not train on, never counted in ``atoms_seen``: ``steps`` skipped
+                      by every rank (non-finite loss or gradient, a rank without readable data),
+                      ``structures`` and ``atoms`` of those steps and of unreadable shards
+                      (``--skip-bad-shards``), ``records`` (step, reason, structure ids or shard
+                      and rows; the first 1000); ``null`` in checkpoints written before it existed
 
 An architecture's pre-training hook adds its record under its own key
 (:attr:`zoo.models.base.PretrainHook.metadata_key`, e.g. ``scale_factors``).
@@ -86,6 +91,7 @@ class CheckpointMetadata:
     flops_note: str | None = None
     val_data_hash: str | None = None
     data_rejected: dict | None = None
+    skipped: dict | None = None
     #: records of pre-training hooks, each stored at the top level under its own key
     extra: dict = field(default_factory=dict)
 

@@ -205,13 +205,36 @@ class ForceField(nn.Module):
         if self.direct_forces:
             forces = self.force_rms * direct  # [N, 3] eV/Å
         else:
-            (gradient,) = torch.autograd.grad(
-                normalised.sum(), positions, create_graph=self.training, allow_unused=True
-            )
-            if gradient is None:  # no edge anywhere and no position dependence
-                gradient = torch.zeros_like(positions)
-            forces = -self.force_rms * gradient  # [N, 3] eV/Å
+            forces = -self.force_rms * self.energy_gradient(normalised, positions, edge_index)  # [N, 3] eV/Å
         return {keys.ENERGY: energy, keys.FORCES: forces}
+
+
+    def energy_gradient(self, energy: torch.Tensor, positions: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        """``∂(Σ energy)/∂positions`` ``[N, 3]`` for conservative forces, never silently zero.
+
+        Positions enter the energy only through edge vectors, so without edges (every atom
+        isolated) the gradient is exactly zero and is returned as zeros. With edges, a gradient
+        that autograd did not compute (energy built under ``torch.no_grad``/``inference_mode``, a
+        compiled or detached forward) is an error: zeros there would be wrong forces that look right.
+
+        Raises
+        ------
+        RuntimeError
+            if the batch has edges but the energy has no autograd path to the positions.
+        """
+        gradient = None
+        if torch.is_grad_enabled() and energy.requires_grad:
+            (gradient,) = torch.autograd.grad(energy.sum(), positions, create_graph=self.training, allow_unused=True)
+        if gradient is not None:
+            return gradient  # [N, 3]
+        if edge_index.shape[1] == 0:  # no edges: the energy does not depend on positions
+            return torch.zeros_like(positions)
+        why = ("gradients are disabled (torch.no_grad / torch.inference_mode): evaluate conservative forces "
+               "under torch.enable_grad()") if not torch.is_grad_enabled() else (
+               "autograd found no path from the energy to the positions (a detached, compiled or "
+               "otherwise traced forward)")
+        raise RuntimeError(f"conservative forces: no gradient of the energy with respect to positions although "
+                           f"the batch has {edge_index.shape[1]} edges; {why}. Refusing to return zero forces.")
 
 
 def _structure_name(batch, atom: int) -> str:

@@ -14,12 +14,15 @@ Architecture (``w`` = width = hidden size, ``L`` = ``num_layers``)::
     r̃_ij   = [r_ij / r_c, Bessel(|r_ij|)]      raw vector components + radial basis  [E, 3 + R]
     m_ij   = u(|r_ij|) · SiLU(A_l ĥ_i + B_l ĥ_j + F_l r̃_ij + b_l),  ĥ = LayerNorm(h)  [E, w]
     h_i   ← h_i + W_l Σ_j m_ij / √(1 + n_i),   n_i = Σ_j u(|r_ij|)                  [N, w]
-    E_i    = MLP_E(h_i^L) (w → w/2 → 1),   F_i = MLP_F(h_i^L) (w → w/2 → 3)
+    E_i    = MLP_E(h_i^L) (w → w/2 → 1),   F_i = MLP_F(h_i^L) · n_i / (1 + n_i)  (w → w/2 → 3)
 
 ``u`` is the polynomial envelope (``u, u', u''`` vanish at the cutoff ``r_c``), so energies and
 direct forces are smooth as an atom crosses the cutoff; ``n_i`` is the envelope-weighted
 neighbour count, a smooth version of the degree (the sum is scaled by ``1/√(1+n_i)`` so its
-size does not grow with the number of neighbours). The message is a two-layer MLP of
+size does not grow with the number of neighbours). The direct force head is gated by
+``n_i / (1 + n_i)``: an atom with no neighbour within the cutoff feels exactly zero force (an
+ungated MLP would turn its element and charge/spin embedding into a force on an isolated atom),
+and the gate, like ``n_i``, is smooth as a neighbour crosses the cutoff. The message is a two-layer MLP of
 ``(h_i, h_j, r_ij)`` whose first layer is split into node parts (``A ĥ``, ``B ĥ`` computed per
 atom, then gathered) and whose second layer ``W_l`` runs after the sum: every ``w × w`` product
 is per atom, per edge only ``(3 + R) · w`` multiply-adds and elementwise work remain. That keeps
@@ -179,5 +182,7 @@ class MPNN(ForceField):
         for layer in self.layers:
             h = layer(h, edge_features, envelope, inverse_degree, source, target)  # [N, w]
         node_energy = self.energy_head(h).squeeze(-1)  # [N]
-        forces = self.force_head(h) if self.force_head is not None else None  # [N, 3]
+        forces = None
+        if self.force_head is not None:  # gated: exactly zero without a neighbour within the cutoff
+            forces = self.force_head(h) * (degree * inverse_degree.square())  # [N, 3] · n/(1+n) [N, 1]
         return node_energy, forces
