@@ -48,6 +48,8 @@ def flops_command(
     """Parameters, forward FLOPs per atom and per edge, κ and step FLOPs of MODEL at WIDTH.
 
     Counted with fvcore on a reference batch (zoo.flops.report), no training; FMA = 2 FLOPs.
+    The model is traced on the meta device (shapes only: seconds at any width, the same count)
+    unless its forward needs tensor values (then a full trace).
     """
     import json
 
@@ -65,7 +67,8 @@ def flops_command(
         typer.echo(json.dumps(rows, indent=1))
         return
     typer.echo(f"reference batch: {rows[0]['reference']} ({rows[0]['structures']} structures, "
-               f"{rows[0]['atoms']} atoms); FMA = 2 FLOPs; paper κ = {rows[0]['paper_kappa']}")
+               f"{rows[0]['atoms']} atoms); FMA = 2 FLOPs; paper κ = {rows[0]['paper_kappa']}; "
+               f"trace: {', '.join(sorted({r['trace'] for r in rows}))}")
     typer.echo(f"{'model':10} {'width':>6} {'params N':>12} {'fwd/atom':>11} {'fwd/edge':>11} "
                f"{'kappa':>8} {'step/atom':>11} {'step/fwd':>8}" + ("  C=3kND" if atoms is not None else ""))
     for r in rows:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_VAL = REPO / "data" / "omol25_sample" / "val"
 CASES = REPO.parent / "shared" / "cases"
 _CASE_FILES = ("C04-mixed-sizes.extxyz", "C01-last-structure-without-edges.extxyz", "C02-atom-beyond-cutoff.extxyz")
@@ -43,25 +43,49 @@ def reference_structures(max_structures: int = 32) -> tuple[list, str]:
 
 
 def model_report(name: str, width: int, direct_forces: bool = True, structures: list | None = None,
-                 **overrides) -> dict:
+                 shape_only: bool | None = None, **overrides) -> dict:
     """FLOPs and κ of architecture ``name`` at ``width`` on the reference batch.
 
-    Returns a dict: parameters, atoms, edges, structures, forward FLOPs (total, per atom, per
-    edge), κ, the step FLOPs (and its parts), the step/forward ratio, the paper's κ, the
-    reference description and the unsupported operators (empty for the zoo).
+    Parameters
+    ----------
+    shape_only : trace the model built on the meta device (no weights, no arithmetic: seconds at
+        any width; every operator's count depends on shapes only, so the count equals the full
+        trace's — ``tests/zoo/test_flops_meta.py``). ``None`` (default): try it, and fall back
+        to a full trace for a model whose forward needs values (GemNet-OC builds its triplet and
+        quadruplet index sets from the positions). ``False``: always the full trace.
+
+    Returns
+    -------
+    dict: parameters, atoms, edges, structures, forward FLOPs (total, per atom, per edge), κ, the
+    step FLOPs (and its parts), the step/forward ratio, the paper's κ, the reference description,
+    ``trace`` (``"meta"`` or ``"full"``) and the unsupported operators (empty for the zoo).
     """
     from datapipe.graph import batch_from_atoms
     from zoo.flops.trace import PAPER_KAPPA, count_parameters, count_step, kappa
     from zoo.registry import build
 
-    torch.manual_seed(0)
-    model = build(name, width=width, direct_forces=direct_forces, **overrides)
-    model.train()
     source = "given structures"
     if structures is None:
         structures, source = reference_structures()
-    batch = batch_from_atoms(structures, cutoff=model.data_cutoff)
-    flops = count_step(model, batch)
+    flops = None
+    trace = "meta"
+    if shape_only is not False:
+        with torch.device("meta"):
+            model = build(name, width=width, direct_forces=direct_forces, **overrides)
+        model.train()
+        batch = batch_from_atoms(structures, cutoff=model.data_cutoff)
+        try:
+            flops = count_step(model, batch)
+        except (RuntimeError, NotImplementedError) as error:  # a value-dependent op (.item(), nonzero)
+            if shape_only:
+                raise RuntimeError(f"{name}: its forward needs tensor values, no shape-only trace ({error})") from error
+    if flops is None:
+        trace = "full"
+        torch.manual_seed(0)
+        model = build(name, width=width, direct_forces=direct_forces, **overrides)
+        model.train()
+        batch = batch_from_atoms(structures, cutoff=model.data_cutoff)
+        flops = count_step(model, batch)
     n = count_parameters(model)
     return {
         "model": name,
@@ -69,6 +93,7 @@ def model_report(name: str, width: int, direct_forces: bool = True, structures: 
         "direct_forces": direct_forces,
         "parameters": n,
         "reference": source,
+        "trace": trace,
         "structures": flops.graphs,
         "atoms": flops.atoms,
         "edges": flops.edges,
