@@ -71,16 +71,21 @@ def setup_environment() -> None:
         torch.set_num_threads(min(threads, int(user)) if user and user.isdigit() else threads)
 
 
-def init_distributed() -> Runtime:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
+def init_distributed(engine: str = "deepspeed") -> Runtime:
+    """Initialise torch.distributed (gloo on CPU, NCCL on CUDA): through DeepSpeed for its engine,
+    directly for ``engine="fsdp"`` (which then never imports DeepSpeed)."""
     setup_environment()
-    import deepspeed
-
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    if engine == "fsdp":
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    else:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())

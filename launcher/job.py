@@ -3,8 +3,9 @@
 :func:`set_up` reads as the recipe's first half: ranks → run directory (fresh or resumed) → shards →
 model with the data's normalisation → the architecture's pre-training hook (if its registry spec
 has one, e.g. fitted scale factors, computed on the same batches on every rank) → training
-stream → schedule-free AdamW → engine → evaluation copy → counters (restored on resume) → FLOP
-counter, device peak and run log. Nothing here names an architecture: what differs between them
+stream → schedule-free AdamW → engine → counters (restored on resume) → FLOP counter (on a weightless
+meta-device copy), device peak and run log. Under ZeRO-3 the model is partitioned while it is built,
+and no rank keeps an evaluation copy (:mod:`launcher.materialise`). Nothing here names an architecture: what differs between them
 comes from :data:`zoo.registry.MODELS`.
 """
 
@@ -20,16 +21,18 @@ from pathlib import Path
 import torch
 
 from launcher import checkpoint as ckpt
-from launcher.config import REPO, TrainConfig, deepspeed_config
+from launcher.config import REPO, TrainConfig
 from launcher.data import Splits, prepare
-from launcher.engine import Runtime, broadcast_object, build_engine, init_distributed
-from launcher.optim import build_optimizer
+from launcher.engine import Runtime, broadcast_object, init_distributed
+from launcher import sharding
+from launcher.materialise import counting_model, materialised_counting_model
+from launcher.sharding import engine_config
 from launcher.progress import RunLog
 from launcher.throughput import device_peak
 from zoo.flops.counter import StepFlopCounter
 from zoo.hub.checkpoint import read_metadata
 from zoo.models.base import ForceField, PretrainHook
-from zoo.registry import build, get_spec
+from zoo.registry import get_spec
 
 
 @dataclass
@@ -42,7 +45,6 @@ class Job:
     resume_from: Path | None
     splits: Splits
     engine: object  # the DeepSpeed engine wrapping the training model
-    eval_model: ForceField  # single-device copy that receives the averaged weights
     loader: object  # this rank's training stream (datapipe.loader.StreamingLoader)
     ds_config: dict
     n_params: int
@@ -165,30 +167,24 @@ def run_pretrain_hook(hook: PretrainHook | None, cfg: TrainConfig, model: ForceF
 
 def set_up(cfg: TrainConfig) -> Job:
     """Build everything of a run (or of its resumption) on this rank; see the module docstring."""
-    runtime = init_distributed()
+    runtime = init_distributed(cfg.engine)
     start_time = time.time()
     cfg, run_dir, resume_from = resolve_run(cfg)
-    deepspeed_config(cfg, runtime.bf16_supported)  # refuse a bad engine configuration before any work
+    planned_config = engine_config(cfg, runtime.bf16_supported)  # refuse a bad configuration before any work
     splits = prepare(cfg, runtime)
     spec = get_spec(cfg.model)
 
-    torch.manual_seed(cfg.seed)
-    model = build(cfg.model, cfg.width, direct_forces=cfg.direct_forces, **cfg.model_overrides)
-    model.set_normalization(splits.train.element_references, splits.train.force_rms)
-    cutoff = model.data_cutoff
+    normalisation = (splits.train.element_references, splits.train.force_rms)
+    model = sharding.prepare_model(cfg, planned_config, normalisation)  # ZeRO-3: partitioned while built
+    counted = counting_model(cfg)  # meta device: no memory
+    cutoff = counted.data_cutoff
     pretrain = run_pretrain_hook(spec.pretrain, cfg, model, splits, runtime, resume_from)
     loader = make_loader(splits.train, cfg, runtime, cutoff, train=True, max_atoms=cfg.max_atoms)
     total = int(loader.steps)
     lr = cfg.learning_rate(cfg.width)
-    optimizer = build_optimizer(model, lr, cfg.betas, cfg.weight_decay, round(cfg.warmup_fraction * total))
-    engine, ds_config = build_engine(cfg, model, optimizer, runtime)
+    engine, ds_config = sharding.build(cfg, model, runtime, lr, round(cfg.warmup_fraction * total), normalisation)
 
-    eval_model = build(cfg.model, cfg.width, direct_forces=cfg.direct_forces, **cfg.model_overrides)
-    eval_model.set_normalization(splits.train.element_references, splits.train.force_rms)
-    if pretrain is not None:
-        spec.pretrain.restore(eval_model, pretrain)
-    eval_model.to(runtime.device)
-    n_params = sum(p.numel() for p in eval_model.parameters() if p.requires_grad)
+    n_params = sum(p.numel() for p in counted.parameters() if p.requires_grad)
 
     state = ckpt.TrainState()
     if resume_from is not None:
@@ -201,13 +197,14 @@ def set_up(cfg: TrainConfig) -> Job:
     elif runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
-    counter = StepFlopCounter(eval_model, direct_forces=cfg.direct_forces)
+    counter = StepFlopCounter(counted, direct_forces=cfg.direct_forces,
+                              materialise=lambda: materialised_counting_model(cfg).to(runtime.device))
     if state.step == 0:
         state.flops, state.forward_flops = 0, 0
     peak, peak_source = device_peak(runtime.device, ds_config["bf16"]["enabled"], runtime.world_size,
                                     runtime.is_main)
     job = Job(cfg=cfg, runtime=runtime, run_dir=run_dir, resume_from=resume_from, splits=splits, engine=engine,
-              eval_model=eval_model, loader=loader, ds_config=ds_config, n_params=n_params, cutoff=cutoff,
+              loader=loader, ds_config=ds_config, n_params=n_params, cutoff=cutoff,
               total=total, lr=lr, state=state, counter=counter, peak=peak, peak_source=peak_source,
               hook=spec.pretrain, pretrain=pretrain, code_version=code_version(),
               schedule=checkpoint_steps(total, cfg.checkpoint_fraction),

@@ -4,8 +4,8 @@
 engine, counters) → for each global batch :func:`train_step` (with ``--symmetry-loss M``, M
 rotated copies appended; forward, global loss, backward, step; atoms, FLOPs and time counted) →
 :meth:`Window.add` (metrics lines) → at every checkpoint step (each ``checkpoint_fraction`` of the
-run and the end) :func:`validate_and_save` (averaged weights → validation on the fixed subset, at
-the end also on the whole split → checkpoint with throughput, MFU and κ).
+run and the end) :func:`validate_and_save` (averaged weights → validation on rank 0 (which alone
+holds them) on the fixed subset, at the end also on the whole split → checkpoint with throughput, MFU and κ).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from launcher import checkpoint as ckpt
 from launcher.config import TrainConfig
 from launcher.job import Job, make_loader, set_up
 from launcher.loss import global_loss, loss_terms
+from launcher.materialise import evaluation_model
 from launcher.optim import averaged_weights
 from launcher.throughput import rates, run_summary
 from launcher.validate import validate
@@ -157,30 +158,33 @@ class Window:
 def validate_and_save(job: Job, final: bool) -> dict:
     """Averaged weights → validation on the fixed subset (and the full split at the end) → checkpoint."""
     cfg, runtime, splits, state, log = job.cfg, job.runtime, job.splits, job.state, job.log
-    averaged_weights(job.engine, job.eval_model)
-    val_loader = make_loader(splits.val, cfg, runtime, job.cutoff, train=False, max_structures=cfg.max_val_structures)
-    metrics = validate(job.eval_model, val_loader, runtime.device, job.force_rms)
+    eval_model = evaluation_model(cfg, job) if runtime.is_main else None  # one rank holds the full weights
+    averaged_weights(job.engine, eval_model)  # collective gathers
+    val_loader = make_loader(splits.val, cfg, runtime, job.cutoff, train=False, max_structures=cfg.max_val_structures,
+                             single=True) if runtime.is_main else []
+    metrics = validate(eval_model, val_loader, runtime.device, job.force_rms)
     log.record("val", step=state.step, samples_seen=state.samples_seen, atoms_seen=state.atoms_seen,
                flops=state.flops, **metrics)
     log.say(f"step {state.step}: val loss {metrics['loss']:.4f}, energy MAE "
             f"{metrics['energy_mae_mev_per_atom']:.2f} meV/atom, force MAE {metrics['force_mae_mev_per_A']:.1f} "
             f"meV/Å (zero-force {metrics['zero_force_mae_mev_per_A']:.1f})")
-    full = validate_full(job, metrics) if final else None
-    path = ckpt.save(job.run_dir, state.step, job.engine, job.eval_model, state, _jsonable(job.loader.state_dict()),
+    full = validate_full(job, eval_model, metrics) if final else None
+    path = ckpt.save(job.run_dir, state.step, job.engine, eval_model, state, _jsonable(job.loader.state_dict()),
                      checkpoint_metadata(job, metrics, full), runtime)
     log.record("checkpoint", step=state.step, path=str(path))
     return metrics if full is None else {**metrics, "full": full}
 
 
-def validate_full(job: Job, subset: dict) -> dict:
+def validate_full(job: Job, eval_model, subset: dict) -> dict:
     """The whole validation split once, at the end (the fixed subset stays the scaling fits' L)."""
     cfg, state = job.cfg, job.state
     started = time.time()
     if cfg.max_val_structures is None:
         full = dict(subset)
     else:
-        loader = make_loader(job.splits.val, cfg, job.runtime, job.cutoff, train=False)
-        full = validate(job.eval_model, loader, job.runtime.device, job.force_rms)
+        loader = make_loader(job.splits.val, cfg, job.runtime, job.cutoff, train=False,
+                             single=True) if job.runtime.is_main else []
+        full = validate(eval_model, loader, job.runtime.device, job.force_rms)
     full["seconds"] = time.time() - started
     job.log.record("val_full", step=state.step, **full)
     job.log.say(f"step {state.step}: full validation split ({full['structures']} structures, {full['atoms']} atoms, "

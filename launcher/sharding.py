@@ -1,0 +1,67 @@
+"""Which engine wraps the model, configured how, checked before any work: ``--engine deepspeed|fsdp``.
+
+=========================  ==============================  =====================================
+engine                     direct forces                   conservative forces (double backward)
+=========================  ==============================  =====================================
+``deepspeed`` ZeRO 0/1/2   exact                           exact
+``deepspeed`` ZeRO-3       exact (built inside zero.Init)  refused: no variant was exact
+``fsdp``                   per-block units (exact)         root-only unit (exact); per-block refused
+=========================  ==============================  =====================================
+
+(docs/FEASIBILITY.md; each accepted cell is checked against one process in
+``tests/launcher/test_engines.py``.) Offload (``--offload-optimizer``, ``--offload-params``) is
+DeepSpeed's; activation checkpointing (``--activation-checkpointing``) works with both engines.
+"""
+
+from __future__ import annotations
+
+from launcher.config import TrainConfig, deepspeed_config
+from launcher.materialise import build_training_model
+from launcher.optim import build_optimizer
+from launcher.parallelize import checkpoint_blocks
+from zoo.registry import get_spec
+
+
+def engine_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
+    """The engine's configuration (DeepSpeed JSON, or FSDP's record with the same ``zero_optimization``
+    and ``bf16`` keys), refusing what is not exact or not offered (``ValueError`` naming what works)."""
+    if cfg.engine == "deepspeed":
+        return deepspeed_config(cfg, bf16_supported)
+    if cfg.engine != "fsdp":
+        raise ValueError(f"--engine {cfg.engine!r}: expected deepspeed or fsdp")
+    if cfg.offload_optimizer or cfg.offload_params:
+        raise ValueError("--offload-optimizer/--offload-params are DeepSpeed's: use --engine deepspeed "
+                         "(--zero-stage 3 for parameters)")
+    if cfg.deepspeed_config:
+        raise ValueError("--deepspeed_config configures the DeepSpeed engine, not --engine fsdp")
+    from launcher.fsdp import fsdp_config
+
+    return fsdp_config(cfg, bf16_supported)
+
+
+def prepare_model(cfg: TrainConfig, config: dict, normalisation: tuple):
+    """The training model before the engine, or None where the engine builds it itself (FSDP on the
+    meta device). An architecture with a pre-training hook is always built here, in full."""
+    if cfg.engine == "fsdp" and get_spec(cfg.model).pretrain is None:
+        return None
+    model = build_training_model(cfg, config)
+    model.set_normalization(*normalisation)
+    return model
+
+
+def build(cfg: TrainConfig, model, runtime, lr: float, warmup_steps: int, normalisation: tuple):
+    """The engine around ``model`` (from :func:`prepare_model`) with schedule-free AdamW.
+
+    Returns ``(engine, config)``; the engine offers call, ``backward``, ``step``, ``train``,
+    ``module``, ``save_checkpoint`` and ``load_checkpoint`` (DeepSpeed's names).
+    """
+    if cfg.engine == "fsdp":
+        from launcher.fsdp import build_fsdp_engine
+
+        return build_fsdp_engine(cfg, runtime, lr, warmup_steps, normalisation, prepared=model)
+    from launcher.engine import build_engine
+
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    optimizer = build_optimizer(model, lr, cfg.betas, cfg.weight_decay, warmup_steps)
+    return build_engine(cfg, model, optimizer, runtime)
