@@ -62,6 +62,7 @@ class Job:
     log: RunLog
     start_time: float  # time.time() when this process started the job
     wall_offset: float  # wall time of the run before this process (resumes)
+    memory_plan: dict | None = None  # the planner's per-rank estimate of this configuration (zoo.plan)
 
     @property
     def force_rms(self) -> float:
@@ -172,6 +173,7 @@ def set_up(cfg: TrainConfig) -> Job:
     cfg, run_dir, resume_from = resolve_run(cfg)
     planned_config = engine_config(cfg, runtime.bf16_supported)  # refuse a bad configuration before any work
     splits = prepare(cfg, runtime)
+    memory_plan = sharding.memory_check(cfg, runtime, planned_config)  # refuses what cannot fit (CUDA)
     spec = get_spec(cfg.model)
 
     normalisation = (splits.train.element_references, splits.train.force_rms)
@@ -209,7 +211,7 @@ def set_up(cfg: TrainConfig) -> Job:
               hook=spec.pretrain, pretrain=pretrain, code_version=code_version(),
               schedule=checkpoint_steps(total, cfg.checkpoint_fraction),
               log=RunLog(run_dir, total, state.step, runtime.is_main), start_time=start_time,
-              wall_offset=state.wall_time_s)
+              wall_offset=state.wall_time_s, memory_plan=memory_plan)
     announce(job)
     return job
 
@@ -225,9 +227,10 @@ def announce(job: Job) -> None:
                    train_structures=job.splits.train.n_structures, train_atoms=job.splits.train.n_atoms,
                    checkpoint=str(job.resume_from) if job.resume_from else None, flops_counted=True,
                    peak_flops=job.peak, peak_source=job.peak_source, symmetry_loss=cfg.symmetry_loss,
-                   code_version=job.code_version, **hook_record)
+                   code_version=job.code_version, engine=sharding.engine_record(cfg, ds),
+                   memory_plan=job.memory_plan, **hook_record)
     job.log.say(f"[bold]{cfg.model}[/] width {cfg.width}: N = {job.n_params:,} parameters, {job.total} steps × "
-                f"{runtime.world_size} rank(s), lr {job.lr:.3g}, ZeRO-{ds['zero_optimization']['stage']}, "
+                f"{runtime.world_size} rank(s), lr {job.lr:.3g}, {sharding.engine_record(cfg, ds)['summary']}, "
                 f"{'bf16' if ds['bf16']['enabled'] else 'fp32'} on {runtime.device}; run dir {job.run_dir}")
     job.log.say(f"MFU against {job.peak:.3g} FLOP/s: {job.peak_source}")
     if job.pretrain is not None:

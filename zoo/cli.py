@@ -82,5 +82,34 @@ def flops_command(
             typer.echo(f"  operators without a FLOP handle: {r['unsupported']}", err=True)
 
 
+@app.command("plan")
+def plan_command(
+    model: str = typer.Option(..., "--model", help="architecture"),
+    width: int = typer.Option(..., "--width", help="model width"),
+    gpus: int = typer.Option(..., "--gpus", help="ranks (world size)"),
+    gpu_memory: str = typer.Option("80GB", "--gpu-memory", help="memory per rank, e.g. 80GB, 141GB, 24GiB"),
+    atoms_per_batch: int = typer.Option(128, "--atoms-per-batch", help="atoms per rank and step"),
+    conservative: bool = typer.Option(False, "--conservative", help="forces as -dE/dx (double backward)"),
+    precision: str = typer.Option("bf16", "--precision", help="bf16 or fp32"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Per-rank memory of every engine configuration (weights, gradients, optimizer state,
+    measured activations, buffers), what fits, and the recommended configuration."""
+    import json
+
+    from zoo.plan import make_plan, parse_memory, render
+
+    if precision not in ("bf16", "fp32"):
+        raise typer.BadParameter("--precision must be bf16 or fp32")
+    result = make_plan(model, width, gpus, parse_memory(gpu_memory), atoms_per_batch, conservative, precision)
+    if json_out:
+        best = result["recommended"]
+        result = {**result, "plans": [p.to_json() for p in result["plans"]],
+                  "recommended": None if best is None else best.to_json()}
+        typer.echo(json.dumps(result, indent=1))
+        return
+    typer.echo(render(result))
+
+
 if __name__ == "__main__":
     app()

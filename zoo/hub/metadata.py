@@ -25,6 +25,9 @@ Keys (units and meaning)
 ``world_size``        ranks that trained it
 ``throughput``        atoms/s, FLOP/s, MFU, measured κ (:mod:`launcher.throughput`)
 ``symmetry_loss``     rotated copies per batch (arXiv 2510.09768's ablation; 0 = off)
+``engine``            how it was trained: ``engine`` (deepspeed/fsdp), ``stage`` (ZeRO stage or FSDP
+                      units), ``offload``, ``activation_checkpointing`` and the ``precision`` policy
+                      (compute dtype, fp32 master weights/optimizer state/loss, gradient reduction)
 
 An architecture's pre-training hook adds its record under its own key
 (:attr:`zoo.models.base.PretrainHook.metadata_key`, e.g. ``scale_factors``).
@@ -80,6 +83,7 @@ class CheckpointMetadata:
     symmetry_loss: int = 0
     atoms_seen_note: str | None = None
     flops_note: str | None = None
+    engine: dict | None = None
     #: records of pre-training hooks, each stored at the top level under its own key
     extra: dict = field(default_factory=dict)
 
