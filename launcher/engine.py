@@ -85,6 +85,11 @@ def init_distributed(engine: str = "deepspeed") -> Runtime:
     else:
         import deepspeed
 
+        if not cuda:
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce for inference at
+            # start-up (minutes on a busy host, and a lock in ~/.cache shared by every virtual
+            # environment); training uses gloo's collectives and never calls it.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")

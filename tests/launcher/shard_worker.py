@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from launcher.engine import setup_environment
 
 setup_environment()
-import faulthandler; faulthandler.dump_traceback_later(450, exit=True)
 
 import ase.db
 import torch
