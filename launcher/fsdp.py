@@ -4,7 +4,7 @@ Sharding plan (docs/FEASIBILITY.md, measured on this project's models at 2 CPU r
 
 - **direct forces** — each repeated block (:meth:`zoo.models.base.ForceField.repeated_blocks`)
   is its own FSDP unit, then the root: parameters are gathered one block at a time (exact:
-  eSEN 2.5e-6, GemNet-OC 3.7e-6 relative gradient error against one process);
+  2.5e-6 and 3.7e-6 relative gradient error against one process on two zoo architectures);
 - **conservative forces** — the root module only, one unit: the double backward needs every
   block's weights after the forward; per-block units fail ("setStorage … size 0") or, without
   resharding after backward, silently drop gradients (151 of 152 parameters), so

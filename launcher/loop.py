@@ -219,8 +219,10 @@ def finish(job: Job, metrics: dict) -> dict:
     """The ``end`` record and the closing line; returns the final validation metrics."""
     state = job.state
     state.wall_time_s = job.wall_time()
+    peak_memory = torch.cuda.max_memory_allocated(job.runtime.device) if job.runtime.device.type == "cuda" else None
     job.log.record("end", step=state.step, wall_time_s=state.wall_time_s, validation=metrics,
-                   throughput=run_summary(state, job.peak, job.peak_source, job.n_params, job.counter))
+                   throughput=run_summary(state, job.peak, job.peak_source, job.n_params, job.counter),
+                   peak_memory_bytes=peak_memory, planned_memory_bytes=(job.memory_plan or {}).get("estimate_bytes"))
     full = metrics.get("full", metrics)
     job.log.say(f"done: {state.step} steps, {state.atoms_seen:,} atoms, {state.wall_time_s:.0f} s; "
                 f"val force MAE {metrics.get('force_mae_mev_per_A', float('nan')):.1f} meV/Å "

@@ -1,17 +1,17 @@
 """Where each copy of the model lives: nothing replicated on every rank that need not be.
 
 Three copies of a zoo model used to exist on every rank: the training model (built in full, then
-handed to the engine), a full fp32 evaluation copy (1.47 GiB for eSEN width 1024 — more than
+handed to the engine), a full fp32 evaluation copy (1.47 GiB for the largest width of the headline model — more than
 ZeRO-3's whole sharded model state from 8 GPUs up) and the FLOP counter's traced model. Now:
 
 - **training model** (:func:`build_training_model`): under ZeRO-3 built inside
   ``deepspeed.zero.Init``, so each parameter is partitioned as soon as its module is constructed
   and no rank ever holds the whole model (same initial values: the same seed on every rank, each
   parameter initialised in full then partitioned). An architecture with a pre-training hook
-  (GemNet-OC's fitted scale factors) runs forwards before the engine exists and is built in full.
+  (e.g. fitted scale factors) runs forwards before the engine exists and is built in full.
 - **FLOP counter's model** (:func:`counting_model`): built on the meta device — the trace needs
   shapes only (:mod:`zoo.flops.report`), so it costs no memory; a model whose forward needs
-  tensor values (GemNet-OC's triplet construction) gets a real copy on first use
+  tensor values (index sets built from positions) gets a real copy on first use
   (:class:`zoo.flops.counter.StepFlopCounter`'s ``materialise``), documented as the one remaining
   replica.
 - **evaluation model** (:func:`evaluation_model`): built on rank 0 only, at checkpoint time, filled

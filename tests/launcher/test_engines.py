@@ -47,3 +47,31 @@ def test_refusals_name_what_works():
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_force_ds_cpu_optimizer"] is False  # the schedule-free client optimizer is kept
+
+
+@pytest.mark.slow
+def test_fsdp_job_trains_checkpoints_and_resumes(data, tmp_path):
+    """``torchrun … launcher/train.py --engine fsdp --conservative`` end to end on 2 ranks: the checkpoint
+    records the engine and precision policy and loads as a zoo model; ``--resume`` of the last checkpoint
+    restores the sharded state (torch.distributed.checkpoint) and finds nothing left to do."""
+    from conftest import TINY
+
+    from zoo.hub.checkpoint import load_model, read_metadata
+
+    run_dir = tmp_path / "fsdp"
+    args = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+            "launcher/train.py", *TINY, "--engine", "fsdp", "--conservative", "--train", str(data["train"]),
+            "--val", str(data["val"]), "--atoms-per-batch", "100", "--max-atoms", "1500", "--checkpoint-fraction", "0.5",
+            "--run-dir", str(run_dir)]
+    result = run(args, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    meta = read_metadata(last)
+    assert meta["engine"]["engine"] == "fsdp" and meta["engine"]["stage"] == "root", meta["engine"]
+    assert meta["engine"]["precision"]["compute"] == "fp32" and meta["world_size"] == 2
+    model = load_model(last)
+    assert sum(p.numel() for p in model.parameters()) == meta["N"]
+    resumed = run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                   "launcher/train.py", "--resume", str(last)], timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "nothing to do" in resumed.stdout + resumed.stderr
