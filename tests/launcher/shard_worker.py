@@ -1,10 +1,11 @@
 """One rank of the engine checks (run by tests/launcher/test_engines.py under torchrun).
 
-argv: DB ENGINE STAGE FORCES MODEL WIDTH OUT [ac]. ENGINE ``deepspeed`` (ZeRO STAGE, parameter
+argv: DB ENGINE STAGE FORCES MODEL WIDTH OUT [ac] [offload]. ENGINE ``deepspeed`` (ZeRO STAGE, parameter
 persistence threshold 0 so that ZeRO-3 really partitions every tensor; built inside
 ``zero.Init`` as the launcher does) or ``fsdp`` (the launcher's sharding plan for FORCES
 ``direct``/``conservative``; built on the meta device and filled from rank 0). ``ac``: with
-per-block activation checkpointing. Each rank takes an uneven share of one global batch; for three
+per-block activation checkpointing; ``offload``: DeepSpeed optimizer offload (and parameter offload
+under ZeRO-3) to the CPU, with the schedule-free client optimizer. Each rank takes an uneven share of one global batch; for three
 steps the global loss and the full gradients are compared with a one-process reference (plain
 schedule-free AdamW on the whole batch, same seed). Writes the largest relative differences and
 what was partitioned as JSON to OUT (rank 0).
@@ -41,7 +42,7 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def main(db_path, engine_name, stage, forces, name, width, out, ac) -> None:
+def main(db_path, engine_name, stage, forces, name, width, out, ac, offload) -> None:
     runtime = init_distributed(engine_name)
     with ase.db.connect(db_path) as db:
         atoms = [row.toatoms() for row in db.select(limit=7)]
@@ -58,7 +59,8 @@ def main(db_path, engine_name, stage, forces, name, width, out, ac) -> None:
     reference = fresh()
     ref_opt = build_optimizer(reference, LR)
     cfg = TrainConfig(model=name, width=width, direct_forces=direct, zero_stage=stage, precision="fp32",
-                      deepspeed_overrides={"zero_stage": stage, "precision": "fp32"})
+                      deepspeed_overrides={"zero_stage": stage, "precision": "fp32"},
+                      offload_optimizer=offload, offload_params=offload and stage == 3)
     partitioned = 0
     if engine_name == "deepspeed":
         config = Path(tempfile.mkdtemp()) / "ds.json"
@@ -111,4 +113,4 @@ def main(db_path, engine_name, stage, forces, name, width, out, ac) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]), sys.argv[7],
-         len(sys.argv) > 8 and sys.argv[8] == "ac")
+         "ac" in sys.argv[8:], "offload" in sys.argv[8:])

@@ -9,21 +9,22 @@ from conftest import PYTHON, free_port, run
 from launcher.config import parse
 from launcher.sharding import engine_config
 
-CASES = [  # engine, ZeRO stage, forces, activation checkpointing
-    ("deepspeed", 3, "direct", False),  # built inside zero.Init, persistence threshold 0
-    ("deepspeed", 2, "conservative", True),
-    ("fsdp", 3, "direct", True),  # per-block units
-    ("fsdp", 3, "conservative", False),  # root-only unit
+CASES = [  # engine, ZeRO stage, forces, extra flags
+    ("deepspeed", 3, "direct", []),  # built inside zero.Init, persistence threshold 0
+    ("deepspeed", 3, "direct", ["ac", "offload"]),  # + optimizer and parameter offload
+    ("deepspeed", 2, "conservative", ["ac"]),
+    ("fsdp", 3, "direct", ["ac"]),  # per-block units
+    ("fsdp", 3, "conservative", []),  # root-only unit
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine,stage,forces,ac", CASES)
-def test_sharded_gradients_match_one_process(data, tmp_path, engine, stage, forces, ac):
+@pytest.mark.parametrize("engine,stage,forces,extra", CASES)
+def test_sharded_gradients_match_one_process(data, tmp_path, engine, stage, forces, extra):
     out = tmp_path / "result.json"
     args = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
             "tests/launcher/shard_worker.py", str(data["raw_train"]), engine, str(stage), forces, "esen", "16", str(out)]
-    result = run(args + (["ac"] if ac else []), timeout=400)
+    result = run(args + extra, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     worst = json.loads(out.read_text())
     assert worst["loss"] < 1e-6, worst
