@@ -1,7 +1,10 @@
-"""Planner against measured peak memory: one process, one training step (forward, loss, backward,
-schedule-free AdamW step), fp32 on the CPU, each width in a fresh process.
+"""Planner against measured peak memory: one process, two training steps (forward, loss, backward,
+schedule-free AdamW step; the second is the steady state the planner describes), fp32 on the CPU,
+each width in a fresh process.
 
-Measured: peak resident memory (``ru_maxrss``) minus the resident memory before the model is built.
+Measured: peak resident memory (``ru_maxrss``) minus the resident memory before the model is built,
+with glibc told to mmap every block over 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors
+leave the resident set and the peak is that of live memory (not of a fragmented heap).
 Planned: :func:`zoo.plan.memory.plan_one` for one rank without ZeRO (weights 4N, gradients 4N,
 optimizer 8N, activations measured on the meta device × atoms), without the fixed runtime share.
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +47,11 @@ def one(model_name: str, width: int, structures: int, conservative: bool) -> dic
     model.set_normalization(None, 1.0)
     opt = build_optimizer(model, 1e-3)
     n = sum(p.numel() for p in model.parameters())
-    terms = loss_terms(model(batch), batch, 1.0)
-    (terms.energy_sum / terms.structures + terms.force_sum / terms.atoms).backward()
-    opt.step()
+    for _ in range(2):  # the second step is the steady state: optimizer state exists during forward/backward
+        opt.zero_grad(set_to_none=True)
+        terms = loss_terms(model(batch), batch, 1.0)
+        (terms.energy_sum / terms.structures + terms.force_sum / terms.atoms).backward()
+        opt.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     atoms = int(batch.num_nodes)
     plan = plan_one("deepspeed", 0, n, 0, 1, "fp32", act["per_atom"], atoms, False, "", float("inf"))
@@ -68,7 +74,9 @@ def main() -> None:
     for width in a.widths:
         cmd = [sys.executable, __file__, "--one", "--model", a.model, "--widths", str(width),
                "--structures", str(a.structures)] + (["--conservative"] if a.conservative else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        # large blocks mmap-ed and returned on free: resident memory follows live tensors, not glibc's heap
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
         r = json.loads(out)
         print(f"{r['model']} width {r['width']:5d} N {r['N']:>12,} atoms {r['atoms']:4d}: measured "
               f"{r['measured_GiB']:.3f} GiB, planned {r['planned_GiB']:.3f} GiB, planned/measured "
