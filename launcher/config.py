@@ -71,6 +71,11 @@ class TrainConfig:
     warmup_fraction: float = 0.02
     seed: int = 0
     # engine
+    engine: str = "deepspeed"  # deepspeed (ZeRO 0-3) or fsdp (FSDP2 fully_shard, torchrun)
+    fsdp_units: str = "auto"  # auto: per block for direct forces, the root only for conservative
+    activation_checkpointing: bool = False  # recompute each repeated block in the backward
+    offload_optimizer: bool = False  # DeepSpeed ZeRO 1-3: optimizer state and step on the CPU
+    offload_params: bool = False  # DeepSpeed ZeRO-3: parameters on the CPU between uses
     zero_stage: int = 2
     precision: str = "auto"  # auto: bf16 on CUDA that supports it, else fp32
     deepspeed_config: str | None = None
@@ -190,6 +195,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
     p.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction, help="schedule-free LR warm-up, fraction of the run's steps")
     p.add_argument("--seed", type=int, default=d.seed, help="model init and data order")
+    p.add_argument("--engine", choices=("deepspeed", "fsdp"), default=d.engine,
+                   help="deepspeed: ZeRO stages 0-3; fsdp: FSDP2 fully_shard (start with torchrun)")
+    p.add_argument("--fsdp-units", choices=("auto", "blocks", "root"), default=d.fsdp_units,
+                   help="FSDP units: per block (direct forces) or the root only (conservative forces; "
+                        "auto picks the exact one)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each repeated block's activations in the backward (less memory, ~1 more forward)")
+    p.add_argument("--offload-optimizer", action="store_true",
+                   help="DeepSpeed ZeRO 1-3: keep the optimizer state and run its step on the CPU")
+    p.add_argument("--offload-params", action="store_true", help="DeepSpeed ZeRO-3: keep parameters on the CPU")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None, help="ZeRO stage (default 2)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                    help="auto: bf16 on CUDA with bf16 support, fp32 otherwise")
@@ -255,6 +270,11 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         weight_decay=a.weight_decay,
         warmup_fraction=a.warmup_fraction,
         seed=a.seed,
+        engine=a.engine,
+        fsdp_units=a.fsdp_units,
+        activation_checkpointing=a.activation_checkpointing,
+        offload_optimizer=a.offload_optimizer,
+        offload_params=a.offload_params,
         zero_stage=explicit.get("zero_stage", 2),
         precision=explicit.get("precision", "auto"),
         deepspeed_config=a.deepspeed_config,
@@ -392,6 +412,21 @@ def deepspeed_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
     config["train_micro_batch_size_per_gpu"] = 1
     config["gradient_accumulation_steps"] = 1
     if int(stage) == 3 and not cfg.direct_forces:
-        raise UserError("ZeRO-3 cannot train conservative forces (their double backward needs weights that "
-                         "ZeRO-3 releases after the forward); use --zero-stage 1 or 2, or direct forces")
+        raise UserError("--engine deepspeed --zero-stage 3 --conservative is not exact (the double backward needs "
+                        "weights ZeRO-3 releases after the forward; every ZeRO-3 variant failed or gave wrong "
+                        "gradients): use --engine fsdp --conservative (FSDP2 on the root module: exact, fully "
+                        "sharded at rest), or --zero-stage 1/2")
+    zero = config["zero_optimization"]
+    if cfg.offload_optimizer:
+        if int(stage) < 1:
+            raise UserError("--offload-optimizer needs --zero-stage 1, 2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", **zero.get("offload_optimizer", {})}
+    if cfg.offload_params:
+        if int(stage) != 3:
+            raise UserError("--offload-params needs --zero-stage 3 (parameters are partitioned only there)")
+        zero["offload_param"] = {"device": "cpu", **zero.get("offload_param", {})}
+    if "offload_optimizer" in zero or "offload_param" in zero:
+        # the schedule-free optimizer is a client optimizer: DeepSpeed would otherwise insist on its
+        # own CPU Adam (docs/FEASIBILITY.md: offload with it ran with unchanged losses)
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config

@@ -98,8 +98,9 @@ def setup_environment() -> None:
         torch.set_num_threads(min(threads, int(user)) if user and user.isdigit() else threads)
 
 
-def init_distributed(timeout_s: float = 1800.0) -> Runtime:
-    """Initialise torch.distributed (gloo on CPU, NCCL on CUDA) and hand it to DeepSpeed.
+def init_distributed(timeout_s: float = 1800.0, engine: str = "deepspeed") -> Runtime:
+    """Initialise torch.distributed (gloo on CPU, NCCL on CUDA): through DeepSpeed for its engine,
+    directly for ``engine="fsdp"`` (which then never imports DeepSpeed).
 
     Every rank first checks in at the job's rendezvous store (:func:`rendezvous`), so that a rank
     that never starts is named after ``timeout_s`` instead of leaving the others waiting; the
@@ -111,25 +112,28 @@ def init_distributed(timeout_s: float = 1800.0) -> Runtime:
         naming the ranks that did not join within ``timeout_s`` (or the unreachable store host).
     """
     setup_environment()
-    import deepspeed
-
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
-    if "--debug" not in sys.argv:
-        logging.getLogger("DeepSpeed").addFilter(lambda record: "untested optimizer" not in record.getMessage())
-    if not cuda:  # the shm op serves inference_all_reduce only (see the module docstring): do not compile it
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if cuda else "gloo"
     timeout = timedelta(seconds=timeout_s)
     if not torch.distributed.is_initialized():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         store = rendezvous(rank, world, timeout_s)
         torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+    if engine != "fsdp":
+        import deepspeed
+        import deepspeed.ops
+
+        if "--debug" not in sys.argv:
+            logging.getLogger("DeepSpeed").addFilter(lambda record: "untested optimizer" not in record.getMessage())
+        if not cuda:
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce for inference at
+            # start-up (minutes on a busy host, and a lock in ~/.cache shared by every virtual
+            # environment); training uses gloo's collectives and never calls it.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())

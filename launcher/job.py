@@ -4,10 +4,11 @@
 second job) → shards →
 model with the data's normalisation → the architecture's pre-training hook (if its registry spec
 has one, e.g. fitted scale factors, computed on the same batches on every rank) → training
-stream → schedule-free AdamW → engine → evaluation copy → counters (restored on resume) → FLOP
-counter, device peak, the disk the checkpoints need (checked against the free space,
+stream → schedule-free AdamW → engine → counters (restored on resume) → FLOP counter (on a weightless
+meta-device copy), device peak, the disk the checkpoints need (checked against the free space,
 :mod:`launcher.retention`) and run log. Phases that take a while show progress on rank 0
-(:class:`launcher.progress.Phase`). Nothing here names an architecture: what differs between them
+(:class:`launcher.progress.Phase`). Under ZeRO-3 the model is partitioned while it is built, and no
+rank keeps an evaluation copy (:mod:`launcher.materialise`). Nothing here names an architecture: what differs between them
 comes from :data:`zoo.registry.MODELS`.
 """
 
@@ -23,12 +24,13 @@ from pathlib import Path
 import torch
 
 from launcher import checkpoint as ckpt
-from launcher.config import REPO, TrainConfig, deepspeed_config
+from launcher import sharding
+from launcher.config import REPO, TrainConfig
 from launcher.data import Splits, prepare, rejected_summary
-from launcher.health import GradientWatch
-from launcher.engine import Runtime, broadcast_object, build_engine, init_distributed
+from launcher.engine import Runtime, broadcast_object, init_distributed
 from launcher.errors import UserError
-from launcher.optim import build_optimizer
+from launcher.health import GradientWatch
+from launcher.materialise import counting_model, materialised_counting_model
 from launcher.progress import Phase, RunLog
 from launcher.retention import check_disk, disk_plan, gb
 from launcher.runlock import RunDirectoryLocked, RunLock
@@ -36,7 +38,7 @@ from launcher.throughput import device_peak
 from zoo.flops.counter import StepFlopCounter
 from zoo.hub.checkpoint import read_metadata
 from zoo.models.base import ForceField, PretrainHook
-from zoo.registry import build, get_spec
+from zoo.registry import get_spec
 
 
 @dataclass
@@ -49,7 +51,6 @@ class Job:
     resume_from: Path | None
     splits: Splits
     engine: object  # the DeepSpeed engine wrapping the training model
-    eval_model: ForceField  # single-device copy that receives the averaged weights
     loader: object  # this rank's training stream (datapipe.loader.StreamingLoader)
     ds_config: dict
     n_params: int
@@ -71,6 +72,7 @@ class Job:
     wall_offset: float  # wall time of the run before this process (resumes)
     gradient_watch: GradientWatch | None = None  # flags non-finite gradients (launcher.health)
     lock: RunLock | None = None  # rank 0's hold on the run directory (launcher.runlock)
+    memory_plan: dict | None = None  # the planner's per-rank estimate of this configuration (zoo.plan)
 
     @property
     def force_rms(self) -> float:
@@ -216,19 +218,21 @@ def run_pretrain_hook(hook: PretrainHook | None, cfg: TrainConfig, model: ForceF
 
 def set_up(cfg: TrainConfig) -> Job:
     """Build everything of a run (or of its resumption) on this rank; see the module docstring."""
-    runtime = init_distributed(cfg.dist_timeout_s)
+    runtime = init_distributed(cfg.dist_timeout_s, cfg.engine)
     start_time = time.time()
     cfg, run_dir, resume_from = resolve_run(cfg)
     lock = lock_run_dir(run_dir, runtime)
-    bf16 = deepspeed_config(cfg, runtime.bf16_supported)["bf16"]["enabled"]  # refuse a bad one before any work
+    planned_config = sharding.engine_config(cfg, runtime.bf16_supported)  # refuse a bad one before any work
+    bf16 = planned_config["bf16"]["enabled"]
     splits = prepare(cfg, runtime)
+    memory_plan = sharding.memory_check(cfg, runtime, planned_config)  # refuses what cannot fit (CUDA)
     spec = get_spec(cfg.model)
 
-    torch.manual_seed(cfg.seed)
-    model = build(cfg.model, cfg.width, direct_forces=cfg.direct_forces, **cfg.model_overrides)
-    model.set_normalization(splits.train.element_references, splits.train.force_rms)
-    cutoff = model.data_cutoff
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    normalisation = (splits.train.element_references, splits.train.force_rms)
+    model = sharding.prepare_model(cfg, planned_config, normalisation)  # ZeRO-3: partitioned while built
+    counted = counting_model(cfg)  # meta device: no memory
+    cutoff = counted.data_cutoff
+    n_params = sum(p.numel() for p in counted.parameters() if p.requires_grad)
     loader = make_loader(splits.train, cfg, runtime, cutoff, train=True, max_atoms=cfg.max_atoms,
                          skip_bad_shards=cfg.skip_bad_shards)
     total = int(loader.steps)
@@ -240,15 +244,9 @@ def set_up(cfg: TrainConfig) -> Job:
                                          cfg.keep_engine_state, bf16))
     pretrain = run_pretrain_hook(spec.pretrain, cfg, model, splits, runtime, resume_from)
     lr = cfg.learning_rate(cfg.width)
-    optimizer = build_optimizer(model, lr, cfg.betas, cfg.weight_decay, round(cfg.warmup_fraction * total))
-    with Phase("building the DeepSpeed engine", enabled=runtime.is_main):
-        engine, ds_config = build_engine(cfg, model, optimizer, runtime)
-
-    eval_model = build(cfg.model, cfg.width, direct_forces=cfg.direct_forces, **cfg.model_overrides)
-    eval_model.set_normalization(splits.train.element_references, splits.train.force_rms)
-    if pretrain is not None:
-        spec.pretrain.restore(eval_model, pretrain)
-    eval_model.to(runtime.device)
+    with Phase(f"building the {cfg.engine} engine", enabled=runtime.is_main):
+        engine, ds_config = sharding.build(cfg, model, runtime, lr, round(cfg.warmup_fraction * total),
+                                           normalisation)
 
     state = ckpt.TrainState()
     if resume_from is not None:
@@ -262,18 +260,20 @@ def set_up(cfg: TrainConfig) -> Job:
     if resume_from is None and runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
-    counter = StepFlopCounter(eval_model, direct_forces=cfg.direct_forces)
+    counter = StepFlopCounter(counted, direct_forces=cfg.direct_forces,
+                              materialise=lambda: materialised_counting_model(cfg).to(runtime.device))
     if state.step == 0:
         state.flops, state.forward_flops = 0, 0
     peak, peak_source, cpu_time_mfu = device_peak(runtime.device, ds_config["bf16"]["enabled"],
                                                   runtime.world_size, runtime.is_main)
     job = Job(cfg=cfg, runtime=runtime, run_dir=run_dir, resume_from=resume_from, splits=splits, engine=engine,
-              eval_model=eval_model, loader=loader, ds_config=ds_config, n_params=n_params, cutoff=cutoff,
+              loader=loader, ds_config=ds_config, n_params=n_params, cutoff=cutoff,
               total=total, lr=lr, state=state, counter=counter, peak=peak, peak_source=peak_source,
               cpu_time_mfu=cpu_time_mfu, disk=disk, hook=spec.pretrain, pretrain=pretrain,
               code_version=code_version(), schedule=schedule,
               log=RunLog(run_dir, total, state.step, runtime.is_main), start_time=start_time,
-              wall_offset=state.wall_time_s, gradient_watch=GradientWatch(engine.module), lock=lock)
+              wall_offset=state.wall_time_s, gradient_watch=GradientWatch(engine.module), lock=lock,
+              memory_plan=memory_plan)
     announce(job)
     return job
 
@@ -290,9 +290,9 @@ def announce(job: Job) -> None:
                    checkpoint=str(job.resume_from) if job.resume_from else None, flops_counted=True,
                    peak_flops=job.peak, peak_source=job.peak_source, symmetry_loss=cfg.symmetry_loss,
                    code_version=job.code_version, data_rejected=rejected_summary(job.splits), disk=job.disk,
-                   **hook_record)
+                   engine=sharding.engine_record(cfg, ds), memory_plan=job.memory_plan, **hook_record)
     job.log.say(f"[bold]{cfg.model}[/] width {cfg.width}: N = {job.n_params:,} parameters, {job.total} steps × "
-                f"{runtime.world_size} rank(s), lr {job.lr:.3g}, ZeRO-{ds['zero_optimization']['stage']}, "
+                f"{runtime.world_size} rank(s), lr {job.lr:.3g}, {sharding.engine_record(cfg, ds)['summary']}, "
                 f"{'bf16' if ds['bf16']['enabled'] else 'fp32'} on {runtime.device}; run dir {job.run_dir}")
     job.log.say(f"MFU against {job.peak_source}")
     for name, split in rejected_summary(job.splits).items():

@@ -4,8 +4,8 @@
 engine, counters) → for each global batch :func:`train_step` (with ``--symmetry-loss M``, M
 rotated copies appended; forward, global loss, backward, step; atoms, FLOPs and time counted) →
 :meth:`Window.add` (metrics lines) → at every checkpoint step (each ``checkpoint_fraction`` of the
-run and the end) :func:`validate_and_save` (averaged weights → validation on the fixed subset, at
-the end also on the whole split → checkpoint with throughput, MFU and κ; the engine state of all
+run and the end) :func:`validate_and_save` (averaged weights → validation on rank 0, which alone holds
+them, on the fixed subset, at the end also on the whole split → checkpoint with throughput, MFU and κ; the engine state of all
 but the last ``--keep-engine-state`` checkpoints pruned, :mod:`launcher.retention`). Validation and
 checkpoint writing show their own progress (:meth:`launcher.progress.RunLog.phase`).
 
@@ -37,6 +37,8 @@ from launcher.data import rejected_summary
 from launcher.engine import all_gather_objects, all_reduce_sum
 from launcher.job import Job, make_loader, set_up
 from launcher.loss import global_loss, loss_terms
+from launcher.materialise import evaluation_model
+from launcher.sharding import engine_record
 from launcher.optim import averaged_weights
 from launcher.retention import gb, prune_engine_state
 from launcher.throughput import rates, run_summary
@@ -254,19 +256,21 @@ class Window:
 def validate_and_save(job: Job, final: bool) -> dict:
     """Averaged weights → validation on the fixed subset (and the full split at the end) → checkpoint."""
     cfg, runtime, splits, state, log = job.cfg, job.runtime, job.splits, job.state, job.log
-    averaged_weights(job.engine, job.eval_model)
-    val_loader = make_loader(splits.val, cfg, runtime, job.cutoff, train=False, max_structures=cfg.max_val_structures)
-    with log.phase(f"step {state.step}: validation", val_loader.rank_structures, _unit(job)) as ph:
-        metrics = validate(job.eval_model, val_loader, runtime.device, job.force_rms, progress=ph.advance)
+    eval_model = evaluation_model(cfg, job) if runtime.is_main else None  # one rank holds the full weights
+    averaged_weights(job.engine, eval_model)  # collective gathers
+    val_loader = make_loader(splits.val, cfg, runtime, job.cutoff, train=False, max_structures=cfg.max_val_structures,
+                             single=True) if runtime.is_main else []
+    with log.phase(f"step {state.step}: validation", _structures(val_loader), "structures") as ph:
+        metrics = validate(eval_model, val_loader, runtime.device, job.force_rms, progress=ph.advance)
     log.record("val", step=state.step, samples_seen=state.samples_seen, atoms_seen=state.atoms_seen,
                flops=state.flops, **metrics)
     log.say(f"step {state.step}: val loss {metrics['loss']:.4f}, energy MAE "
             f"{metrics['energy_mae_mev_per_atom']:.2f} meV/atom, force MAE {metrics['force_mae_mev_per_A']:.1f} "
             f"meV/Å (zero-force {metrics['zero_force_mae_mev_per_A']:.1f})")
-    full = validate_full(job, metrics) if final else None
+    full = validate_full(job, eval_model, metrics) if final else None
     size = job.disk["weights_bytes"] + job.disk["engine_bytes"]
     with log.phase(f"step {state.step}: writing checkpoint (≈{gb(size)})"):
-        path = ckpt.save(job.run_dir, state.step, job.engine, job.eval_model, state,
+        path = ckpt.save(job.run_dir, state.step, job.engine, eval_model, state,
                          _jsonable(job.loader.state_dict()), checkpoint_metadata(job, metrics, full), runtime)
         if runtime.is_main:
             prune_engine_state(path.parent, cfg.keep_engine_state)
@@ -274,17 +278,18 @@ def validate_and_save(job: Job, final: bool) -> dict:
     return metrics if full is None else {**metrics, "full": full}
 
 
-def validate_full(job: Job, subset: dict) -> dict:
+def validate_full(job: Job, eval_model, subset: dict) -> dict:
     """The whole validation split once, at the end (the fixed subset stays the scaling fits' L)."""
     cfg, state = job.cfg, job.state
     started = time.time()
     if cfg.max_val_structures is None:
         full = dict(subset)
     else:
-        loader = make_loader(job.splits.val, cfg, job.runtime, job.cutoff, train=False)
-        with job.log.phase(f"step {state.step}: validation on the whole split", loader.rank_structures,
-                           _unit(job)) as ph:
-            full = validate(job.eval_model, loader, job.runtime.device, job.force_rms, progress=ph.advance)
+        loader = make_loader(job.splits.val, cfg, job.runtime, job.cutoff, train=False,
+                             single=True) if job.runtime.is_main else []
+        with job.log.phase(f"step {state.step}: validation on the whole split", _structures(loader),
+                           "structures") as ph:
+            full = validate(eval_model, loader, job.runtime.device, job.force_rms, progress=ph.advance)
     full["seconds"] = time.time() - started
     job.log.record("val_full", step=state.step, **full)
     job.log.say(f"step {state.step}: full validation split ({full['structures']} structures, {full['atoms']} atoms, "
@@ -308,7 +313,7 @@ def checkpoint_metadata(job: Job, metrics: dict, full: dict | None) -> dict:
         steps_total=job.total, validation_full=full, world_size=job.runtime.world_size,
         throughput=run_summary(state, job.peak, job.peak_source, job.n_params, job.counter, job.cpu_time_mfu),
         symmetry_loss=cfg.symmetry_loss, val_data_hash=job.splits.val.data_hash,
-        data_rejected=rejected_summary(job.splits),
+        data_rejected=rejected_summary(job.splits), engine=engine_record(cfg, job.ds_config),
         atoms_seen_note="original training atoms; rotated copies of the symmetry loss not counted"
         if cfg.symmetry_loss else None,
         flops_note=None if state.flops is not None else "resumed from a run that did not count FLOPs from its start",
@@ -322,9 +327,11 @@ def finish(job: Job, metrics: dict) -> dict:
     """The ``end`` record and the closing line; returns the final validation metrics."""
     state = job.state
     state.wall_time_s = job.wall_time()
+    peak_memory = torch.cuda.max_memory_allocated(job.runtime.device) if job.runtime.device.type == "cuda" else None
     job.log.record("end", step=state.step, wall_time_s=state.wall_time_s, validation=metrics,
                    throughput=run_summary(state, job.peak, job.peak_source, job.n_params, job.counter,
-                                          job.cpu_time_mfu))
+                                          job.cpu_time_mfu),
+                   peak_memory_bytes=peak_memory, planned_memory_bytes=(job.memory_plan or {}).get("estimate_bytes"))
     full = metrics.get("full", metrics)
     job.log.say(f"done: {state.step} steps, {state.atoms_seen:,} atoms, {state.wall_time_s:.0f} s; "
                 f"val force MAE {metrics.get('force_mae_mev_per_A', float('nan')):.1f} meV/Å "
@@ -340,9 +347,9 @@ def finish(job: Job, metrics: dict) -> dict:
     return metrics
 
 
-def _unit(job: Job) -> str:
-    """What a validation phase counts: rank 0's structures (each rank validates its share)."""
-    return "structures" if job.runtime.world_size == 1 else f"structures on rank 0 (of {job.runtime.world_size})"
+def _structures(loader) -> int:
+    """Structures a validation loader holds on this rank (rank 0 validates alone; others hold none)."""
+    return getattr(loader, "rank_structures", 0)
 
 
 def _jsonable(value):

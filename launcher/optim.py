@@ -60,7 +60,7 @@ def _base_optimizer(engine) -> AdamWScheduleFree | None:
 
 
 @torch.no_grad()
-def averaged_weights(engine, target: nn.Module) -> None:
+def averaged_weights(engine, target: nn.Module | None) -> None:
     """Copy the schedule-free averaged weights ``x`` of ``engine``'s model into ``target``.
 
     Parameters
@@ -69,8 +69,12 @@ def averaged_weights(engine, target: nn.Module) -> None:
         ZeRO stage; without ZeRO the optimizer's own state is read). Must be called on every rank:
         the gathers are collective. (A model trained without DeepSpeed: :func:`averaged_weights_plain`.)
     target : a single-device model of the same architecture (fp32); its parameters receive
-        ``x``, its buffers the engine module's buffers (see :func:`_copy_buffers`).
+        ``x``, its buffers the engine module's buffers (see :func:`_copy_buffers`). ``None`` on
+        the ranks that only take part in the gathers (the full weights are kept on one rank).
     """
+    if hasattr(engine, "averaged_weights"):  # launcher.fsdp.FSDPEngine gathers its own shards
+        engine.averaged_weights(target)
+        return
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     base = _base_optimizer(engine)
@@ -78,17 +82,20 @@ def averaged_weights(engine, target: nn.Module) -> None:
         raise TypeError("the engine's optimizer is not schedulefree.AdamWScheduleFree")
     beta1 = base.param_groups[0]["betas"][0]
     started = base.param_groups[0]["k"] > 0 or any(len(s) for s in base.state.values())
-    source = dict(engine.module.named_parameters())
-    for name, param in target.named_parameters():
-        lp = source[name]
+    targets = dict(target.named_parameters()) if target is not None else {}
+    for name, lp in engine.module.named_parameters():  # the same order on every rank
         y = safe_get_full_fp32_param(lp)
         z = safe_get_full_optimizer_state(lp, "z") if (y is not None and started) else None
         if y is None:  # no ZeRO partitioning (stage 0, fp32): the optimizer holds lp itself
             y = lp.detach()
             state = base.state.get(lp, {})
             z = state.get("z")
-        param.copy_(eval_from_train(y.float(), None if z is None else z.float(), beta1).to(param))
-    _copy_buffers(engine.module, target)
+        if target is not None:
+            param = targets[name]
+            param.copy_(eval_from_train(y.float(), None if z is None else z.float(), beta1).to(param))
+        del y, z
+    if target is not None:
+        _copy_buffers(engine.module, target)
 
 
 def _copy_buffers(source: nn.Module, target: nn.Module) -> None:

@@ -1,7 +1,8 @@
 """Validation on the held-out split: energy and force MAE, the loss, and the zero-force baseline.
 
-Each rank evaluates its share of the validation shards with the single-device model holding the
-schedule-free averaged weights; the sums are all-reduced, so every metric is over the whole split.
+The single-device model holding the schedule-free averaged weights exists on rank 0 only
+(:mod:`launcher.materialise`), which evaluates the whole split; the other ranks pass ``model=None``
+and no batches and join the all-reduce of the sums, so every rank returns the same metrics.
 
 Metrics (all global over the split):
 
@@ -29,7 +30,7 @@ def validate(model, batches, device: torch.device, force_rms: float, progress=No
 
     Parameters
     ----------
-    model : single-device :class:`~zoo.models.base.ForceField` (fp32).
+    model : single-device :class:`~zoo.models.base.ForceField` (fp32), or None on a rank that evaluates nothing.
     batches : iterable of torch-geometric batches with reference energy and forces.
     force_rms : σ of the training split (eV/Å), for the loss.
     progress : optional ``progress(structures)`` called after each batch with its structure count.
@@ -38,8 +39,9 @@ def validate(model, batches, device: torch.device, force_rms: float, progress=No
     -------
     dict of floats (see the module docstring) plus ``structures`` and ``atoms`` counts.
     """
-    was_training = model.training
-    model.eval()
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     # structures, atoms, components, Σ|ΔE|/n (eV), Σ|ΔF| (eV/Å), Σ|F|, Σ‖ΔF‖₂
     sums = [0.0] * 7
     for batch in batches:
@@ -58,7 +60,8 @@ def validate(model, batches, device: torch.device, force_rms: float, progress=No
         sums[6] += float(terms.force_sum)
         if progress is not None:
             progress(terms.structures)
-    model.train(was_training)
+    if model is not None:
+        model.train(was_training)
     n_struct, n_atoms, n_comp, e_abs, f_abs, zero_abs, f_l2 = all_reduce_sum(sums, device)
     if n_struct < 1:
         raise ValueError("the validation split holds no structure")

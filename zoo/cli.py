@@ -58,8 +58,10 @@ def flops_command(
 ) -> None:
     """Parameters, forward FLOPs per atom and per edge, κ and step FLOPs of MODEL at WIDTH.
 
-    Counted with fvcore on a reference batch (zoo.flops.report), no training; FMA = 2 FLOPs. The
-    trace holds one forward's activations: see the README for the memory of large widths.
+    Counted with fvcore on a reference batch (zoo.flops.report), no training; FMA = 2 FLOPs.
+    The model is traced on the meta device (shapes only: seconds at any width, the same count)
+    unless its forward needs tensor values (then a full trace). The full trace holds one
+    forward's activations: see the README for the memory of large widths.
     """
     import json
 
@@ -84,7 +86,8 @@ def flops_command(
         typer.echo(json.dumps(rows, indent=1))
         return
     typer.echo(f"reference batch: {rows[0]['reference']} ({rows[0]['structures']} structures, "
-               f"{rows[0]['atoms']} atoms); FMA = 2 FLOPs; paper κ = {rows[0]['paper_kappa']}")
+               f"{rows[0]['atoms']} atoms); FMA = 2 FLOPs; paper κ = {rows[0]['paper_kappa']}; "
+               f"trace: {', '.join(sorted({r['trace'] for r in rows}))}")
     typer.echo(f"{'model':10} {'width':>6} {'params N':>12} {'fwd/atom':>11} {'fwd/edge':>11} "
                f"{'kappa':>8} {'step/atom':>11} {'step/fwd':>8}" + ("  C=3kND" if atoms is not None else ""))
     for r in rows:
@@ -96,6 +99,35 @@ def flops_command(
         typer.echo(line)
         if r["unsupported"]:
             typer.echo(f"  operators without a FLOP handle: {r['unsupported']}", err=True)
+
+
+@app.command("plan")
+def plan_command(
+    model: str = typer.Option(..., "--model", help="architecture"),
+    width: int = typer.Option(..., "--width", help="model width"),
+    gpus: int = typer.Option(..., "--gpus", help="ranks (world size)"),
+    gpu_memory: str = typer.Option("80GB", "--gpu-memory", help="memory per rank, e.g. 80GB, 141GB, 24GiB"),
+    atoms_per_batch: int = typer.Option(128, "--atoms-per-batch", help="atoms per rank and step"),
+    conservative: bool = typer.Option(False, "--conservative", help="forces as -dE/dx (double backward)"),
+    precision: str = typer.Option("bf16", "--precision", help="bf16 or fp32"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Per-rank memory of every engine configuration (weights, gradients, optimizer state,
+    measured activations, buffers), what fits, and the recommended configuration."""
+    import json
+
+    from zoo.plan import make_plan, parse_memory, render
+
+    if precision not in ("bf16", "fp32"):
+        raise typer.BadParameter("--precision must be bf16 or fp32")
+    result = make_plan(model, width, gpus, parse_memory(gpu_memory), atoms_per_batch, conservative, precision)
+    if json_out:
+        best = result["recommended"]
+        result = {**result, "plans": [p.to_json() for p in result["plans"]],
+                  "recommended": None if best is None else best.to_json()}
+        typer.echo(json.dumps(result, indent=1))
+        return
+    typer.echo(render(result))
 
 
 if __name__ == "__main__":

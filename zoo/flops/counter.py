@@ -68,6 +68,10 @@ class StepFlopCounter:
     direct_forces : defaults to ``model.direct_forces``.
     budget : largest share of wall time spent in exact counts once the fit is ready.
     min_exact : exact counts before the fit is used (default: number of features + 2).
+    materialise : for a ``model`` on the meta device (a shape-only trace, no memory): a callable
+        returning a real copy, used instead from the first batch whose trace needs tensor values
+        (a forward with ``.item()``/``nonzero``, e.g. GemNet-OC's triplets). Without it such a
+        batch raises.
 
     Attributes
     ----------
@@ -83,8 +87,9 @@ class StepFlopCounter:
     """
 
     def __init__(self, model: nn.Module, direct_forces: bool | None = None, *, budget: float = 0.005,
-                 min_exact: int | None = None) -> None:
+                 min_exact: int | None = None, materialise=None) -> None:
         self.model = model
+        self.materialise = materialise
         self.direct_forces = model.direct_forces if direct_forces is None else bool(direct_forces)
         self.budget = float(budget)
         self.cutoffs = tuple(sorted(set(model.graph_cutoffs) | {float(model.cutoff)}))
@@ -120,7 +125,13 @@ class StepFlopCounter:
         """Count ``batch`` exactly (trace); updates the fit. Returns a :class:`~zoo.flops.trace.StepFlops`."""
         from zoo.flops.trace import count_step
 
-        flops = count_step(self.model, batch, self.direct_forces)
+        try:
+            flops = count_step(self.model, batch, self.direct_forces)
+        except (RuntimeError, NotImplementedError):
+            if self.materialise is None or not next(self.model.parameters()).is_meta:
+                raise
+            self.model, self.materialise = self.materialise(), None  # the forward needs values
+            flops = count_step(self.model, batch, self.direct_forces)
         self.exact_counts += 1
         self.last = flops
         if flops.unsupported:

@@ -51,26 +51,51 @@ def reference_structures(max_structures: int = REFERENCE_STRUCTURES) -> tuple[li
 
 
 def model_report(name: str, width: int, direct_forces: bool = True, structures: list | int | None = None,
-                 **overrides) -> dict:
+                 shape_only: bool | None = None, **overrides) -> dict:
     """FLOPs and κ of architecture ``name`` at ``width`` on the reference batch.
 
-    Returns a dict: parameters, atoms, edges, structures, forward FLOPs (total, per atom, per
-    edge), κ, the step FLOPs (and its parts), the step/forward ratio, the paper's κ, the
-    reference description and the unsupported operators (empty for the zoo). ``structures``: a list
-    of ``ase.Atoms``, or how many reference structures to take (default :data:`REFERENCE_STRUCTURES`).
+    Parameters
+    ----------
+    structures : a list of ``ase.Atoms``, or how many reference structures to take (default
+        :data:`REFERENCE_STRUCTURES`).
+    shape_only : trace the model built on the meta device (no weights, no arithmetic: seconds at
+        any width; every operator's count depends on shapes only, so the count equals the full
+        trace's — ``tests/zoo/test_flops_meta.py``). ``None`` (default): try it, and fall back
+        to a full trace for a model whose forward needs values (GemNet-OC builds its triplet and
+        quadruplet index sets from the positions). ``False``: always the full trace.
+
+    Returns
+    -------
+    dict: parameters, atoms, edges, structures, forward FLOPs (total, per atom, per edge), κ, the
+    step FLOPs (and its parts), the step/forward ratio, the paper's κ, the reference description,
+    ``trace`` (``"meta"`` or ``"full"``) and the unsupported operators (empty for the zoo).
     """
     from datapipe.graph import batch_from_atoms
     from zoo.flops.trace import PAPER_KAPPA, count_parameters, count_step, kappa
     from zoo.registry import build
 
-    torch.manual_seed(0)
-    model = build(name, width=width, direct_forces=direct_forces, **overrides)
-    model.train()
     source = "given structures"
     if structures is None or isinstance(structures, int):
         structures, source = reference_structures(structures or REFERENCE_STRUCTURES)
-    batch = batch_from_atoms(structures, cutoff=model.data_cutoff)
-    flops = count_step(model, batch)
+    flops = None
+    trace = "meta"
+    if shape_only is not False:
+        with torch.device("meta"):
+            model = build(name, width=width, direct_forces=direct_forces, **overrides)
+        model.train()
+        batch = batch_from_atoms(structures, cutoff=model.data_cutoff)
+        try:
+            flops = count_step(model, batch)
+        except (RuntimeError, NotImplementedError) as error:  # a value-dependent op (.item(), nonzero)
+            if shape_only:
+                raise RuntimeError(f"{name}: its forward needs tensor values, no shape-only trace ({error})") from error
+    if flops is None:
+        trace = "full"
+        torch.manual_seed(0)
+        model = build(name, width=width, direct_forces=direct_forces, **overrides)
+        model.train()
+        batch = batch_from_atoms(structures, cutoff=model.data_cutoff)
+        flops = count_step(model, batch)
     n = count_parameters(model)
     return {
         "model": name,
@@ -78,6 +103,7 @@ def model_report(name: str, width: int, direct_forces: bool = True, structures: 
         "direct_forces": direct_forces,
         "parameters": n,
         "reference": source,
+        "trace": trace,
         "structures": flops.graphs,
         "atoms": flops.atoms,
         "edges": flops.edges,

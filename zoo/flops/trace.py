@@ -270,6 +270,8 @@ def count_step(model: nn.Module, batch, direct_forces: bool | None = None) -> St
 
     direct = model.direct_forces if direct_forces is None else bool(direct_forces)
     inputs = trace_inputs(model, batch)
+    if next(model.parameters()).is_meta:  # a shape-only trace: same graph, no arithmetic
+        inputs = tuple(t.to("meta") for t in inputs)
     wrapper = TraceableForceField(model, int(batch.num_graphs))
     flags = _Flags(wrapper, len(inputs), positions_index=_INPUT_NAMES.index("positions"))
     with torch.no_grad():

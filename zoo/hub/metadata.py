@@ -34,6 +34,9 @@ Keys (units and meaning)
                       ``structures`` and ``atoms`` of those steps and of unreadable shards
                       (``--skip-bad-shards``), ``records`` (step, reason, structure ids or shard
                       and rows; the first 1000); ``null`` in checkpoints written before it existed
+``engine``            how it was trained: ``engine`` (deepspeed/fsdp), ``stage`` (ZeRO stage or FSDP
+                      units), ``offload``, ``activation_checkpointing`` and the ``precision`` policy
+                      (compute dtype, fp32 master weights/optimizer state/loss, gradient reduction)
 
 An architecture's pre-training hook adds its record under its own key
 (:attr:`zoo.models.base.PretrainHook.metadata_key`, e.g. ``scale_factors``).
@@ -92,6 +95,7 @@ class CheckpointMetadata:
     val_data_hash: str | None = None
     data_rejected: dict | None = None
     skipped: dict | None = None
+    engine: dict | None = None
     #: records of pre-training hooks, each stored at the top level under its own key
     extra: dict = field(default_factory=dict)
 

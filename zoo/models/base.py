@@ -88,6 +88,12 @@ class ForceField(nn.Module):
         self.element_references = torch.zeros(self.max_atomic_number + 1, dtype=torch.float64)
         self.force_rms = 1.0
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The model's repeated blocks (every entry of its top-level ``nn.ModuleList`` children),
+        in forward order: the units an engine shards or recomputes (activation checkpointing) one
+        at a time. Single-device code: this only names them."""
+        return [block for child in self.children() if isinstance(child, nn.ModuleList) for block in child]
+
     @property
     def data_cutoff(self) -> float:
         """The cutoff (Å) the input graph must be built with: the largest of :attr:`graph_cutoffs`.

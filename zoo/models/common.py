@@ -89,6 +89,8 @@ class ChargeSpinEmbedding(nn.Module):
         self.spin = nn.Embedding(self.max_spin + 1, channels)
 
     def forward(self, charge: torch.Tensor, spin: torch.Tensor) -> torch.Tensor:
+        if charge.is_meta:  # a shape-only trace (zoo.flops.trace): no values to check
+            return self.charge(charge + self.max_charge) + self.spin(spin)  # [B, C]
         if bool(((charge < -self.max_charge) | (charge > self.max_charge)).any()):
             raise ValueError(f"charge {charge.tolist()} outside ±{self.max_charge} e")
         if bool(((spin < 1) | (spin > self.max_spin)).any()):

@@ -181,12 +181,14 @@ class SO2Convolution(nn.Module):
         self.fc_m0 = nn.Linear(self.sizes[0] * in_channels, self.sizes[0] * out_channels + extra_scalars)
         # per m > 0: W₁ and W₂ stacked, [2, n·out, n·in], init like nn.Linear scaled by 1/√2
         # (the complex product sums two maps)
-        self.weight_m = nn.ParameterList(
-            nn.Parameter(torch.empty(2, n * out_channels, n * in_channels)) for n in self.sizes[1:]
-        )
-        for weight in self.weight_m:
-            bound = 1 / math.sqrt(weight.shape[-1]) / math.sqrt(2)
-            nn.init.uniform_(weight, -bound, bound)
+        # (initialised before the ParameterList takes them: an engine that partitions parameters as
+        # modules are built, DeepSpeed's zero.Init, leaves them empty afterwards)
+        weights = []
+        for n in self.sizes[1:]:
+            weight = torch.empty(2, n * out_channels, n * in_channels)  # [2, n·out, n·in]
+            bound = 1 / math.sqrt(n * in_channels) / math.sqrt(2)
+            weights.append(nn.Parameter(nn.init.uniform_(weight, -bound, bound)))
+        self.weight_m = nn.ParameterList(weights)
 
     def forward(
         self, x: torch.Tensor, radial: torch.Tensor | None = None, gates: torch.Tensor | None = None
