@@ -23,6 +23,7 @@ from launcher import checkpoint as ckpt
 from launcher.config import REPO, TrainConfig, deepspeed_config
 from launcher.data import Splits, prepare
 from launcher.engine import Runtime, broadcast_object, build_engine, init_distributed
+from launcher.finetune import apply_init, resolve_init
 from launcher.optim import build_optimizer
 from launcher.progress import RunLog
 from launcher.throughput import device_peak
@@ -167,7 +168,7 @@ def set_up(cfg: TrainConfig) -> Job:
     """Build everything of a run (or of its resumption) on this rank; see the module docstring."""
     runtime = init_distributed()
     start_time = time.time()
-    cfg, run_dir, resume_from = resolve_run(cfg)
+    cfg, run_dir, resume_from = resolve_run(resolve_init(cfg, runtime))
     deepspeed_config(cfg, runtime.bf16_supported)  # refuse a bad engine configuration before any work
     splits = prepare(cfg, runtime)
     spec = get_spec(cfg.model)
@@ -176,7 +177,9 @@ def set_up(cfg: TrainConfig) -> Job:
     model = build(cfg.model, cfg.width, direct_forces=cfg.direct_forces, **cfg.model_overrides)
     model.set_normalization(splits.train.element_references, splits.train.force_rms)
     cutoff = model.data_cutoff
-    pretrain = run_pretrain_hook(spec.pretrain, cfg, model, splits, runtime, resume_from)
+    pretrain = apply_init(cfg, model, spec.pretrain)  # --init-from: pretrained weights, frozen groups
+    if cfg.init_record is None:
+        pretrain = run_pretrain_hook(spec.pretrain, cfg, model, splits, runtime, resume_from)
     loader = make_loader(splits.train, cfg, runtime, cutoff, train=True, max_atoms=cfg.max_atoms)
     total = int(loader.steps)
     lr = cfg.learning_rate(cfg.width)
@@ -184,7 +187,7 @@ def set_up(cfg: TrainConfig) -> Job:
     engine, ds_config = build_engine(cfg, model, optimizer, runtime)
 
     eval_model = build(cfg.model, cfg.width, direct_forces=cfg.direct_forces, **cfg.model_overrides)
-    eval_model.set_normalization(splits.train.element_references, splits.train.force_rms)
+    eval_model.set_normalization(model.element_references.tolist(), model.force_rms)
     if pretrain is not None:
         spec.pretrain.restore(eval_model, pretrain)
     eval_model.to(runtime.device)

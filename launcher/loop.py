@@ -22,6 +22,7 @@ import torch
 from datapipe import keys
 from launcher import checkpoint as ckpt
 from launcher.config import TrainConfig
+from launcher.finetune import init_metadata
 from launcher.job import Job, make_loader, set_up
 from launcher.loss import global_loss, loss_terms
 from launcher.optim import averaged_weights
@@ -202,7 +203,7 @@ def checkpoint_metadata(job: Job, metrics: dict, full: dict | None) -> dict:
         data_hash=job.splits.train.data_hash, code_version=job.code_version, wall_time_s=state.wall_time_s,
         steps_total=job.total, validation_full=full, world_size=job.runtime.world_size,
         throughput=run_summary(state, job.peak, job.peak_source, job.n_params, job.counter),
-        symmetry_loss=cfg.symmetry_loss,
+        symmetry_loss=cfg.symmetry_loss, init_from=init_metadata(cfg),
         atoms_seen_note="original training atoms; rotated copies of the symmetry loss not counted"
         if cfg.symmetry_loss else None,
         flops_note=None if state.flops is not None else "resumed from a run that did not count FLOPs from its start",
