@@ -215,7 +215,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     typed = {"model": a.model, "width": a.width, "model_overrides": dict(a.model_arg),
              "direct_forces": False if a.conservative else None} if a.init_from else {}
     return TrainConfig(
-        model=a.model or d.model,
+        model=a.model or DEFAULT_MODEL,
         width=a.width,
         model_overrides=dict(a.model_arg),
         direct_forces=not a.conservative,

@@ -79,6 +79,7 @@ def publish_command(
     select: str = typer.Option("final", "--select", help="final | frontier | all"),
     description: str = typer.Option("", "--description", help="first paragraph of the model card"),
     split: str = typer.Option(None, "--split", help="name of the validation split the metrics are on"),
+    plots: Path = typer.Option(None, "--plots", help="a `zoo fit` output folder whose PNG figures go into the card"),
     to_hub: str = typer.Option(None, "--to-hub", metavar="ORG/REPO",
                                help="also upload to the Hugging Face Hub (log in first: `huggingface-cli login` "
                                     "or set HF_TOKEN); writes manifest.hub.json pinned to the commit"),
@@ -89,7 +90,8 @@ def publish_command(
     from zoo.hub.release import ManifestError
 
     try:
-        manifest = publish(run_dirs, out, release or out.name, select=select, description=description, split=split)
+        manifest = publish(run_dirs, out, release or out.name, select=select, description=description, split=split,
+                           plots=plots)
     except (ManifestError, FileNotFoundError, FileExistsError, ValueError, CorruptCheckpointError) as err:
         _fail(err)
     typer.echo(f"wrote {manifest} and {manifest.parent / 'README.md'}")

@@ -96,11 +96,13 @@ def _entry(meta: dict, name: str, files: list[dict], split: str) -> dict:
 
 
 def publish(run_dirs: list[str | os.PathLike], out: str | os.PathLike, release: str, select: str = "final",
-            description: str = "", split: str | None = None) -> Path:
+            description: str = "", split: str | None = None, plots: str | os.PathLike | None = None) -> Path:
     """Write the release folder ``out`` (manifest, model card, checkpoints); returns the manifest path.
 
     ``split`` names the validation split the metrics were measured on (default: the run's
-    ``config.val`` and subset size). Raises ``FileExistsError`` if ``out`` already holds a
+    ``config.val`` and subset size). The card shows the validation loss of every checkpoint of the
+    runs against FLOPs (``loss_vs_flops.png``, chosen ones marked) and, with ``plots`` (a
+    ``zoo fit`` output folder), that folder's PNG figures (the fit plots), copied beside it. Raises ``FileExistsError`` if ``out`` already holds a
     manifest, ``ValueError`` when two chosen checkpoints would get the same name, and
     ``CorruptCheckpointError`` when a checkpoint's weights fail their SHA-256.
     """
@@ -128,17 +130,54 @@ def publish(run_dirs: list[str | os.PathLike], out: str | os.PathLike, release: 
         models.append(_entry(meta, name, files, where))
     manifest = {"format": FORMAT, "release": release, "description": description, "source": ".", "models": models}
     parse_manifest(manifest, str(out / MANIFEST))  # what we write must read back
+    figures = [plot_checkpoints([c for d in run_dirs for c in checkpoints(d)], list(seen.values()),
+                                out / "loss_vs_flops.png")]
+    for png in sorted(Path(plots).glob("*.png")) if plots else []:
+        shutil.copyfile(png, out / png.name)
+        figures.append(out / png.name)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    (out / "README.md").write_text(model_card(manifest))
+    (out / "README.md").write_text(model_card(manifest, [f.name for f in figures if f is not None]))
     return out / MANIFEST
+
+
+def plot_checkpoints(every: list[Path], chosen: list[Path], path: Path) -> Path | None:
+    """Validation loss against training FLOPs of every checkpoint, one line per run, chosen ones
+    circled (log-log PNG at ``path``); ``None`` when no checkpoint records FLOPs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(c, read(c)) for c in every]
+    rows = [(c, m) for c, m in rows if m.get("flops") and m["validation"].get("loss") is not None]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    runs: dict[Path, list] = {}
+    for c, m in rows:
+        runs.setdefault(c.parent.parent, []).append((m["flops"], m["validation"]["loss"], c, m))
+    for points in runs.values():
+        points.sort(key=lambda p: p[0])
+        m = points[-1][3]
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, lw=1,
+                        label=f"{m['architecture']} w{m['width']}")
+        picked = [p for p in points if p[2] in chosen]
+        ax.scatter([p[0] for p in picked], [p[1] for p in picked], s=60, facecolors="none", edgecolors=line.get_color())
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="validation loss L",
+           title="checkpoints of the published runs (circled: in the release)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def model_card(manifest: dict) -> str:
-    """The release's README.md: description and a table of its models."""
+def model_card(manifest: dict, figures: list[str] | None = None) -> str:
+    """The release's README.md: description, a table of its models, and its figures."""
     lines = [f"# {manifest['release']}", "", manifest.get("description") or "", "",
              "| name | architecture | width | N | D (atoms) | C (FLOPs) | val loss | force MAE (meV/Å) | "
              "energy MAE (meV/atom) | split |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -150,6 +189,7 @@ def model_card(manifest: dict) -> str:
     lines += ["", "Use: `zoo list`, `zoo download NAME`, `zoo.load(NAME)` or `ZooCalculator(NAME)`. Every file's "
               "size and SHA-256 are in `manifest.json`; each checkpoint's `metadata.json` records the SHA-256 of "
               "its weights, checked on every load.", ""]
+    lines += [f"![{name}]({name})\n" for name in figures or []]
     return "\n".join(lines)
 
 
