@@ -98,7 +98,9 @@ def apply_init(cfg: TrainConfig, model, hook) -> dict | None:
     pretrained = load_model(record["directory"], repair=record["repair"])
     references, force_rms = model.element_references.tolist(), model.force_rms
     model.load_state_dict(pretrained.state_dict(), strict=True)
-    if not cfg.keep_normalization:  # re-fitted to the new training data (already set on model)
+    if cfg.keep_normalization:  # the normalisation is not part of the state dict: set it either way
+        model.set_normalization(pretrained.element_references.tolist(), pretrained.force_rms)
+    else:  # re-fitted to the new training data
         model.set_normalization(references, force_rms)
     record["normalization"] = ("kept from the checkpoint" if cfg.keep_normalization else
                                "element references and force RMS re-fitted to the new training data")
