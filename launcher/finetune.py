@@ -33,8 +33,10 @@ from launcher.config import TrainConfig
 from launcher.engine import Runtime, broadcast_object
 from zoo.hub.checkpoint import load_model, read_metadata
 
-#: default fine-tuning LR = the checkpoint's training LR times this. A smaller step than pre-training
-#: keeps the start near the pretrained minimum; see the measurement in the issue-9 note (README).
+#: default fine-tuning LR = the checkpoint's training LR times this. Measured (README, "Pretrained
+#: models"): a width-16 model fine-tuned for 175 steps on 200 unseen molecules, validation loss on 200
+#: other structures after 88 / 175 steps: × 0.3 → 0.3173 / 0.2933, × 1 → 0.3393 / 0.2926 (from
+#: scratch: 0.8333 / 0.5754). The smaller step is better early and equal at the end.
 FINETUNE_LR_FACTOR = 0.3
 
 
