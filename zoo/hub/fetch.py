@@ -5,7 +5,7 @@ Every file of a model (:class:`zoo.hub.release.ModelEntry`) lands under
 ``$XDG_CACHE_HOME/symscale/models`` (``~/.cache/symscale/models``). A file is fetched into
 ``<path>.part``, checked against the manifest's size and SHA-256, and renamed atomically. A cached
 file counts as present only if its SHA-256 matches (not its size), so re-running a download
-repairs a damaged file.
+repairs a damaged file (with a warning naming it).
 
 Sources (see :mod:`zoo.hub.release`):
 
@@ -28,6 +28,7 @@ import http.client
 import os
 import shutil
 import urllib.error
+import warnings
 import urllib.request
 from pathlib import Path
 
@@ -158,6 +159,8 @@ def fetch_file(entry: ModelEntry, item: FileEntry, root: Path, force: bool = Fal
     target = safe_target(root, f"{entry.release}/{item.path}", entry.manifest)
     if not force and _is_valid(target, item):
         return target
+    if target.exists() and not force:
+        warnings.warn(f"{target} does not match the SHA-256 of {entry.manifest}; fetching it again", stacklevel=2)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     if force and part.exists():

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from zoo.hub.checkpoint import load_model
-from zoo.hub.fetch import download
+from zoo.hub.fetch import cache_root, download
 from zoo.hub.metadata import METADATA
 from zoo.hub.release import load_registry
 
@@ -32,6 +32,8 @@ def resolve(name_or_path: str | os.PathLike, registry: list[str] | None = None, 
     """
     path = Path(name_or_path)
     if (path / METADATA).is_file():
+        if path.resolve().parent.parent == cache_root().resolve():  # a cached release model, named by its path
+            return path, f"run `zoo download {path.name} --force` to fetch a verified copy"
         return path, f"re-save or re-copy the checkpoint {path}"
     models = load_registry(registry)
     name = str(name_or_path)
