@@ -91,11 +91,19 @@ class TrainConfig:
     max_consecutive_skips: int = 5  # stop after this many skipped (non-finite) steps in a row; 0 = never
     skip_bad_shards: bool = False  # skip (count, record) unreadable structures instead of stopping
     dist_timeout_s: float = 1800.0  # how long a rank waits for the others (joining, any collective)
+    # fine-tuning (launcher.finetune)
+    init_from: str | None = None  # release name or checkpoint dir to start from
+    keep_normalization: bool = False  # keep the pretrained element references and force RMS
+    freeze: list = field(default_factory=list)  # fnmatch patterns of parameter names not trained
+    init_record: dict | None = None  # filled by launcher.finetune: what the run started from
+    model_flags: dict = field(default_factory=dict)  # model flags the user typed (checked against --init-from)
 
     def learning_rate(self, width: int) -> float:
         """The learning rate of this run (explicit ``lr`` or the width-transferred one)."""
         if self.lr is not None:
             return self.lr
+        if self.init_record is not None:
+            return self.init_record["lr_default"]
         return get_spec(self.model).learning_rate(width, self.base_lr, self.lr_width)
 
     def to_json(self) -> dict:
@@ -165,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
         description="Train a zoo model on OMol25-format shards with DeepSpeed (paper recipe by default).",
         formatter_class=_Help,
     )
-    p.add_argument("--model", default=d.model, choices=sorted(MODELS), help="registry name")
+    p.add_argument("--model", default=None, choices=sorted(MODELS), help=f"registry name (default: {d.model})")
     p.add_argument("--width", type=int, default=None, help="model width (default: the registry spec's)")
     p.add_argument("--model-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="constructor override (VALUE parsed as JSON), repeatable")
@@ -229,6 +237,16 @@ def parser() -> argparse.ArgumentParser:
                         "in D) instead of stopping the run")
     p.add_argument("--dist-timeout", type=float, default=d.dist_timeout_s, metavar="SECONDS",
                    help="how long a rank waits for the others to join or to reach a collective before it stops")
+    p.add_argument("--init-from", default=None, metavar="NAME|DIR",
+                   help="fine-tune: start from a release model (`zoo list`) or checkpoint dir; its architecture, "
+                        "width and overrides are used (contradicting flags are refused); default LR: the "
+                        "checkpoint's training LR x 0.3 (launcher.finetune.FINETUNE_LR_FACTOR)")
+    p.add_argument("--keep-normalization", action="store_true",
+                   help="with --init-from: keep the pretrained element references and force RMS instead of "
+                        "re-fitting them to the new training data")
+    p.add_argument("--freeze", action="append", default=[], metavar="PATTERN",
+                   help="with --init-from: do not train parameters whose name matches this fnmatch pattern "
+                        "(e.g. 'embedding*'), repeatable; `python -m launcher.finetune NAME` lists the names")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -250,8 +268,14 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         explicit["zero_stage"] = a.zero_stage
     if a.precision is not None:
         explicit["precision"] = a.precision
+    if (a.keep_normalization or a.freeze) and not a.init_from:
+        p.error("--keep-normalization and --freeze need --init-from")
+    if a.init_from and a.resume:
+        p.error("--init-from starts a new run; --resume continues one: give only one")
+    typed = {"model": a.model, "width": a.width, "model_overrides": dict(a.model_arg),
+             "direct_forces": False if a.conservative else None} if a.init_from else {}
     return TrainConfig(
-        model=a.model,
+        model=a.model or DEFAULT_MODEL,
         width=a.width,
         model_overrides=dict(a.model_arg),
         direct_forces=not a.conservative,
@@ -288,6 +312,10 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         max_consecutive_skips=a.max_consecutive_skips,
         skip_bad_shards=a.skip_bad_shards,
         dist_timeout_s=a.dist_timeout,
+        init_from=a.init_from,
+        keep_normalization=a.keep_normalization,
+        freeze=list(a.freeze),
+        model_flags=typed,
     )
 
 

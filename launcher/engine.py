@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import socket
 import sys
 import time
@@ -73,7 +74,10 @@ def setup_environment() -> None:
     """Prepare the process before DeepSpeed is imported (idempotent).
 
     Sets ``DS_ACCELERATOR=cpu`` when CUDA is absent, the rendezvous variables of a one-process
-    run, and the intra-op thread count of CPU ranks that share a machine.
+    run, the intra-op thread count of CPU ranks that share a machine, and (unless set) a
+    ``TORCH_EXTENSIONS_DIR`` inside the Python environment: DeepSpeed JIT-builds an op on first use,
+    and environments sharing torch's default ``~/.cache/torch_extensions`` rebuild it in turn
+    (their include paths differ) and wait on each other's build lock.
     """
     # DeepSpeed's gather helpers call a torch.distributed function deprecated in torch 2.13
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
@@ -84,6 +88,7 @@ def setup_environment() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # plain `python train.py`
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

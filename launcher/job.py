@@ -29,6 +29,7 @@ from launcher.config import REPO, TrainConfig
 from launcher.data import Splits, prepare, rejected_summary
 from launcher.engine import Runtime, broadcast_object, init_distributed
 from launcher.errors import UserError
+from launcher.finetune import apply_init, resolve_init
 from launcher.health import GradientWatch
 from launcher.materialise import counting_model, materialised_counting_model
 from launcher.progress import Phase, RunLog
@@ -73,6 +74,7 @@ class Job:
     gradient_watch: GradientWatch | None = None  # flags non-finite gradients (launcher.health)
     lock: RunLock | None = None  # rank 0's hold on the run directory (launcher.runlock)
     memory_plan: dict | None = None  # the planner's per-rank estimate of this configuration (zoo.plan)
+    normalisation: tuple | None = None  # (element references [Z] eV, force RMS eV/Å) the model trains with
 
     @property
     def force_rms(self) -> float:
@@ -220,7 +222,7 @@ def set_up(cfg: TrainConfig) -> Job:
     """Build everything of a run (or of its resumption) on this rank; see the module docstring."""
     runtime = init_distributed(cfg.dist_timeout_s, cfg.engine)
     start_time = time.time()
-    cfg, run_dir, resume_from = resolve_run(cfg)
+    cfg, run_dir, resume_from = resolve_run(resolve_init(cfg, runtime))
     lock = lock_run_dir(run_dir, runtime)
     planned_config = sharding.engine_config(cfg, runtime.bf16_supported)  # refuse a bad one before any work
     bf16 = planned_config["bf16"]["enabled"]
@@ -228,8 +230,14 @@ def set_up(cfg: TrainConfig) -> Job:
     memory_plan = sharding.memory_check(cfg, runtime, planned_config)  # refuses what cannot fit (CUDA)
     spec = get_spec(cfg.model)
 
+    if cfg.init_record is not None and (cfg.engine == "fsdp" or planned_config["zero_optimization"]["stage"] == 3):
+        raise UserError("--init-from loads full weights before the engine is built; it is tested with one process "
+                        "and ZeRO-1/2, not yet with --zero-stage 3 or --engine fsdp: use --zero-stage 1 or 2")
     normalisation = (splits.train.element_references, splits.train.force_rms)
     model = sharding.prepare_model(cfg, planned_config, normalisation)  # ZeRO-3: partitioned while built
+    pretrain = apply_init(cfg, model, spec.pretrain)  # --init-from: pretrained weights, frozen groups
+    if model is not None:  # the normalisation the run trains with (pretrained or re-fitted)
+        normalisation = (model.element_references.tolist(), model.force_rms)
     counted = counting_model(cfg)  # meta device: no memory
     cutoff = counted.data_cutoff
     n_params = sum(p.numel() for p in counted.parameters() if p.requires_grad)
@@ -242,7 +250,8 @@ def set_up(cfg: TrainConfig) -> Job:
     # every rank checks (one file system holds the run dir), so all refuse alike, before any long phase
     disk = check_disk(run_dir, disk_plan(n_params, sum(1 for s in schedule if s > first_step),
                                          cfg.keep_engine_state, bf16))
-    pretrain = run_pretrain_hook(spec.pretrain, cfg, model, splits, runtime, resume_from)
+    if cfg.init_record is None:
+        pretrain = run_pretrain_hook(spec.pretrain, cfg, model, splits, runtime, resume_from)
     lr = cfg.learning_rate(cfg.width)
     with Phase(f"building the {cfg.engine} engine", enabled=runtime.is_main):
         engine, ds_config = sharding.build(cfg, model, runtime, lr, round(cfg.warmup_fraction * total),
@@ -273,7 +282,7 @@ def set_up(cfg: TrainConfig) -> Job:
               code_version=code_version(), schedule=schedule,
               log=RunLog(run_dir, total, state.step, runtime.is_main), start_time=start_time,
               wall_offset=state.wall_time_s, gradient_watch=GradientWatch(engine.module), lock=lock,
-              memory_plan=memory_plan)
+              memory_plan=memory_plan, normalisation=normalisation)
     announce(job)
     return job
 

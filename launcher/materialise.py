@@ -79,7 +79,8 @@ def evaluation_model(cfg: TrainConfig, job) -> ForceField:
     with :func:`launcher.optim.averaged_weights`; carries the data's normalisation and the
     pre-training hook's record."""
     model = build_model(cfg)
-    model.set_normalization(job.splits.train.element_references, job.splits.train.force_rms)
+    model.set_normalization(*(job.normalisation or (job.splits.train.element_references,
+                                                    job.splits.train.force_rms)))
     if job.pretrain is not None:
         job.hook.restore(model, job.pretrain)
     return model.to(job.runtime.device)

@@ -30,6 +30,15 @@ def _register_study() -> None:
 _register_study()
 
 
+def _register_hub() -> None:
+    from zoo.hub.commands import register
+
+    register(app)
+
+
+_register_hub()
+
+
 @app.command("params")
 def params_command(
     model: list[str] = typer.Option(None, "--model", help="architecture(s); default: all"),

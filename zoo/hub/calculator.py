@@ -3,7 +3,7 @@
 >>> from ase.build import molecule                                   # doctest: +SKIP
 >>> from zoo.hub.calculator import ZooCalculator                         # doctest: +SKIP
 >>> atoms = molecule("CH3CH2OH"); atoms.info.update(charge=0, spin=1)  # doctest: +SKIP
->>> atoms.calc = ZooCalculator("runs/esen-w64/checkpoints/step-00000400")  # doctest: +SKIP
+>>> atoms.calc = ZooCalculator("esen-w16-d40k")   # a release name, or a checkpoint directory  # doctest: +SKIP
 >>> atoms.get_potential_energy(), atoms.get_forces()                 # doctest: +SKIP
 
 Charge (e) and spin multiplicity (2S+1) are read from ``atoms.info["charge"]`` and
@@ -25,7 +25,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from datapipe import keys
 from datapipe.graph import batch_from_atoms
 from zoo.models.base import ForceField
-from zoo.hub.checkpoint import load_model
+from zoo.hub.load import load
 
 
 class ZooCalculator(Calculator):
@@ -33,7 +33,8 @@ class ZooCalculator(Calculator):
 
     Parameters
     ----------
-    model : a checkpoint directory (see :mod:`zoo.hub.checkpoint`) or a built :class:`ForceField`.
+    model : a release model name (``zoo list``; fetched and verified on first use), a checkpoint
+        directory (see :mod:`zoo.hub.checkpoint`), or a built :class:`ForceField`.
     device : torch device to run on ("cpu", "cuda", …).
     """
 
@@ -42,7 +43,7 @@ class ZooCalculator(Calculator):
     def __init__(self, model: str | os.PathLike | ForceField, device: str = "cpu", **kwargs) -> None:
         super().__init__(**kwargs)
         self.device = torch.device(device)
-        self.model = (model if isinstance(model, ForceField) else load_model(model, device=self.device)).eval()
+        self.model = (model if isinstance(model, ForceField) else load(model, device=str(self.device))).eval()
         self.model.to(self.device)
         self.graph_cutoff = self.model.data_cutoff
 

@@ -6,7 +6,8 @@ A checkpoint is a directory holding
   device; for a schedule-free run the *averaged* weights ``x``), plus the normalisation as two
   float64 tensors ``normalization.element_references`` ``[Z_max + 1]`` (eV, indexed by Z) and
   ``normalization.force_rms`` ``[1]`` (eV/Å);
-- ``metadata.json`` — what the model is and what it cost: the schema of :mod:`zoo.hub.metadata`.
+- ``metadata.json`` — what the model is and what it cost: the schema of :mod:`zoo.hub.metadata`,
+  including ``weights_sha256``, the SHA-256 of ``model.safetensors``, which every load checks.
 
 The format follows the idea of fairchem's inference checkpoints (config, averaged weights and
 normalisers in one place) with safetensors + JSON instead of a pickled dict, so that loading a
@@ -83,9 +84,51 @@ def save_checkpoint(directory: str | os.PathLike, model: ForceField, metadata: d
     meta["config"] = config
     schema.validate(meta)
     header = {"architecture": str(meta["architecture"]), "width": str(meta["width"]), "format": "symscale-1"}
-    save_file(model_tensors(model), str(directory / WEIGHTS), metadata=header)
+    weights = directory / WEIGHTS
+    tmp = weights.with_name(WEIGHTS + ".tmp")
+    save_file(model_tensors(model), str(tmp), metadata=header)
+    meta["weights_sha256"] = schema.sha256_file(tmp)
+    os.replace(tmp, weights)
     schema.write(directory, meta)
     return directory
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's weight file does not match the SHA-256 its metadata records (or records none)."""
+
+
+def verify_weights(directory: str | os.PathLike, meta: dict | None = None, repair: str | None = None) -> str:
+    """Check ``directory/model.safetensors`` against the metadata's ``weights_sha256``; returns the hash.
+
+    Parameters
+    ----------
+    directory : a checkpoint directory.
+    meta : its metadata (read if not given).
+    repair : how to repair it, for the error message (default: re-download or re-save).
+
+    Raises
+    ------
+    FileNotFoundError
+        if the weight file is missing.
+    CorruptCheckpointError
+        naming the file, if its SHA-256 differs from the recorded one or none is recorded.
+    """
+    directory = Path(directory)
+    meta = read_metadata(directory) if meta is None else meta
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS}")
+    repair = repair or ("re-download it (`zoo download NAME --force` for a release model) or save the "
+                        "checkpoint again")
+    expected = meta.get("weights_sha256")
+    if not expected:
+        raise CorruptCheckpointError(f"{directory / METADATA} records no weights_sha256, so {weights} cannot be "
+                                     f"verified; {repair}")
+    actual = schema.sha256_file(weights)
+    if actual != expected:
+        raise CorruptCheckpointError(f"{weights} is corrupted or altered: SHA-256 {actual[:16]}… but its metadata "
+                                     f"records {expected[:16]}…; refusing to load it. To repair: {repair}")
+    return actual
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
@@ -97,25 +140,29 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     return schema.read(directory)
 
 
-def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> ForceField:
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu", repair: str | None = None) -> ForceField:
     """Rebuild the model of a checkpoint directory, load its weights and normalisation.
 
     The model is rebuilt with ``zoo.registry.build(architecture, width, **model_overrides)``,
     weights come from ``model.safetensors`` (strict: every tensor must match), and
     ``set_normalization`` restores the element references and force RMS. Returned in eval mode.
 
+    The weight file is first checked against the SHA-256 recorded in the metadata
+    (:func:`verify_weights`); safetensors holds plain tensors, so nothing is unpickled.
+
     Raises
     ------
     FileNotFoundError
         if the directory lacks ``metadata.json`` or ``model.safetensors``.
+    CorruptCheckpointError
+        if the weight file's SHA-256 differs from the recorded one (message names the file).
     RuntimeError
         if the stored tensors do not match the rebuilt model (missing/unexpected keys, shapes).
     """
     directory = Path(directory)
     meta = read_metadata(directory)
     weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"{directory} has no {WEIGHTS}")
+    verify_weights(directory, meta, repair)
     overrides = dict(meta.get("config", {}).get("model_overrides", {}))
     model = build(meta["architecture"], int(meta["width"]), **overrides)
     tensors = load_file(str(weights))

@@ -37,6 +37,9 @@ Keys (units and meaning)
 ``engine``            how it was trained: ``engine`` (deepspeed/fsdp), ``stage`` (ZeRO stage or FSDP
                       units), ``offload``, ``activation_checkpointing`` and the ``precision`` policy
                       (compute dtype, fp32 master weights/optimizer state/loss, gradient reduction)
+``weights_sha256``    SHA-256 (hex) of ``model.safetensors``, written by the saver and checked on every load
+``init_from``         what a fine-tuned run started from (release name or checkpoint, its weights' SHA-256,
+                      frozen patterns, whether normalisation was re-fitted); ``null`` for a run from scratch
 
 An architecture's pre-training hook adds its record under its own key
 (:attr:`zoo.models.base.PretrainHook.metadata_key`, e.g. ``scale_factors``).
@@ -55,6 +58,7 @@ KeyError: "checkpoint metadata lacks ['N', 'atoms_seen', 'code_version', 'config
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -96,6 +100,8 @@ class CheckpointMetadata:
     data_rejected: dict | None = None
     skipped: dict | None = None
     engine: dict | None = None
+    weights_sha256: str | None = None
+    init_from: dict | None = None
     #: records of pre-training hooks, each stored at the top level under its own key
     extra: dict = field(default_factory=dict)
 
@@ -113,6 +119,21 @@ class CheckpointMetadata:
 REQUIRED_KEYS = tuple(sorted(
     f.name for f in fields(CheckpointMetadata) if f.default is MISSING and f.default_factory is MISSING
 ))
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex digest) of the file at ``path``, read in ``chunk``-byte blocks.
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "x"; _ = f.write_bytes(b"abc")
+    >>> sha256_file(f)[:16]
+    'ba7816bf8f01cfea'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def strict_json(value):
