@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # zoo/flops/report.py → the repository
 SAMPLE_VAL = REPO / "data" / "omol25_sample" / "val"
 CASES = REPO.parent / "shared" / "cases"
 _CASE_FILES = ("C04-mixed-sizes.extxyz", "C01-last-structure-without-edges.extxyz", "C02-atom-beyond-cutoff.extxyz")

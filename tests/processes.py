@@ -1,0 +1,157 @@
+"""Processes the tests start, found and killed by a tag in their environment.
+
+A launcher (``torchrun``, ``deepspeed``) puts its ranks in sessions of their own, so killing the
+launcher's process group leaves the ranks running, holding pytest's output pipes open. Instead,
+every test runs with a unique value of :data:`TAG` in ``os.environ``, which every process it
+starts inherits (through any number of launchers and sessions); at the end of the test, and of the
+session, every process that carries the tag is killed. :class:`TaggedProcess` narrows the tag to
+one command and kills its whole tree at once when its wait times out or raises.
+
+Loaded by ``tests/conftest.py`` (the fixtures and hooks below) and usable as a plugin
+(``-p processes`` with ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import psutil
+import pytest
+
+#: environment variable that marks the processes a test started
+TAG = "SYMSCALE_TEST_TAG"
+#: this pytest session's tag; a test's tag is ``SESSION/<n>``, a command's ``SESSION/<n>/<hex>``
+SESSION = f"pytest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _carries(process: psutil.Process, prefix: str) -> bool:
+    try:
+        value = process.environ().get(TAG)
+    except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
+        return False
+    return value is not None and (value == prefix or value.startswith(prefix + "/"))
+
+
+def tagged(prefix: str) -> list[psutil.Process]:
+    """Live processes whose :data:`TAG` is ``prefix`` or below it (``prefix/...``), not this one."""
+    me = os.getpid()
+    return [p for p in psutil.process_iter() if p.pid != me and _carries(p, prefix)]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie, killed but not yet reaped, is not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_tagged(prefix: str, timeout: float = 10.0) -> list[int]:
+    """SIGKILL every process tagged ``prefix`` (or below), again until none is left.
+
+    Repeats because a launcher may start a rank between the scan and the kill. Returns the pids
+    killed; raises ``RuntimeError`` if some survive ``timeout`` seconds (a process stuck in
+    uninterruptible sleep).
+    """
+    killed: list[int] = []
+    deadline = time.monotonic() + timeout
+    while survivors := tagged(prefix):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes tagged {prefix} survived SIGKILL: {[p.pid for p in survivors]}")
+        for process in survivors:
+            try:
+                process.send_signal(signal.SIGKILL)
+                killed.append(process.pid)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(survivors, timeout=0.5)
+    return sorted(set(killed))
+
+
+def current_tag() -> str:
+    """The tag of the running test (the session's outside a test)."""
+    return os.environ.get(TAG, SESSION) if os.environ.get(TAG, "").startswith(SESSION) else SESSION
+
+
+class TaggedProcess:
+    """A command started with a tag of its own below the running test's, killed as a whole.
+
+    ``wait`` returns a ``CompletedProcess``; if it times out (``subprocess.TimeoutExpired``) or is
+    interrupted, every process carrying the command's tag — the command and all it started, in
+    any session — is killed before the exception propagates. Leaving the ``with`` block does the
+    same for whatever is still running::
+
+        with TaggedProcess([sys.executable, "-m", "torch.distributed.run", ...]) as job:
+            result = job.wait(timeout=300)
+    """
+
+    def __init__(self, args: list[str], *, cwd: str | os.PathLike | None = None, env: dict | None = None) -> None:
+        self.args = args
+        self.tag = f"{current_tag()}/{uuid.uuid4().hex[:12]}"
+        self.output: tuple[str | None, str | None] = (None, None)  # (stdout, stderr) read by kill()
+        self.process = subprocess.Popen(args, cwd=cwd, env={**(env or os.environ), TAG: self.tag},
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            stdout, stderr = self.process.communicate(timeout=timeout)
+        except BaseException:
+            self.kill()
+            raise
+        return subprocess.CompletedProcess(self.args, self.process.returncode, stdout, stderr)
+
+    def kill(self) -> list[int]:
+        """Kill the command and everything tagged with it; returns the pids killed."""
+        if self.process.poll() is None:
+            self.process.kill()
+        killed = kill_tagged(self.tag)
+        try:  # every writer of the pipes is dead: this drains and reaps at once
+            self.output = self.process.communicate(timeout=10)
+        except (subprocess.TimeoutExpired, ValueError):
+            pass
+        return killed
+
+    def __enter__(self) -> TaggedProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+# ---- pytest wiring: a tag per test, every tagged process killed after the test and the session
+_count = 0
+
+
+@pytest.fixture(autouse=True)
+def _kill_processes_of_test(monkeypatch):
+    """Tag everything this test starts; kill what is still running when it ends (pass or fail)."""
+    global _count
+    _count += 1
+    tag = f"{SESSION}/{_count}"
+    monkeypatch.setenv(TAG, tag)
+    yield tag
+    kill_tagged(tag)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kill_processes_of_session():
+    yield
+    kill_tagged(SESSION)
+
+
+def _terminate(signum, frame):  # SIGTERM (a CI cancel): unwind so that teardown kills the tagged
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config) -> None:
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    kill_tagged(SESSION)
