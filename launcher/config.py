@@ -175,7 +175,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
-    """Parse the command line into a :class:`TrainConfig` (checks values, raises ``SystemExit``)."""
+    """Parse the command line into a :class:`TrainConfig` (checks values, raises ``SystemExit``).
+
+    >>> cfg = parse(["--model", "mpnn", "--width", "128"])
+    >>> cfg.model, cfg.width, cfg.zero_stage, cfg.direct_forces
+    ('mpnn', 128, 2, True)
+    >>> cfg.learning_rate(cfg.width)          # the architecture's transfer rule (zoo.registry)
+    0.01
+    """
     p = parser()
     a = p.parse_args(argv)
     for name in ("atoms_per_batch", "shuffle_buffer", "log_every"):

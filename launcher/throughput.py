@@ -36,7 +36,14 @@ def device_peak(device: torch.device, bf16: bool, world_size: int, is_main: bool
 
 
 def rates(seconds: float, atoms: float, structures: float, flops: float | None, peak: float) -> dict:
-    """``{atoms_per_s, structures_per_s, flops_per_s, mfu}`` for a span of ``seconds``."""
+    """``{atoms_per_s, structures_per_s, flops_per_s, mfu}`` for a span of ``seconds``.
+
+    ``peak`` is the devices' dense peak FLOP/s (:mod:`zoo.flops.peaks`); ``mfu`` is ``None`` without
+    a FLOP count or a peak.
+
+    >>> rates(2.0, atoms=1000, structures=40, flops=4e12, peak=1e13)
+    {'atoms_per_s': 500.0, 'structures_per_s': 20.0, 'flops_per_s': 2000000000000.0, 'mfu': 0.2}
+    """
     seconds = max(seconds, 1e-9)
     flops_per_s = None if flops is None else flops / seconds
     return {

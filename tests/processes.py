@@ -42,6 +42,18 @@ def tagged(prefix: str) -> list[psutil.Process]:
     return [p for p in psutil.process_iter() if p.pid != me and _carries(p, prefix)]
 
 
+def with_environment(name: str, value: str) -> list[psutil.Process]:
+    """Live processes other than this one whose environment sets ``name=value``."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get(name) == value:
+                found.append(process)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` is a running process (a zombie, killed but not yet reaped, is not)."""
     try:
