@@ -13,11 +13,14 @@ Loaded by ``tests/conftest.py`` (the fixtures and hooks below) and usable as a p
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -28,18 +31,63 @@ TAG = "SYMSCALE_TEST_TAG"
 SESSION = f"pytest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _carries(process: psutil.Process, prefix: str) -> bool:
+def _set_child_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux ``PR_SET_CHILD_SUBREAPER``),
+    so that a rank whose launcher died stays below the test process, where :func:`descendants`
+    finds it. Returns False where the call is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        value = process.environ().get(TAG)
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def descendants() -> list[int]:
+    """Pids of every process below this one (from ``/proc/<pid>/task/<tid>/children``), or of
+    every process on the machine where that file does not exist."""
+    if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
+        return [p.pid for p in psutil.process_iter()]
+    found, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                children = [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _carries(pid: int, prefix: str) -> bool:
+    try:
+        value = psutil.Process(pid).environ().get(TAG)
     except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
         return False
     return value is not None and (value == prefix or value.startswith(prefix + "/"))
 
 
 def tagged(prefix: str) -> list[psutil.Process]:
-    """Live processes whose :data:`TAG` is ``prefix`` or below it (``prefix/...``), not this one."""
-    me = os.getpid()
-    return [p for p in psutil.process_iter() if p.pid != me and _carries(p, prefix)]
+    """Live processes whose :data:`TAG` is ``prefix`` or below it (``prefix/...``).
+
+    Only this process's descendants are read: with this process a child subreaper (set when the
+    plugin loads), every process a test started, in whatever session, is one of them.
+    """
+    found = []
+    for pid in descendants():
+        if _carries(pid, prefix):
+            try:
+                found.append(psutil.Process(pid))
+            except psutil.Error:
+                pass
+    return found
 
 
 def with_environment(name: str, value: str) -> list[psutil.Process]:
@@ -121,6 +169,7 @@ class TaggedProcess:
         """Kill the command and everything tagged with it; returns the pids killed."""
         if self.process.poll() is None:
             self.process.kill()
+            self.process.wait()  # reaped here, so that its return code is kept (-SIGKILL)
         killed = kill_tagged(self.tag)
         try:  # every writer of the pipes is dead: this drains and reaps at once
             self.output = self.process.communicate(timeout=10)
@@ -161,6 +210,7 @@ def _terminate(signum, frame):  # SIGTERM (a CI cancel): unwind so that teardown
 
 
 def pytest_configure(config) -> None:
+    _set_child_subreaper()
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _terminate)
 
