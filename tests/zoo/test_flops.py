@@ -108,7 +108,8 @@ def test_e3nn_model_fully_counted_and_matches_flop_counter_mode(direct):
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("esen", "gemnet-oc") else n
+                                  for n in sorted(MODELS)])
 def test_zoo_model_step_matches_flop_counter_mode(name, direct):
     """Every operator has a handle (fvcore's unsupported list is empty); the step's matmul FLOPs
     (forward + force backward + double backward) agree with FlopCounterMode within 5 %."""
