@@ -101,7 +101,7 @@ print(build_shm_op())
 """
 
 
-def run(args: list[str], timeout: float = 240, env: dict | None = None, build: bool = True) -> subprocess.CompletedProcess:
+def run(args: list[str], timeout: float = 600, env: dict | None = None, build: bool = True) -> subprocess.CompletedProcess:
     """Run a command from the repository root with one intra-op thread per process.
 
     DeepSpeed's communication op is built first (:func:`build_deepspeed_ops`, not counted in
