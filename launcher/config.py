@@ -177,11 +177,13 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line into a :class:`TrainConfig` (checks values, raises ``SystemExit``).
 
-    >>> cfg = parse(["--model", "mpnn", "--width", "128"])
-    >>> cfg.model, cfg.width, cfg.zero_stage, cfg.direct_forces
-    ('mpnn', 128, 2, True)
-    >>> cfg.learning_rate(cfg.width)          # the architecture's transfer rule (zoo.registry)
-    0.01
+    >>> from zoo.registry import MODELS
+    >>> name = sorted(MODELS)[0]                  # any architecture of the registry
+    >>> cfg = parse(["--model", name, "--width", "128"])
+    >>> cfg.model == name, cfg.width, cfg.zero_stage, cfg.direct_forces
+    (True, 128, 2, True)
+    >>> cfg.learning_rate(cfg.width) == MODELS[name].learning_rate(128)   # the registry's transfer rule
+    True
     """
     p = parser()
     a = p.parse_args(argv)
