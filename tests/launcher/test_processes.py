@@ -66,10 +66,12 @@ def test_processes_a_test_leaves_behind_are_killed_when_it_ends(tmp_path):
         f"    p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
         f"    open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
     )
+    # the inner run sees this suite's process plugin and nothing of the outer run's options
+    inner_env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"} | {"PYTHONPATH": str(REPO / "tests")}
     result = subprocess.run([PYTHON, "-m", "pytest", "-q", "-p", "processes", "-p", "no:cacheprovider",
                              "--rootdir", str(tmp_path), "-c", os.devnull, str(inner)],
-                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO / "tests")},
-                            capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, env=inner_env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     pid = int(pid_file.read_text())
     survived = alive(pid)
