@@ -205,8 +205,15 @@ def _kill_processes_of_session():
     kill_tagged(SESSION)
 
 
-def _terminate(signum, frame):  # SIGTERM (a CI cancel): unwind so that teardown kills the tagged
-    raise KeyboardInterrupt(f"signal {signum}")
+def _terminate(signum, frame):
+    """SIGTERM (a CI cancel): kill every process the session started, then die of the signal.
+    (Raising KeyboardInterrupt instead would be swallowed by code that catches BaseException,
+    such as click's test runner, and the session would go on.)"""
+    try:
+        kill_tagged(SESSION)
+    finally:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def pytest_configure(config) -> None:
