@@ -1,5 +1,6 @@
 # One-command set-up for a fresh clone. `make train` installs and runs the main job on the
-# embedded sample; `make test` installs and runs the test suite. Both create .venv on first use.
+# embedded sample; `make test` installs and runs the whole test suite (CI); `make test-fast` runs
+# it without the tests marked `slow` (the edit loop). All create .venv on first use.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ RANKS ?= 2
 MODEL ?= esen
 WIDTH ?= 64
 
-.PHONY: setup train test clean
+.PHONY: setup train test test-fast clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -20,8 +21,12 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/deepspeed --log_level warning --num_gpus $(RANKS) launcher/train.py --model $(MODEL) --width $(WIDTH)
 
+# tests and the docstring examples of the four rooms (pyproject.toml: testpaths, --doctest-modules)
 test: setup
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest
+
+test-fast: setup
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -130,8 +130,18 @@ class ShardIndex:
 
     Examples
     --------
-    >>> idx = ShardIndex.load("data/shards/train")  # doctest: +SKIP
-    >>> idx.n_structures, idx.force_rms, idx.data_hash[:12]  # doctest: +SKIP
+    One file of the embedded sample (run from the repository root), converted and loaded:
+
+    >>> import tempfile
+    >>> from datapipe.convert import convert
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> _ = convert(["data/omol25_sample/val/data0001.aselmdb"], tmp.name, shard_size=500)
+    >>> idx = ShardIndex.load(tmp.name)
+    >>> idx.n_structures, idx.n_atoms, len(idx.shards), idx.rejected_counts
+    (770, 19430, 2, {})
+    >>> round(idx.force_rms, 3), idx.data_hash[:12]       # eV/Å; SHA-256 of the shards
+    (1.103, '2a21362f40c5')
+    >>> tmp.cleanup()
     """
 
     def __init__(self, directory: str | os.PathLike, raw: dict):

@@ -34,6 +34,11 @@ def frontier_owners(compute, loss) -> np.ndarray:
     ndarray of int, shape [m]
         Indices into the inputs, in increasing compute; each has a loss strictly below every
         checkpoint of smaller or equal compute. Ties in compute: the lowest loss wins.
+
+    Examples
+    --------
+    >>> frontier_owners([1e15, 2e15, 3e15, 4e15], [5.0, 4.0, 4.5, 3.0]).tolist()   # the third is no gain
+    [0, 1, 3]
     """
     c = np.asarray(compute, float)
     lo = np.asarray(loss, float)

@@ -252,7 +252,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
-    """Parse the command line into a :class:`TrainConfig` (checks values, raises ``SystemExit``)."""
+    """Parse the command line into a :class:`TrainConfig` (checks values, raises ``SystemExit``).
+
+    >>> from zoo.registry import MODELS
+    >>> name = sorted(MODELS)[0]                  # any architecture of the registry
+    >>> cfg = parse(["--model", name, "--width", "128"])
+    >>> cfg.model == name, cfg.width, cfg.zero_stage, cfg.direct_forces
+    (True, 128, 2, True)
+    >>> cfg.learning_rate(cfg.width) == MODELS[name].learning_rate(128)   # the registry's transfer rule
+    True
+    """
     p = parser()
     a = p.parse_args(argv)
     try:

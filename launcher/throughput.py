@@ -51,6 +51,9 @@ def rates(seconds: float, atoms: float, structures: float, flops: float | None, 
     With ``cpu_seconds`` (the job's CPU time over the span) ``peak`` is FLOP per CPU-second and
     MFU is ``flops / (cpu_seconds × peak)``; without, ``peak`` is FLOP/s and MFU is
     ``flops_per_s / peak``.
+
+    >>> rates(2.0, atoms=1000, structures=40, flops=4e12, peak=1e13)
+    {'atoms_per_s': 500.0, 'structures_per_s': 20.0, 'flops_per_s': 2000000000000.0, 'mfu': 0.2}
     """
     seconds = max(seconds, 1e-9)
     flops_per_s = None if flops is None else flops / seconds

@@ -50,6 +50,7 @@ def committed():
     return {split: _read_split(split) for split in ("train", "val")}
 
 
+@pytest.mark.slow  # reads all 17,000 structures of the sample
 def test_counts_match_summary_and_issue(committed):
     summary = _summary()
     n_mol = n_struct = 0
@@ -73,6 +74,7 @@ def test_files_under_20_mb():
         assert path.stat().st_size < 20e6, f"{path} is {path.stat().st_size / 1e6:.1f} MB"
 
 
+@pytest.mark.slow  # reads all 17,000 structures of the sample
 def test_split_by_molecule(committed):
     ids = {s: {a.info["nci_index"] for _, a in rows} for s, rows in committed.items()}
     smiles = {s: {a.info["smiles"] for _, a in rows} for s, rows in committed.items()}
@@ -81,6 +83,7 @@ def test_split_by_molecule(committed):
     assert not smiles["train"] & smiles["val"]
 
 
+@pytest.mark.slow  # reads all 17,000 structures of the sample
 def test_omol25_layout_and_labels(committed):
     for split, rows in committed.items():
         for name, atoms in rows:
@@ -101,6 +104,7 @@ def test_omol25_layout_and_labels(committed):
             assert d[np.triu_indices(len(atoms), 1)].min() > 0.5, where
 
 
+@pytest.mark.slow  # reads all 17,000 structures of the sample
 def test_structures_are_off_equilibrium(committed):
     forces = np.concatenate([a.get_forces().ravel() for _, a in committed["train"]])
     rms = float(np.sqrt(np.mean(forces**2)))
@@ -108,6 +112,7 @@ def test_structures_are_off_equilibrium(committed):
     assert rms == pytest.approx(_summary()["splits"]["train"]["force_rms_ev_per_a"], rel=1e-6)
 
 
+@pytest.mark.slow
 @needs_generate
 def test_rerun_reproduces_committed_labels(committed):
     from datapipe.generate.molecules import Candidate, GenerateConfig, generate_molecule
@@ -143,6 +148,7 @@ def test_selection_is_the_seeded_order():
     assert len(tried) - len(committed) == sum(s["molecules_failed"].values())
 
 
+@pytest.mark.slow  # labels molecules with GFN2-xTB twice
 @needs_generate
 def test_worker_count_does_not_change_result():
     from datapipe.generate.molecules import GenerateConfig, generate, load_candidates, select_order

@@ -34,6 +34,7 @@ def _write_zoo(root, rng):
                 (ck / "metadata.json").write_text(json.dumps(meta))
 
 
+@pytest.mark.slow  # every law with bootstraps, and the plots; test_csv_where_and_derived_d is the fast CLI path
 def test_zoo_directory_end_to_end(tmp_path):
     _write_zoo(tmp_path / "zoo", np.random.default_rng(0))
     out = tmp_path / "out"

@@ -1,6 +1,7 @@
 """Fits on published data: Chinchilla (Besiroglu et al. 2024) and the OMol25 zoo of arXiv 2510.09768."""
 
 import numpy as np
+import pytest
 
 from fit.data import load_table
 from fit.frontier import fit_frontier
@@ -17,6 +18,7 @@ BESIROGLU = {"E": (1.8172, 0.03), "A": (482.01, 124.58), "B": (2085.43, 1293.23)
 PAPER_GAMMA = {"mpnn": 0.14, "egnn": 0.17, "gemnet_oc": 0.25, "esen": 0.40}
 
 
+@pytest.mark.slow  # a sum-law fit with bootstraps on 240 points
 def test_chinchilla_matches_besiroglu(shared_data):
     t = load_table(shared_data / "chinchilla_svg_extracted_data.csv", n_col="Model Size", c_col="Training FLOP",
                    loss_col="loss", flops_per_param_token=6)

@@ -24,6 +24,7 @@ def _small_grid():
     return g[(g[:, 3] % 1 == 0.5) & (g[:, 4] % 1 == 0.5) & (g[:, 2] != 0.5) & (g[:, 2] != -0.5)]
 
 
+@pytest.mark.slow  # 10 fits × 100 bootstraps
 def test_sum_law_recovers_truth_within_intervals():
     """Over 10 noisy datasets the 95% intervals of α, β, E should cover the truth most times."""
     rng = np.random.default_rng(1)

@@ -7,7 +7,6 @@ energies and forces); charge and spin go in ``row.data`` as OMol25 stores them.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,9 +20,12 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from datapipe.convert import convert
+from processes import TaggedProcess, with_environment
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
+#: rank scripts run by the tests, not test modules
+collect_ignore = ["zero_worker.py", "sleeping_rank.py"]
 
 
 def cluster(rng: np.random.Generator, n_atoms: int) -> Atoms:
@@ -64,22 +66,56 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"raw_train": root / "raw" / "train.aselmdb", "train": root / "train", "val": root / "val"}
 
 
-def run(args: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+#: DeepSpeed's ops are built per virtual environment: the build command names the venv's include
+#: paths, so clones sharing ``~/.cache/torch_extensions`` would rebuild over each other's build
+#: (and wait on each other's lock). A ``TORCH_EXTENSIONS_DIR`` set by the user is kept.
+if sys.prefix != sys.base_prefix:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+def build_deepspeed_ops(budget: float = 1800) -> None:
+    """Build (or load from the torch-extensions cache) the op DeepSpeed's communication backend
+    compiles on first use — the CPU accelerator's shared-memory all-reduce — once per session.
+
+    Without this, the first multi-process test pays a build of a minute or more (over ten on a
+    loaded 2-core machine) inside its own time limit. ``budget`` is far above any build seen. A
+    ``lock`` left in the build directory by a killed build (torch waits on it forever) is removed
+    first when no process of this environment's extension directory is running.
+    """
+    if _built:
+        return
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if extensions:
+        lock = Path(extensions) / "deepspeed_shm_comm" / "lock"
+        if lock.exists() and not with_environment("TORCH_EXTENSIONS_DIR", extensions):
+            lock.unlink(missing_ok=True)
+    result = run([PYTHON, "-c", BUILD_OPS], timeout=budget, build=False)
+    assert result.returncode == 0, "building DeepSpeed's communication op failed:\n" + result.stderr[-3000:]
+    _built.append(result.stdout.strip())
+
+
+_built: list[str] = []
+BUILD_OPS = """
+from launcher.engine import setup_environment
+setup_environment()  # the accelerator the launcher will use (DS_ACCELERATOR=cpu without CUDA)
+from deepspeed.comm.torch import build_shm_op
+print(build_shm_op())
+"""
+
+
+def run(args: list[str], timeout: float = 600, env: dict | None = None, build: bool = True) -> subprocess.CompletedProcess:
     """Run a command from the repository root with one intra-op thread per process.
 
-    The command gets its own process group; on timeout the whole group (launcher and ranks) is
-    killed before ``TimeoutExpired`` propagates, so no rank outlives the test.
+    DeepSpeed's communication op is built first (:func:`build_deepspeed_ops`, not counted in
+    ``timeout``). The command and every process it starts carry a tag of their own
+    (:class:`processes.TaggedProcess`): on timeout, on any exception while waiting, and after it
+    returns, all of them — launcher and ranks, whatever session they are in — are killed at once.
     """
+    if build:
+        build_deepspeed_ops()
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    process = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+    with TaggedProcess(args, cwd=REPO, env=full_env) as job:
+        return job.wait(timeout)
 
 
 #: a tiny model for launcher tests: the MPNN at width 8 with one layer (the loop is model-agnostic)

@@ -38,7 +38,7 @@ def run(model, atoms_list):
     return model(batch_from_atoms(atoms_list, cutoff=cutoff))
 
 
-@pytest.fixture(params=sorted(MODELS))
+@pytest.fixture(params=[n if n == "mpnn" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(MODELS)])
 def name(request):
     return request.param
 

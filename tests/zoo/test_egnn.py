@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import pytest
 import torch
 from ase.build import molecule
 
@@ -19,6 +20,7 @@ from zoo.testing import (
 )
 
 
+@pytest.mark.slow  # the fast lane runs the shared suite on the MPNN (tests/zoo/test_mpnn.py)
 class TestMCEGNN(ForceFieldTests):
     model_name = "mc-egnn"
     width = 16
@@ -27,6 +29,7 @@ class TestMCEGNN(ForceFieldTests):
     reflections = True
 
 
+@pytest.mark.slow
 def test_default_depth_is_equivariant_under_e3():
     """The default 7-layer model, several rotations and a rotoreflection, direct and conservative."""
     atoms = perturbed(molecule("CH3CH2OH"), 9, charge=1, spin=2)

@@ -26,6 +26,7 @@ from zoo.testing import (
 )
 
 
+@pytest.mark.slow  # the fast lane runs the shared suite on the MPNN (tests/zoo/test_mpnn.py)
 class TestESEN(ForceFieldTests):
     """Default eSEN (lmax 2, mmax 2) at width 16."""
 
@@ -43,7 +44,8 @@ def make(direct_forces=True, dtype=torch.float32, **overrides):
     return model.eval()
 
 
-@pytest.mark.parametrize("lmax,mmax", [(4, 4), (4, 2), (2, 1), (3, 0)])
+@pytest.mark.parametrize("lmax,mmax", [pytest.param(4, 4, marks=pytest.mark.slow), pytest.param(4, 2, marks=pytest.mark.slow),
+                                       (2, 1), (3, 0)])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
 def test_rotation_translation_other_lmax_mmax(lmax, mmax, direct):
     model = make(direct, lmax=lmax, mmax=mmax)

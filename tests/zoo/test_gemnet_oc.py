@@ -27,6 +27,7 @@ from zoo.testing import (
 )
 
 
+@pytest.mark.slow  # the fast lane runs the shared suite on the MPNN (tests/zoo/test_mpnn.py)
 class TestGemNetOC(ForceFieldTests):
     """GemNet-OC at width 8, 2 blocks. Invariant under all of E(3) (cosines only)."""
 
@@ -135,6 +136,7 @@ def test_collinear_atoms_give_finite_gradients(direct):
         assert p.grad is None or torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.slow  # (the fit itself runs in the fast lane as zoo/models/gemnet_oc/model.py's doctest)
 def test_fitted_scale_factors_normalise_and_keep_invariance():
     model = make()
     mols = [perturbed(molecule("C6H6"), 1), perturbed(molecule("CH3CH2OH"), 2)]

@@ -81,9 +81,19 @@ class StepFlopCounter:
 
     Examples
     --------
-    >>> counter = StepFlopCounter(model)                                    # doctest: +SKIP
-    >>> for batch in loader:                                                # doctest: +SKIP
+    >>> from datapipe.graph import batch_from_atoms
+    >>> from zoo.flops.trace import count_step
+    >>> from zoo.registry import build
+    >>> from zoo.testing import water_cluster
+    >>> model = build("mpnn", width=16)
+    >>> counter = StepFlopCounter(model, budget=0.0)          # no exact count once the fit is ready
+    >>> loader = [batch_from_atoms([water_cluster(n, seed=n)], cutoff=model.data_cutoff) for n in range(2, 12)]
+    >>> for batch in loader:
     ...     flops = counter.step_flops(batch)       # int, FLOPs of this step (FMA = 2)
+    >>> counter.exact_counts == counter.min_exact < len(loader)
+    True
+    >>> abs(flops / count_step(model, batch).total - 1) < 0.01   # the fit's count of the last step
+    True
     """
 
     def __init__(self, model: nn.Module, direct_forces: bool | None = None, *, budget: float = 0.005,

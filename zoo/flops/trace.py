@@ -43,9 +43,20 @@ the device's dense peak (:mod:`zoo.flops.peaks`), which uses the same convention
 
 Examples
 --------
->>> from zoo.registry import build                                     # doctest: +SKIP
->>> counter = StepFlopCounter(build("mpnn", width=64))                  # doctest: +SKIP
->>> counter.step_flops(batch)          # FLOPs of one training step    # doctest: +SKIP
+>>> from datapipe.graph import batch_from_atoms
+>>> from zoo.registry import build
+>>> from zoo.testing import water_cluster
+>>> model = build("mpnn", width=16)                      # direct forces
+>>> batch = batch_from_atoms([water_cluster(4)], cutoff=model.data_cutoff)
+>>> flops = count_step(model, batch)                     # FLOPs of one training step, by phase
+>>> flops.total == flops.forward + flops.force_backward + flops.backward + flops.loss
+True
+>>> flops.unsupported, flops.force_backward              # every op counted; no force backward
+({}, 0)
+>>> kappa(flops, count_parameters(model)) > 0            # forward FLOPs per atom per parameter
+True
+
+:class:`zoo.flops.counter.StepFlopCounter` gives the same count cheaply on every step.
 """
 
 from __future__ import annotations

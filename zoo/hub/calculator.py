@@ -1,10 +1,20 @@
 """An ASE calculator over any zoo checkpoint, for running a trained model in one's own simulations.
 
->>> from ase.build import molecule                                   # doctest: +SKIP
->>> from zoo.hub.calculator import ZooCalculator                         # doctest: +SKIP
->>> atoms = molecule("CH3CH2OH"); atoms.info.update(charge=0, spin=1)  # doctest: +SKIP
->>> atoms.calc = ZooCalculator("esen-w16-d40k")   # a release name, or a checkpoint directory  # doctest: +SKIP
->>> atoms.get_potential_energy(), atoms.get_forces()                 # doctest: +SKIP
+>>> import tempfile
+>>> from ase.build import molecule
+>>> from zoo.hub.calculator import ZooCalculator
+>>> from zoo.hub.checkpoint import save_checkpoint
+>>> from zoo.hub.metadata import example
+>>> from zoo.registry import build
+>>> tmp = tempfile.TemporaryDirectory()
+>>> run = {k: v for k, v in example().items() if k not in ("architecture", "width", "N")}
+>>> checkpoint = save_checkpoint(f"{tmp.name}/step-00000010", build("mpnn", width=16), run)
+>>> atoms = molecule("CH3CH2OH"); atoms.info.update(charge=0, spin=1)
+>>> atoms.calc = ZooCalculator(checkpoint)  # or a release name (`zoo list`), e.g. "esen-w16-d60k"
+>>> energy, forces = atoms.get_potential_energy(), atoms.get_forces()  # eV, eV/Å
+>>> type(energy).__name__, forces.shape
+('float', (9, 3))
+>>> tmp.cleanup()
 
 Charge (e) and spin multiplicity (2S+1) are read from ``atoms.info["charge"]`` and
 ``atoms.info["spin"]`` (OMol25's convention; defaults 0 and 1). They are checked

@@ -13,9 +13,30 @@ The format follows the idea of fairchem's inference checkpoints (config, average
 normalisers in one place) with safetensors + JSON instead of a pickled dict, so that loading a
 checkpoint never executes code.
 
->>> from zoo.hub.checkpoint import load_model, read_metadata          # doctest: +SKIP
->>> model = load_model("runs/esen-w64/checkpoints/step-00000400")  # doctest: +SKIP
->>> read_metadata("runs/esen-w64/checkpoints/step-00000400")["validation"]  # doctest: +SKIP
+A round trip (a run's checkpoints are ``runs/<run>/checkpoints/step-<8 digits>``):
+
+>>> import tempfile
+>>> import torch
+>>> from zoo.hub.checkpoint import load_model, read_metadata, save_checkpoint
+>>> from zoo.hub.metadata import example
+>>> from zoo.registry import build
+>>> model = build("mpnn", width=16)
+>>> run = example()                                    # a run's counters, validation, data hash ...
+>>> for key in ("architecture", "width", "N"):         # ... these three are taken from the model
+...     del run[key]
+>>> tmp = tempfile.TemporaryDirectory()
+>>> path = save_checkpoint(f"{tmp.name}/step-00000010", model, run)
+>>> sorted(p.name for p in path.iterdir())
+['metadata.json', 'model.safetensors']
+>>> again = load_model(path)
+>>> all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+True
+>>> meta = read_metadata(path)
+>>> meta["architecture"], meta["width"], meta["N"] == sum(p.numel() for p in model.parameters())
+('mpnn', 16, True)
+>>> meta["validation"]
+{'force_mae_mev_per_A': 120.0, 'loss': 0.5}
+>>> tmp.cleanup()
 """
 
 from __future__ import annotations

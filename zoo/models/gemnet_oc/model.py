@@ -50,10 +50,15 @@ width  N (this implementation)     N (arXiv 2510.09768 runs)
 
 Usage
 -----
->>> from zoo.registry import build                                   # doctest: +SKIP
+>>> from datapipe.graph import batch_from_atoms
 >>> from zoo.models.gemnet_oc.blocks import fit_scale_factors
->>> model = build("gemnet-oc", width=64)
->>> fit_scale_factors(model, sample_batches)   # once, before training (a few training batches)
+>>> from zoo.registry import build
+>>> from zoo.testing import water_cluster
+>>> model = build("gemnet-oc", width=16, num_blocks=1)
+>>> batches = [batch_from_atoms([water_cluster(3, seed=s)], cutoff=model.data_cutoff) for s in range(2)]
+>>> scales = fit_scale_factors(model, batches)   # once, before training (the launcher: a few training batches)
+>>> len(scales), all(s > 0 for s in scales.values())
+(15, True)
 
 Simplifications against fairchem: no periodic boundaries, no ``qint_tags`` (all atoms take part
 in quadruplets), no per-block gradient scaling of the shared basis layers, no ``forces_coupled``;
