@@ -37,7 +37,6 @@ import logging
 import os
 import sys
 import socket
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,7 +45,8 @@ from pathlib import Path
 
 import torch
 
-from launcher.config import TrainConfig, deepspeed_config
+from launcher.config import TrainConfig
+from launcher.dsconfig import deepspeed_config
 
 
 @dataclass

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from launcher import checkpoint as ckpt
 from launcher import sharding

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from launcher.config import TrainConfig, deepspeed_config
+from launcher.config import TrainConfig
+from launcher.dsconfig import deepspeed_config
 from launcher.errors import UserError
 from launcher.materialise import build_training_model
 from launcher.optim import build_optimizer

@@ -26,7 +26,8 @@ import ase.db
 import torch
 
 from datapipe.graph import batch_from_atoms
-from launcher.config import TrainConfig, deepspeed_config
+from launcher.config import TrainConfig
+from launcher.dsconfig import deepspeed_config
 from launcher.engine import build_engine, init_distributed
 from launcher.loss import global_loss, loss_terms
 from launcher.materialise import build_training_model

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from datapipe.graph import batch_from_atoms
-from launcher.config import TrainConfig, deepspeed_config, parse
+from launcher.config import TrainConfig, parse
+from launcher.dsconfig import deepspeed_config
 from zoo.registry import transferred_lr
 from launcher.job import checkpoint_steps, checkpoint_steps_at
 from launcher.loss import global_loss, loss_terms
