@@ -361,11 +361,11 @@ def check_ranges(a: argparse.Namespace) -> None:
                        ("--deepspeed_config", a.deepspeed_config)):
         if path is not None:
             need(Path(path).exists(), flag, path, "no such file or directory")
-    if a.resume is None:
-        overrides = dict(a.model_arg)
+    if a.resume is None and getattr(a, "init_from", None) is None:  # --init-from: the checkpoint's model
+        overrides, model = dict(a.model_arg), a.model or DEFAULT_MODEL
         try:
-            count_parameters(a.model, a.width, direct_forces=not a.conservative, **overrides)
+            count_parameters(model, a.width, direct_forces=not a.conservative, **overrides)
         except (TypeError, ValueError, KeyError) as error:
             shown = " ".join(f"--model-arg {k}={v}" for k, v in overrides.items())
-            raise UserError(f"--model {a.model} --width {a.width or get_spec(a.model).default_width} {shown}"
+            raise UserError(f"--model {model} --width {a.width or get_spec(model).default_width} {shown}"
                             f": cannot build the model ({error})".replace("  :", ":")) from error
