@@ -16,7 +16,9 @@ shared machine hits both alike; the table gives medians over the timed steps.
   conservative forces) + loss (mean |E| + mean |F|) + backward;
 - inference: energy + forces in eval mode (no autograd graph for direct forces).
 
-ratio = fairchem time / symscale time (> 1: symscale is faster).
+ratio = fairchem time / symscale time (> 1: symscale is faster). Times are the process's CPU time
+by default on CPU (``--clock cpu``: with one thread it counts the work done, not the waits for a
+core on a loaded machine; ``--clock wall`` for elapsed time), wall time on CUDA.
 
 Run (CPU, fp32, one thread; the defaults): ``make bench-fairchem``, or::
 
@@ -89,18 +91,16 @@ class Ours:
         torch.manual_seed(0)
         self.model = build("esen", width=channels, lmax=lmax, direct_forces=direct).to(device, dtype)
         if compile_model:
-            from zoo.compile import compile_force_field
-
-            self.model = compile_force_field(self.model)
+            self.model.enable_compile()
         self.batch, self.device = batch.to(device), device
         self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
-    def step(self, mode: str) -> float:
+    def step(self, mode: str) -> tuple[float, float]:
         train = mode == "train"
         self.model.train(train)
         sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if train:
             out = self.model(self.batch)
             loss = out[keys.ENERGY].abs().mean() + out[keys.FORCES].norm(dim=-1).mean()
@@ -110,9 +110,9 @@ class Ours:
                 out = self.model(self.batch)
             out = {k: v.detach() for k, v in out.items()}
         sync()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         self.model.zero_grad(set_to_none=True)
-        return seconds
+        return seconds, cpu
 
 
 class Fairchem:
@@ -143,15 +143,15 @@ class Fairchem:
             self.proc.wait(timeout=60)
 
 
-def interleaved(ours: Ours, theirs: Fairchem, mode: str, warmup: int, repeats: int) -> tuple[list, list]:
-    """Alternate A, B, A, B …; the first ``warmup`` pairs are not timed."""
+def interleaved(ours: Ours, theirs: Fairchem, mode: str, warmup: int, repeats: int, clock: str) -> tuple[list, list]:
+    """Alternate A, B, A, B …; the first ``warmup`` pairs are not timed. Seconds of ``clock``."""
     a, b = [], []
     for i in range(warmup + repeats):
-        ta = ours.step(mode)
-        tb = theirs.ask(cmd="step", mode=mode)["seconds"]
+        wall, cpu = ours.step(mode)
+        reply = theirs.ask(cmd="step", mode=mode)
         if i >= warmup:
-            a.append(ta)
-            b.append(tb)
+            a.append(cpu if clock == "cpu" else wall)
+            b.append(reply["cpu_seconds"] if clock == "cpu" else reply["seconds"])
     return a, b
 
 
@@ -168,17 +168,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=("wall", "cpu"), default=None,
+                   help="wall: elapsed time; cpu: the process's CPU time (robust on a shared, loaded "
+                        "machine with one thread). Default: cpu on CPU, wall on CUDA")
     p.add_argument("--compile", action="store_true", help="symscale through torch.compile (zoo.compile)")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    clock = a.clock or ("wall" if a.device == "cuda" else "cpu")
+    if clock == "cpu" and (a.device == "cuda" or a.threads != 1):
+        p.error("--clock cpu measures one thread's work on the CPU; use --clock wall with CUDA or threads > 1")
     atoms = a.atoms or (4000 if a.device == "cuda" else 360)
     dtypes = (a.dtypes or ("float32,bfloat16" if a.device == "cuda" else "float32")).split(",")
     mols = molecules(REPO / "data" / "omol25_sample" / "val", atoms)
     batch = batch_from_atoms(mols, cutoff=keys.DEFAULT_CUTOFF)
     n_atoms, n_edges = int(batch[keys.POSITIONS].shape[0]), int(batch[keys.EDGE_INDEX].shape[1])
     print(f"{len(mols)} molecules, {n_atoms} atoms, {n_edges} edges (data/omol25_sample/val); device {a.device}, "
-          f"{a.threads} thread(s), load average {os.getloadavg()[0]:.2f} at start", flush=True)
+          f"{a.threads} thread(s), {clock} clock, load average {os.getloadavg()[0]:.2f} at start", flush=True)
     theirs = Fairchem(a.fairchem_python, a.threads)
     rows = []
     try:
@@ -203,7 +209,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      f"lmax={lmax}, {forces}: symscale {ours.params:,}, fairchem {info['params']:,}")
                 config = f"C={channels} lmax={lmax} {forces} {dtype_name}"
                 for mode in a.modes.split(","):
-                    ta, tb = interleaved(ours, theirs, mode, a.warmup, a.repeats)
+                    if a.compile and mode == "train" and not direct:
+                        print(f"{config:<34} {'':>10} {'':>10} {mode:>6}  skipped: torch.compile cannot train "
+                              "conservative forces (double backward)", flush=True)
+                        continue
+                    ta, tb = interleaved(ours, theirs, mode, a.warmup, a.repeats, clock)
                     ma, mb = statistics.median(ta) / n_atoms * 1e6, statistics.median(tb) / n_atoms * 1e6
                     row = dict(channels=channels, lmax=lmax, forces=forces, dtype=dtype_name, mode=mode,
                                params_ours=ours.params, params_fairchem=info["params"], us_per_atom_ours=ma,
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 del ours
     finally:
         theirs.close()
-    print(f"ratio = fairchem median / symscale median over {a.repeats} interleaved steps "
+    print(f"ratio = fairchem median / symscale median of {clock} time over {a.repeats} interleaved steps "
           f"(after {a.warmup} untimed); load average {os.getloadavg()[0]:.2f} at the end")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

@@ -9,7 +9,7 @@ It reads one JSON command per line on stdin and answers one JSON line on stdout:
 - ``{"cmd": "build", "channels", "lmax", "direct", "layers", "cutoff", "num_radial", "seed",
   "device", "dtype"}``: fairchem's ``eSCNMDBackbone`` with its energy (and direct force) heads →
   ``{"params": N}``;
-- ``{"cmd": "step", "mode": "train" | "infer"}``: one timed step → ``{"seconds": t}``. A training
+- ``{"cmd": "step", "mode": "train" | "infer"}``: one timed step → ``{"seconds": wall, "cpu_seconds": process CPU time}``. A training
   step is forward + forces + loss + backward (double backward for conservative forces);
   inference is energy + forces in eval mode;
 - ``{"cmd": "quit"}``.
@@ -128,7 +128,7 @@ class Runner:
         self.heads.train(train)
         if self.device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if train:
             energy, forces = self._energy_forces(data)
             loss = energy.abs().mean() + forces.norm(dim=-1).mean()
@@ -140,10 +140,10 @@ class Runner:
             energy, forces = energy.detach(), forces.detach()
         if self.device == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         for module in (self.backbone, self.heads):
             module.zero_grad(set_to_none=True)
-        return {"seconds": seconds, "finite": bool(torch.isfinite(forces).all())}
+        return {"seconds": seconds, "cpu_seconds": cpu, "finite": bool(torch.isfinite(forces).all())}
 
 
 def main() -> None:

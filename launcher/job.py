@@ -181,6 +181,8 @@ def set_up(cfg: TrainConfig) -> Job:
     total = int(loader.steps)
     lr = cfg.learning_rate(cfg.width)
     optimizer = build_optimizer(model, lr, cfg.betas, cfg.weight_decay, round(cfg.warmup_fraction * total))
+    if cfg.compile:  # after the pre-training hook, before the engine wraps it; checked by parse()
+        model.enable_compile()
     engine, ds_config = build_engine(cfg, model, optimizer, runtime)
 
     eval_model = build(cfg.model, cfg.width, direct_forces=cfg.direct_forces, **cfg.model_overrides)
