@@ -142,10 +142,12 @@ def test_gemnet_gather_and_aggregate_match_indexing_reference():
     assert math.isfinite(float(new.sum()))
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+)  # aot_eager: dynamo's capture and AOTAutograd as inductor sees them, without code generation
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
-def test_compiled_esen_equals_eager(direct):
-    """``enable_compile`` (torch.compile, inductor): energies and forces equal to eager within fp32
+def test_compiled_esen_equals_eager(direct, backend):
+    """``enable_compile`` (torch.compile): energies and forces equal to eager within fp32
     round-off, in evaluation and (direct forces) in a training step with its parameter gradients;
     training conservative forces compiled is refused with a clear message."""
     from ase.build import molecule
@@ -159,7 +161,7 @@ def test_compiled_esen_equals_eager(direct):
     model = build("esen", 8, direct_forces=direct, num_layers=2).eval()
     batch = batch_from_atoms([perturbed(molecule("CH3CH2OH"), 1), perturbed(molecule("C6H6"), 2)])
     eager = model(batch)
-    model.enable_compile()
+    model.enable_compile(backend=backend)
     assert model.compiled
     compiled = model(batch)
     assert bool(compiled[keys.FORCES].abs().max() > 0)  # not the silent zero forces of a None gradient
