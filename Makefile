@@ -9,7 +9,7 @@ RANKS ?= 2
 MODEL ?= esen
 WIDTH ?= 64
 
-.PHONY: setup train test test-fast clean
+.PHONY: setup train test test-fast clean bench-fairchem bench-fairchem-gpu fairchem-env
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,26 @@ test: setup
 
 test-fast: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -m "not slow"
+
+# fairchem (the reference eSEN, eSCN-MD) in its own virtual environment beside the project's: it pins
+# its own torch. Git-ignored; `make clean` leaves it (a slow install).
+FAIRCHEM_VENV ?= .venv-fairchem
+FAIRCHEM_VERSION ?= 2.24.*
+fairchem-env: $(FAIRCHEM_VENV)/.installed
+
+$(FAIRCHEM_VENV)/.installed:
+	$(PYTHON) -m venv $(FAIRCHEM_VENV)
+	$(FAIRCHEM_VENV)/bin/pip install --upgrade pip
+	$(FAIRCHEM_VENV)/bin/pip install "fairchem-core==$(FAIRCHEM_VERSION)"
+	touch $@
+
+# symscale's eSEN against fairchem's eSCN-MD, interleaved in one process pair (CPU, fp32, 1 thread)
+bench-fairchem: setup fairchem-env
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_vs_fairchem.py --fairchem-python $(FAIRCHEM_VENV)/bin/python
+
+# the same on a CUDA device: larger batches, fp32 and bf16
+bench-fairchem-gpu: setup fairchem-env
+	$(BIN)/python benchmarks/bench_vs_fairchem.py --fairchem-python $(FAIRCHEM_VENV)/bin/python --device cuda
 
 clean:
 	rm -rf $(VENV) runs .cache

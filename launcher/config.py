@@ -52,6 +52,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
     direct_forces: bool = True
     symmetry_loss: int = 0  # M Haar-random rotated copies per batch (arXiv 2510.09768's ablation)
+    compile: bool = False  # the training model's interact() through torch.compile (direct forces only)
     # data
     train: str = str(DEFAULT_DATA / "train")
     val: str = str(DEFAULT_DATA / "val")
@@ -177,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="constructor override (VALUE parsed as JSON), repeatable")
     p.add_argument("--conservative", action="store_true", help="forces as -dE/dpositions (default: direct head)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the training model through torch.compile (ForceField.enable_compile); "
+                        "direct forces only (conservative training needs a double backward)")
     p.add_argument("--symmetry-loss", type=int, default=d.symmetry_loss, metavar="M",
                    help="add M Haar-random rotated copies of every batch; loss averaged over the M+1 copies "
                         "(FLOPs counted x(M+1); atoms seen count the original batch only)")
@@ -271,6 +275,9 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         p.error("--max-consecutive-skips must be >= 0")
     if not a.dist_timeout > 0:
         p.error("--dist-timeout must be > 0 seconds")
+    if a.compile and a.conservative:
+        p.error("--compile cannot train conservative forces: their loss needs a double backward, which "
+                "torch.compile'd graphs (AOTAutograd) do not support; drop --compile or --conservative")
     explicit = {}
     if a.zero_stage is not None:
         explicit["zero_stage"] = a.zero_stage
@@ -287,6 +294,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         width=a.width,
         model_overrides=dict(a.model_arg),
         direct_forces=not a.conservative,
+        compile=a.compile,
         symmetry_loss=a.symmetry_loss,
         train=a.train,
         val=a.val,

@@ -87,6 +87,31 @@ class ForceField(nn.Module):
         self.min_distance = float(min_distance)
         self.element_references = torch.zeros(self.max_atomic_number + 1, dtype=torch.float64)
         self.force_rms = 1.0
+        self._compiled_interact: Callable | None = None
+
+    def enable_compile(self, **options) -> ForceField:
+        """Run :meth:`interact` through ``torch.compile`` (``dynamic=True`` unless ``options`` say).
+
+        Only the architecture's tensor program is compiled; the input checks, the energy sum and
+        ``F = −∂E/∂positions`` stay eager, so conservative forces are exact ``autograd.grad``
+        results (under dynamo, ``autograd.grad`` inside the compiled region returns None).
+        Training conservative forces needs a double backward, which compiled graphs
+        (AOTAutograd) do not support: :meth:`forward` refuses it (``RuntimeError``) in training
+        mode; evaluation (energy and forces) works. Returns ``self``.
+        """
+        options.setdefault("dynamic", True)
+        self._compiled_interact = torch.compile(self.interact, **options)
+        return self
+
+    def disable_compile(self) -> ForceField:
+        """Back to the eager :meth:`interact`. Returns ``self``."""
+        self._compiled_interact = None
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """True after :meth:`enable_compile`."""
+        return self._compiled_interact is not None
 
     def repeated_blocks(self) -> list[nn.Module]:
         """The model's repeated blocks (every entry of its top-level ``nn.ModuleList`` children),
@@ -190,7 +215,17 @@ class ForceField(nn.Module):
         if not bool(keep.all()):
             edge_index, edge_vectors = edge_index[:, keep], edge_vectors[keep]
 
-        node_energy, direct = self.interact(
+        interact = self.interact
+        if self._compiled_interact is not None:
+            if self.training and not self.direct_forces and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "torch.compile cannot train conservative forces: the loss needs a double backward "
+                    "(forces are -dE/dpositions), which compiled graphs (AOTAutograd) do not support. "
+                    "Train conservative models eagerly (no --compile), or compile direct-force models; "
+                    "evaluation (model.eval()) of a compiled conservative model is supported."
+                )
+            interact = self._compiled_interact
+        node_energy, direct = interact(
             atomic_numbers,
             positions,
             edge_index,

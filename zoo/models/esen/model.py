@@ -68,7 +68,7 @@ from torch import nn
 
 from datapipe import keys
 from zoo.models.base import ForceField
-from zoo.models.common import ChargeSpinEmbedding, GaussianBasis, PolynomialEnvelope, scatter_sum
+from zoo.models.common import ChargeSpinEmbedding, GaussianBasis, PolynomialEnvelope, gather, scatter_sum
 from zoo.models.esen.so2 import DeviceCache, EdgeFrame, EquivariantRMSNorm, SO2Convolution, SO3Linear, gate, num_coefficients
 
 
@@ -101,7 +101,9 @@ class EdgeDegreeEmbedding(nn.Module):
     def forward(self, edge_features, wigner_back, target, num_nodes):
         """``wigner_back`` ``[E, (lmax+1)², K]``: Dᵀ times envelope / avg_num_neighbors."""
         m0 = self.radial(edge_features).reshape(-1, self.lmax + 1, self.channels)  # [E, lmax+1, C]
-        message = wigner_back[:, :, : self.lmax + 1] @ m0  # [E, (lmax+1)², C]  (m = 0 columns)
+        k = wigner_back.shape[2]
+        m0_columns = wigner_back.split([self.lmax + 1, k - self.lmax - 1], dim=2)[0]  # [E, (lmax+1)², lmax+1]
+        message = m0_columns @ m0  # [E, (lmax+1)², C]
         return scatter_sum(message, target, num_nodes)  # [N, (lmax+1)², C]
 
 
@@ -121,9 +123,9 @@ class MessageBlock(nn.Module):
         self.radial = radial_mlp(edge_features, edge_channels, self.conv1.radial_size)
 
     def forward(self, x, edge_features, wigner, wigner_back, source, target):
-        pair = torch.cat([x[source], x[target]], dim=-1)  # [E, (lmax+1)², 2C]
+        pair = torch.cat([gather(x, source), gather(x, target)], dim=-1)  # [E, (lmax+1)², 2C]
         framed = wigner @ pair  # [E, K, 2C]
-        hidden, gates = self.conv1(framed, radial=self.radial(edge_features))  # [E, K, H], [E, lmax·H]
+        hidden, gates = self.conv1(framed, radial=self.radial(edge_features), blocks_out=True)  # per |m|, [E, lmax·H]
         framed, _ = self.conv2(hidden, gates=gates)  # [E, K, C]  (gate fused into conv2's input)
         message = wigner_back @ framed  # [E, (lmax+1)², C]  (envelope and 1/avg_num_neighbors folded in)
         return scatter_sum(message, target, x.shape[0])  # [N, (lmax+1)², C]
@@ -144,7 +146,8 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)  # [N, (lmax+1)², H]
         if self.lmax > 0:
-            h = gate(h, self.gates(x[:, 0]), self._const.get(h)["degrees"])
+            scalar = x.split([1, x.shape[1] - 1], dim=1)[0].squeeze(1)  # [N, C]
+            h = gate(h, self.gates(scalar), self._const.get(h)["degrees"])
         else:
             h = nn.functional.silu(h)
         return self.down(h)  # [N, (lmax+1)², C]
@@ -263,6 +266,7 @@ class ESEN(ForceField):
             x = block(x, edge_features, wigner, wigner_back, source, target)  # [N, (lmax+1)², C]
         x = self.norm_out(x)
 
-        node_energy = self.energy_head(x[:, 0]).squeeze(-1)  # [N]
-        forces = self.force_head(x[:, 1:4]).squeeze(-1) if self.direct_forces else None  # [N, 3] (x, y, z)
+        scalar, vector, _ = x.split([1, 3, x.shape[1] - 4], dim=1)  # [N, 1, C], [N, 3, C] (x, y, z), rest
+        node_energy = self.energy_head(scalar.squeeze(1)).squeeze(-1)  # [N]
+        forces = self.force_head(vector).squeeze(-1) if self.direct_forces else None  # [N, 3]
         return node_energy, forces

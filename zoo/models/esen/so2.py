@@ -169,8 +169,11 @@ class SO2Convolution(nn.Module):
     extra_scalars : int
         Extra invariant outputs from the ``m = 0`` map (e.g. gate values), returned separately.
 
-    Forward: ``x`` ``[E, K, in]`` in :func:`frame_layout` order, ``radial`` ``[E, radial_size]`` or
-    None, ``gates`` ``[E, lmax·in]`` or None → ``([E, K, out], [E, extra_scalars])``.
+    Forward: ``x`` ``[E, K, in]`` in :func:`frame_layout` order (or its blocks per ``|m|``,
+    ``[E, lmax+1, in]`` then ``[E, 2(lmax+1−m), in]``), ``radial`` ``[E, radial_size]`` or None,
+    ``gates`` ``[E, lmax·in]`` or None → ``([E, K, out], [E, extra_scalars])``; with
+    ``blocks_out=True`` the output stays in its blocks per ``|m|`` (a list), which another
+    SO2Convolution takes without a copy.
     """
 
     def __init__(self, in_channels: int, out_channels: int, lmax: int, mmax: int, extra_scalars: int = 0) -> None:
@@ -191,38 +194,49 @@ class SO2Convolution(nn.Module):
         self.weight_m = nn.ParameterList(weights)
 
     def forward(
-        self, x: torch.Tensor, radial: torch.Tensor | None = None, gates: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        e = x.shape[0]
+        self,
+        x: torch.Tensor | list[torch.Tensor],
+        radial: torch.Tensor | None = None,
+        gates: torch.Tensor | None = None,
+        blocks_out: bool = False,
+    ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+        # Edge tensors are cut with split (backward: one cat), never sliced: the backward of each
+        # slice of an [E, ...] tensor allocates and zero-fills a gradient of the full size.
+        n0 = self.sizes[0]
+        if isinstance(x, torch.Tensor):
+            blocks = x.split([n0] + [2 * n for n in self.sizes[1:]], dim=1)  # per |m|: [E, n or 2n, in]
+        else:  # already per |m| (the blocks_out of another SO2Convolution): no cat, no split
+            blocks = x
+        e = blocks[0].shape[0]
         if radial is not None:
             radial = radial.split([n * self.cin for n in self.sizes], dim=-1)  # per |m|: [E, n·in]
         if gates is not None:
-            g = torch.sigmoid(gates).reshape(e, self.lmax, self.cin)  # [E, lmax, in]
-        n0 = self.sizes[0]
-        x0 = x[:, :n0]  # [E, lmax+1, in]
-        if gates is not None:
-            x0 = torch.cat([nn.functional.silu(x0[:, :1]), x0[:, 1:] * g], dim=1)
+            g = torch.sigmoid(gates).reshape(e, self.lmax, self.cin)  # [E, lmax, in], gate of l = 1..lmax
+            scalar, vector = blocks[0].split([1, n0 - 1], dim=1)
+            x0 = torch.cat([nn.functional.silu(scalar), vector * g], dim=1)  # [E, lmax+1, in]
+        else:
+            x0 = blocks[0]
         x0 = x0.reshape(e, n0 * self.cin)  # [E, (lmax+1)·in]
         if radial is not None:
             x0 = x0 * radial[0]
-        y0 = self.fc_m0(x0)  # [E, (lmax+1)·out + extra]
-        outputs = [y0[:, : n0 * self.cout]]
-        start = n0
+        y0, extra = self.fc_m0(x0).split([n0 * self.cout, self.extra], dim=1)  # [E, (lmax+1)·out], [E, extra]
+        outputs = [y0.reshape(e, n0, self.cout)]
         for index, n in enumerate(self.sizes[1:]):
             m = index + 1
-            pair = x[:, start : start + 2 * n]  # [E, 2n, in]  (+m block, then −m block)
+            pair = blocks[m].reshape(e, 2, n, self.cin)  # [E, ±m, l = m..lmax, in]
             if gates is not None:
-                pair = (pair.reshape(e, 2, n, self.cin) * g[:, None, m - 1 :]).reshape(e, 2 * n * self.cin)
-            else:
-                pair = pair.reshape(e, 2 * n * self.cin)  # [E, 2n·in]
+                # the gates of l = m..lmax: the last n rows of g (a split, not a slice)
+                pair = pair * g.split([self.lmax - n, n], dim=1)[1][:, None]
+            pair = pair.reshape(e, 2, n * self.cin)  # [E, 2, n·in]
             if radial is not None:
-                pair = (pair.reshape(e, 2, n * self.cin) * radial[m][:, None]).reshape(e, 2 * n * self.cin)
+                pair = pair * radial[m][:, None]
             w1, w2 = self.weight_m[index]  # [n·out, n·in] each
             weight = torch.cat([torch.cat([w1, -w2], 1), torch.cat([w2, w1], 1)], 0)  # [2n·out, 2n·in]
-            outputs.append(pair @ weight.T)  # [E, 2n·out]: y₊ = W₁x₊ − W₂x₋, y₋ = W₂x₊ + W₁x₋
-            start += 2 * n
-        k = start
-        return torch.cat(outputs, dim=1).reshape(e, k, self.cout), y0[:, n0 * self.cout :]  # [E, K, out], [E, extra]
+            # y₊ = W₁x₊ − W₂x₋, y₋ = W₂x₊ + W₁x₋
+            outputs.append((pair.reshape(e, 2 * n * self.cin) @ weight.T).reshape(e, 2 * n, self.cout))
+        if blocks_out:
+            return outputs, extra  # per |m|: [E, n or 2n, out]; [E, extra]
+        return torch.cat(outputs, dim=1), extra  # [E, K, out], [E, extra]
 
 
 class EquivariantRMSNorm(nn.Module):
@@ -248,12 +262,13 @@ class EquivariantRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self._const.get(x)
-        scalar = x[:, :1] - x[:, :1].mean(dim=-1, keepdim=True)  # [N, 1, C]
-        x = torch.cat([scalar, x[:, 1:]], dim=1)  # [N, (lmax+1)², C]
+        scalar, rest = x.split([1, x.shape[1] - 1], dim=1)  # [N, 1, C], [N, (lmax+1)² − 1, C]
+        x = torch.cat([scalar - scalar.mean(dim=-1, keepdim=True), rest], dim=1)  # [N, (lmax+1)², C]
         mean_square = (x.pow(2) * c["balance"][:, None]).sum(dim=1).mean(dim=-1)  # [N]
         x = x * torch.rsqrt(mean_square + self.eps)[:, None, None]
         x = x * self.weight.repeat_interleave(c["repeats"], dim=0, output_size=x.shape[1])  # [N, (lmax+1)², C]
-        return torch.cat([x[:, :1] + self.bias, x[:, 1:]], dim=1)
+        scalar, rest = x.split([1, x.shape[1] - 1], dim=1)
+        return torch.cat([scalar + self.bias, rest], dim=1)
 
 
 class SO3Linear(nn.Module):
@@ -268,7 +283,8 @@ class SO3Linear(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(in_channels, out_channels, bias=(l == 0)) for l in range(lmax + 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([lin(x[:, l * l : (l + 1) ** 2]) for l, lin in enumerate(self.linears)], dim=1)
+        blocks = x.split([2 * l + 1 for l in range(self.lmax + 1)], dim=1)  # per l: [N, 2l+1, in]
+        return torch.cat([lin(block) for block, lin in zip(blocks, self.linears)], dim=1)
 
 
 def gate(x: torch.Tensor, gates: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
@@ -281,4 +297,5 @@ def gate(x: torch.Tensor, gates: torch.Tensor, degrees: torch.Tensor) -> torch.T
     m, _, channels = x.shape
     g = torch.sigmoid(gates).reshape(m, gates.shape[1] // channels, channels)  # [M, lmax, C]
     factors = g[:, (degrees[1:] - 1)]  # [M, K-1, C]
-    return torch.cat([nn.functional.silu(x[:, :1]), x[:, 1:] * factors], dim=1)
+    scalar, rest = x.split([1, x.shape[1] - 1], dim=1)  # [M, 1, C], [M, K-1, C]
+    return torch.cat([nn.functional.silu(scalar), rest * factors], dim=1)

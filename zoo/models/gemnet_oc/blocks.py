@@ -228,6 +228,8 @@ def aggregate_outer(basis: torch.Tensor, x: torch.Tensor, index: torch.Tensor, s
         return x.new_zeros(size, k, c)
     inner = inner_index(index, size)  # [T]
     kmax = int(inner.max()) + 1
-    basis_pad = basis.new_zeros(size, kmax, k).index_put((index, inner), basis)  # [size, Kmax, K]
-    x_pad = x.new_zeros(size, kmax, c).index_put((index, inner), x)  # [size, Kmax, C]
+    slot = index * kmax + inner  # [T] row of the flattened [size·Kmax] padding
+    # index_copy into flat rows (backward: one index_select) rather than a 2-D index_put
+    basis_pad = basis.new_zeros(size * kmax, k).index_copy(0, slot, basis).view(size, kmax, k)  # [size, Kmax, K]
+    x_pad = x.new_zeros(size * kmax, c).index_copy(0, slot, x).view(size, kmax, c)  # [size, Kmax, C]
     return basis_pad.transpose(1, 2) @ x_pad  # [size, K, C]

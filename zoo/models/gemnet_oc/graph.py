@@ -51,7 +51,9 @@ class Graph:
 
     def select(self, mask: torch.Tensor) -> Graph:
         """The sub-graph of the edges where ``mask`` ``[E]`` is True (order kept)."""
-        return Graph(self.edge_index[:, mask], self.distance[mask], self.unit[mask])
+        keep = mask.nonzero().squeeze(1)  # [E'] (index_select: a cheap backward on CPU)
+        return Graph(self.edge_index.index_select(1, keep), self.distance.index_select(0, keep),
+                     self.unit.index_select(0, keep))
 
 
 def graph_from_edges(positions: torch.Tensor, edge_index: torch.Tensor) -> Graph:
@@ -63,7 +65,7 @@ def graph_from_edges(positions: torch.Tensor, edge_index: torch.Tensor) -> Graph
     num_atoms = positions.shape[0]
     order = torch.argsort(edge_index[1] * num_atoms + edge_index[0])
     edge_index = edge_index[:, order]  # [2, E]
-    vectors = positions[edge_index[0]] - positions[edge_index[1]]  # [E, 3]
+    vectors = positions.index_select(0, edge_index[0]) - positions.index_select(0, edge_index[1])  # [E, 3]
     distance = vectors.norm(dim=-1)  # [E]
     return Graph(edge_index, distance, vectors / distance.clamp_min(1e-9).unsqueeze(-1))
 

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from zoo.models.common import scatter_sum
+from zoo.models.common import gather, scatter_sum
 from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, ScaleFactor, aggregate_outer, dense_stack
 
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -61,18 +61,18 @@ class TripletInteraction(nn.Module):
         rad_w, sph = cir
         x = self.dense_ba(m)  # [E_in', C_in]
         if expand is not None:
-            x = x[expand]  # [E_in, C_in]
+            x = gather(x, expand)  # [E_in, C_in]
         x = self.scale_rbf(x * self.mlp_rbf(rad), ref=x)  # [E_in, C_in]
-        x_t = self.down_projection(x)[trip["in"]]  # [T, trip_in]
+        x_t = gather(self.down_projection(x), trip["in"])  # [T, trip_in]
         y = aggregate_outer(sph, x_t, trip["out"], rad_w.shape[0])  # [E_out, S, trip_in]
         z = rad_w @ y  # [E_out, emb_cbf, trip_in]
         if to_atoms is not None:
             z = scatter_sum(z, to_atoms[0], to_atoms[1])  # [N, emb_cbf, trip_in]
         x = self.scale_cbf_sum(self.bilinear(z.flatten(1)), ref=x_t)  # [E_out or N, trip_out]
         if self.symmetric:
-            return (self.up_projection_ca(x) + self.up_projection_ac(x)[reverse]) * INV_SQRT_2
+            return (self.up_projection_ca(x) + gather(self.up_projection_ac(x), reverse)) * INV_SQRT_2
         if self.swap_output:
-            x = x[reverse]
+            x = gather(x, reverse)
         return self.up_projection_ca(x)  # [E_out or N, emb_out]
 
 
@@ -112,15 +112,15 @@ class QuadrupletInteraction(nn.Module):
         s = self.num_spherical
         x = self.dense_db(m)  # [E, C]
         x = self.scale_rbf(x * self.mlp_rbf(rad), ref=x)  # [E, C]
-        x = self.down_projection(x)[quad["trip_in"]["in"]]  # [T_in, quad_in]
+        x = gather(self.down_projection(x), quad["trip_in"]["in"])  # [T_in, quad_in]
         x = self.scale_cbf(x * self.mlp_cbf(cbf), ref=x)  # [T_in, quad_in]
-        x_q = x[quad["quad_in"]]  # [Q, quad_in]
+        x_q = gather(x, quad["quad_in"])  # [Q, quad_in]
         num_trip_out = quad["trip_out"]["out"].shape[0]
         z = aggregate_outer(sph_dihedral, x_q, quad["quad_out"], num_trip_out)  # [T_out, S, quad_in]
         y = aggregate_outer(sph_cab, z.flatten(1), quad["trip_out"]["out"], rad_w.shape[0])  # [E, S, S*quad_in]
         y = y.reshape(rad_w.shape[0], s * s, x_q.shape[-1])  # [E, S², quad_in]  (∠cab-major, as the outer product)
         x = self.scale_sbf_sum(self.bilinear((rad_w @ y).flatten(1)), ref=x_q)  # [E, quad_out]
-        return (self.up_projection_ca(x) + self.up_projection_ac(x)[reverse]) * INV_SQRT_2  # [E, C]
+        return (self.up_projection_ca(x) + gather(self.up_projection_ac(x), reverse)) * INV_SQRT_2  # [E, C]
 
 
 class PairInteraction(nn.Module):
@@ -135,7 +135,7 @@ class PairInteraction(nn.Module):
 
     def forward(self, h: torch.Tensor, rad: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         """h : ``[N, A]``; rad : ``[E_aint, emb_rbf]``; edge_index sorted by target. Returns ``[N, A]``."""
-        x_ba = self.down_projection(h)[edge_index[0]]  # [E_aint, pair_in]
+        x_ba = gather(self.down_projection(h), edge_index[0])  # [E_aint, pair_in]
         y = aggregate_outer(rad, x_ba, edge_index[1], h.shape[0])  # [N, emb_rbf, pair_in]
         x = self.scale_rbf_sum(self.bilinear(y.flatten(1)), ref=x_ba)  # [N, pair_out]
         return self.up_projection(x)  # [N, A]
@@ -149,7 +149,7 @@ class EdgeEmbedding(nn.Module):
         self.dense = Dense(2 * emb_atom + emb_in, emb_out)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        return self.dense(torch.cat([h[edge_index[0]], h[edge_index[1]], x], dim=-1))  # [E, emb_out]
+        return self.dense(torch.cat([gather(h, edge_index[0]), gather(h, edge_index[1]), x], dim=-1))  # [E, emb_out]
 
 
 class AtomUpdate(nn.Module):

@@ -72,7 +72,7 @@ from torch import nn
 
 from datapipe import keys
 from zoo.models.base import ForceField
-from zoo.models.common import ChargeSpinEmbedding, scatter_sum
+from zoo.models.common import ChargeSpinEmbedding, gather, scatter_sum
 from zoo.models.gemnet_oc.blocks import BasisEmbedding, Dense, RadialBasis, ResidualLayer, legendre_basis
 from zoo.models.gemnet_oc.graph import (
     Graph,
@@ -234,7 +234,7 @@ class GemNetOC(ForceField):
         rbf_aeaint = self.radial_aeaint(aeaint.distance)  # [E_ae, R]
 
         def circular(trip, u_in, u_out):  # cosine of the angle at the shared atom a
-            return legendre_basis((u_in[trip["in"]] * u_out[trip["out"]]).sum(-1), S)  # [T, S]
+            return legendre_basis((gather(u_in, trip["in"]) * gather(u_out, trip["out"])).sum(-1), S)  # [T, S]
 
         out = {
             "e2e_rad": self.mlp_rbf_tint(rbf_main),  # [E, r]
@@ -246,20 +246,21 @@ class GemNetOC(ForceField):
             "a2a_rad": self.mlp_rbf_aint(self.radial_aint(aint.distance)),  # [E_aint, r]
             "atom_rad": self.mlp_rbf_h(rbf_main),  # [E, r]
             "out_rad": self.mlp_rbf_out(rbf_main),  # [E, r]
+            "rbf_main": rbf_main,  # [E, R], also the edge embedding's input
         }
         # quadruplets d → b → a ← c: unit vectors point from an edge's target to its source
         quad, t_in, t_out = g["quad"], g["quad"]["trip_in"], g["quad"]["trip_out"]
-        u_ba = qint.unit[t_in["out"]]  # [T_in, 3] (pos_b − pos_a)/d
-        u_db = main.unit[t_in["in"]]  # [T_in, 3] (pos_d − pos_b)/d
+        u_ba = gather(qint.unit, t_in["out"])  # [T_in, 3] (pos_b − pos_a)/d
+        u_db = gather(main.unit, t_in["in"])  # [T_in, 3] (pos_d − pos_b)/d
         cos_abd = -(u_ba * u_db).sum(-1)  # [T_in] angle at b between a and d
-        rad_ba = self.mlp_cbf_qint(self.radial_qint(qint.distance))[t_in["out"]]  # [T_in, cbf, S]
+        rad_ba = gather(self.mlp_cbf_qint(self.radial_qint(qint.distance)), t_in["out"])  # [T_in, cbf, S]
         out["q_cbf"] = (rad_ba @ legendre_basis(cos_abd, S).unsqueeze(-1)).squeeze(-1)  # [T_in, cbf]
         out["q_rad"] = self.mlp_rbf_qint(rbf_main)  # [E, r] of d_db
-        u_ca, u_ab = main.unit[t_out["out"]], qint.unit[t_out["in"]]  # [T_out, 3] from a to c, a to b
+        u_ca, u_ab = gather(main.unit, t_out["out"]), gather(qint.unit, t_out["in"])  # [T_out, 3] from a to c, a to b
         cos_cab = (u_ca * u_ab).sum(-1)  # [T_out]
         normal_cab = torch.cross(-u_ca, u_ab, dim=-1)  # [T_out, 3] (a − c) × (b − a)
         normal_abd = torch.cross(u_ba, u_db, dim=-1)  # [T_in, 3]  (b − a) × (d − b)
-        cos_dihedral = safe_cosine(normal_cab[quad["quad_out"]], normal_abd[quad["quad_in"]])  # [Q]
+        cos_dihedral = safe_cosine(gather(normal_cab, quad["quad_out"]), gather(normal_abd, quad["quad_in"]))  # [Q]
         out["q_sbf"] = (
             self.mlp_sbf_qint(rbf_main),  # [E, sbf, S²]
             legendre_basis(cos_cab, S),  # [T_out, S]
@@ -276,7 +277,7 @@ class GemNetOC(ForceField):
         b = self.bases(g)
 
         h = self.atom_embedding(atomic_numbers) + self.charge_spin(charge, spin)[batch]  # [N, A]
-        m = self.edge_embedding(h, self.radial_main(main.distance), main.edge_index)  # [E, C]
+        m = self.edge_embedding(h, b["rbf_main"], main.edge_index)  # [E, C]
         x_e, x_f = self.out_blocks[0](h, m, b["out_rad"], main.target, n)
         xs_e, xs_f = [x_e], [x_f]
         for block, out_block in zip(self.int_blocks, self.out_blocks[1:]):
