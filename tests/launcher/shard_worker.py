@@ -44,11 +44,11 @@ def rel(a, b):
 
 
 def main(db_path, engine_name, stage, forces, name, width, out, ac, offload) -> None:
-    runtime = init_distributed(engine_name)
+    runtime = init_distributed(engine=engine_name)
     with ase.db.connect(db_path) as db:
         atoms = [row.toatoms() for row in db.select(limit=7)]
-    for a in atoms:
-        a.info.update(charge=0, spin=1)
+    for a in atoms:  # neutral, lowest multiplicity that fits the electron count (datapipe.charge_spin)
+        a.info.update(charge=0, spin=1 + int(a.numbers.sum()) % 2)
     direct = forces == "direct"
 
     def fresh():
