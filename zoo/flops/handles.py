@@ -242,7 +242,7 @@ ZERO_COST: tuple[str, ...] = (
     "triu_indices", "meshgrid", "__and__", "__or__", "__xor__", "__not__", "bitwise_and",
     "bitwise_or", "bitwise_not", "logical_and", "logical_or", "logical_not", "floor_divide",
     "dropout", "feature_dropout", "diag_embed", "diagonal", "tril", "triu", "index_put_",
-    "index_put", "masked_select", "masked_scatter", "scatter", "scatter_", "index_fill",
+    "index_put", "index_copy", "index_copy_", "masked_select", "masked_scatter", "scatter", "scatter_", "index_fill",
     "index_fill_", "resolve_conj", "resolve_neg", "as_strided", "pad", "constant_pad_nd", "numpy_T",
     "_shape_as_tensor", "_reshape_from_tensor", "item", "any", "all", "isnan", "isfinite",
     "isinf", "argmax", "argmin",
