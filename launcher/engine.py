@@ -75,7 +75,7 @@ def setup_environment() -> None:
 
     Sets ``DS_ACCELERATOR=cpu`` when CUDA is absent, the rendezvous variables of a one-process
     run, the intra-op thread count of CPU ranks that share a machine, and (unless set) a
-    ``TORCH_EXTENSIONS_DIR`` inside the Python environment: DeepSpeed JIT-builds an op on first use,
+    ``TORCH_EXTENSIONS_DIR`` of the project's own (``.cache/torch_extensions``): DeepSpeed JIT-builds an op on first use,
     and environments sharing torch's default ``~/.cache/torch_extensions`` rebuild it in turn
     (their include paths differ) and wait on each other's build lock.
     """
@@ -88,11 +88,11 @@ def setup_environment() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # plain `python train.py`
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if os.environ.get("WORLD_SIZE", "1") == "1":  # plain `python train.py` (or a launcher of one rank)
+        # A one-process job meets nobody: a fresh local port every time, never one inherited from a
+        # parent's environment (a stale MASTER_PORT made concurrent one-process jobs collide).
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if not torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

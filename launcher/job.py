@@ -41,6 +41,10 @@ from zoo.models.base import ForceField, PretrainHook
 from zoo.registry import get_spec
 
 
+#: how the run log names each engine
+ENGINE_NAMES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP2"}
+
+
 @dataclass
 class Job:
     """A running job: its configuration, data, engine, counters and log (one per rank)."""
@@ -257,7 +261,7 @@ def set_up(cfg: TrainConfig) -> Job:
             raise UserError("--compile is offered with --engine deepspeed (FSDP builds its model on the meta "
                             "device inside the engine); drop --compile or use --engine deepspeed")
         model.enable_compile()
-    with Phase(f"building the {cfg.engine} engine", enabled=runtime.is_main):
+    with Phase(f"building the {ENGINE_NAMES[cfg.engine]} engine", enabled=runtime.is_main):
         engine, ds_config = sharding.build(cfg, model, runtime, lr, round(cfg.warmup_fraction * total),
                                            normalisation)
 
