@@ -27,7 +27,6 @@ time left estimated from its own rate so far, and one when it ends — on rank 0
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -41,6 +40,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from zoo.hub.metadata import strict_json
 
 
 def _clock(seconds: float) -> str:
@@ -124,14 +125,6 @@ class Phase:
             self.console.print(f"{self.description}: done in {self.seconds:.1f} s")
 
 
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    return value
-
-
 class RunLog:
     """Metrics file and terminal progress of rank 0 (a no-op on other ranks)."""
 
@@ -153,7 +146,7 @@ class RunLog:
         """Append one JSON line ``{"kind": kind, "time": unix time, **fields}``."""
         if not self.enabled:
             return
-        line = {"kind": kind, "time": time.time(), **_clean(fields)}
+        line = {"kind": kind, "time": time.time(), **strict_json(fields)}
         self.file.write(json.dumps(line) + "\n")
         self.file.flush()
 
