@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.plan.memory import Plan, parse_memory, plan_all, plan_one, recommend
+from zoo.plan.memory import RUNTIME_BYTES, Plan, parse_memory, plan_all, plan_one, recommend
 
 __all__ = ["make_plan", "render", "check", "parse_memory", "Plan"]
 
@@ -44,27 +44,40 @@ def make_plan(name: str, width: int, gpus: int, memory: float, atoms: int, conse
             "activations": activations, "plans": plans, "recommended": best}
 
 
-def render(result: dict) -> str:
-    """The plan as a text table (GiB per rank) with the recommendation."""
+def render(result: dict, width: int = 220) -> str:
+    """The plan as a table of GiB (2³⁰ bytes) per rank, with the recommendation.
+
+    The memory per rank in the header is what ``--gpu-memory`` gave (``80GB`` = 10⁹-byte GB,
+    shown as 74.5 GiB); a configuration fits when its total stays under 90 % of it. The runtime
+    column is the fixed framework share (:data:`zoo.plan.memory.RUNTIME_BYTES`).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
     g = 2**30
     a = result["activations"]
-    lines = [f"{result['model']} width {result['width']}: N = {result['N']:,}, {result['gpus']} ranks × "
-             f"{result['memory'] / g:.0f} GiB, {result['atoms_per_batch']} atoms/rank, {result['precision']}, "
-             f"{'conservative' if result['conservative'] else 'direct'} forces",
-             f"activations {a['per_atom'] / 2**20:.2f} MiB/atom fp32 ({a['per_atom_checkpointed'] / 2**20:.2f} with "
-             f"checkpointing; {a['edges_per_atom']:.1f} edges/atom; {a['method']})",
-             f"{'configuration':70} {'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'buffers':>8} "
-             f"{'total':>8}  fits"]
+    header = (f"{result['model']} width {result['width']}: N = {result['N']:,}, {result['gpus']} ranks × "
+              f"{result['memory'] / g:.1f} GiB, {result['atoms_per_batch']} atoms/rank, {result['precision']}, "
+              f"{'conservative' if result['conservative'] else 'direct'} forces\n"
+              f"activations {a['per_atom'] / 2**20:.2f} MiB/atom fp32 ({a['per_atom_checkpointed'] / 2**20:.2f} with "
+              f"checkpointing; {a['edges_per_atom']:.1f} edges/atom; {a['method']})")
+    table = Table(box=None, pad_edge=False, title_justify="left")
+    table.add_column("configuration", no_wrap=True)
+    for column in ("weights", "grads", "optimizer", "activations", "buffers", "runtime", "total"):
+        table.add_column(f"{column} GiB", justify="right", no_wrap=True)
+    table.add_column("fits")
     for p in result["plans"]:
         fits = "yes" if p.fits else "no"
         if not p.allowed:
             fits += " (not exact for conservative forces)"
-        lines.append(f"{p.flags():70} {p.weights / g:8.2f} {p.gradients / g:8.2f} {p.optimizer / g:8.2f} "
-                     f"{p.activations / g:8.2f} {p.buffers / g:8.2f} {p.total / g:8.2f}  {fits}")
+        table.add_row(p.flags(), *(f"{v / g:.2f}" for v in (p.weights, p.gradients, p.optimizer, p.activations,
+                                                              p.buffers, RUNTIME_BYTES, p.total)), fits)
     best = result["recommended"]
-    lines.append(f"recommended: {best.flags()} ({best.total / g:.1f} GiB per rank)" if best is not None else
-                 "nothing fits: more ranks, fewer atoms per batch, or a smaller width")
-    return "\n".join(lines)
+    footer = (f"recommended: {best.flags()} ({best.total / g:.1f} GiB per rank)" if best is not None else
+              "nothing fits: more ranks, fewer atoms per batch, or a smaller width")
+    console = Console(width=width, record=True, file=__import__("io").StringIO(), color_system=None)
+    console.print(table)
+    return "\n".join([header, console.export_text().rstrip(), footer])
 
 
 def check(name: str, width: int, overrides: dict, engine: str, stage, checkpointing: bool, offload: str,
