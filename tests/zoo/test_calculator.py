@@ -26,6 +26,8 @@ def test_calculator_matches_model_after_checkpoint_round_trip(tmp_path, direct):
     meta = {key: 0 for key in REQUIRED_KEYS}
     meta.update(architecture="mpnn", width=64, config={}, validation={}, flops=None)
     save_checkpoint(tmp_path / "ckpt", model, meta)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "ckpt").iterdir()}
+    assert modes["model.safetensors"] == modes["metadata.json"], f"a checkpoint's files share one mode: {modes}"
 
     atoms = perturbed(molecule("CH3CH2OH"), 0, charge=1, spin=2)
     expected = evaluate(model, [atoms])

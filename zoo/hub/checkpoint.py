@@ -109,6 +109,9 @@ def save_checkpoint(directory: str | os.PathLike, model: ForceField, metadata: d
     tmp = weights.with_name(WEIGHTS + ".tmp")
     save_file(model_tensors(model), str(tmp), metadata=header)
     meta["weights_sha256"] = schema.sha256_file(tmp)
+    _umask = os.umask(0)
+    os.umask(_umask)
+    os.chmod(tmp, 0o666 & ~_umask)  # safetensors creates the file 0600; give it the mode metadata.json gets
     os.replace(tmp, weights)
     schema.write(directory, meta)
     return directory
