@@ -95,8 +95,9 @@ def flops_command(
         typer.echo(json.dumps(rows, indent=1))
         return
     typer.echo(f"reference batch: {rows[0]['reference']} ({rows[0]['structures']} structures, "
-               f"{rows[0]['atoms']} atoms); FMA = 2 FLOPs; paper κ = {rows[0]['paper_kappa']}; "
-               f"trace: {', '.join(sorted({r['trace'] for r in rows}))}")
+               f"{rows[0]['atoms']} atoms); FMA = 2 FLOPs; trace: {', '.join(sorted({r['trace'] for r in rows}))}")
+    typer.echo(f"paper κ = {rows[0]['paper_kappa']} (arXiv 2510.09768 Table 1: its own lmax, depth and graphs; "
+               f"κ grows with lmax, layers and edges per atom, so this model's κ below differs)")
     typer.echo(f"{'model':10} {'width':>6} {'params N':>12} {'fwd/atom':>11} {'fwd/edge':>11} "
                f"{'kappa':>8} {'step/atom':>11} {'step/fwd':>8}" + ("  C=3kND" if atoms is not None else ""))
     for r in rows:
