@@ -110,13 +110,16 @@ def _dry_run(spec, out: Path, runs, calibrate: Path | None, console) -> None:
 
 
 def _train(spec, runs, train_dir, val_dir, ladder, parallel, console):
-    from zoo.flops.trace import PAPER_KAPPA
-    from zoo.registry import count_parameters
+    from zoo.study.estimate import cpu_seconds, run_costs
     from zoo.study.plan import train_command
     from zoo.study.runner import run_grid
 
-    def cost(run):  # largest first: ≈ 3κN per atom
-        return PAPER_KAPPA[run.architecture] * count_parameters(run.architecture, run.width, **run.model_args)
+    # longest first by the dry run's time estimate (the makespan it prints assumes this order): FLOPs
+    # alone put GemNet-OC, whose step is dominated by per-atom overhead, last and left a long tail
+    seconds = {c["run"]: cpu_seconds(c, ladder["atoms"][-1]) for c in run_costs(spec, runs, ladder["atoms"][-1])}
+
+    def cost(run):
+        return seconds[run.name]
 
     try:
         return run_grid(runs, lambda run, resume: train_command(spec, run, train_dir, val_dir, resume),
