@@ -55,10 +55,13 @@ def test_compose_smoke_command_trains_on_two_nodes(tmp_path):
     cfg = torchrun(services["node0"]["command"]).training_script_args
     run_dir = shared / next(a.split("=", 1)[1] for a in cfg if a.startswith("--run-dir=")).removeprefix(mount + "/")
     assert (run_dir / "config.json").is_file()
-    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 2, checkpoints  # --checkpoint-fraction=0.5: half-way and the end
     final = json.loads((checkpoints[-1] / "metadata.json").read_text())
-    assert final["atoms_seen"] >= 3000 and (checkpoints[-1] / "model.safetensors").is_file()
+    assert final["world_size"] == 2 and final["step"] == final["steps_total"]
+    assert 0 < final["atoms_seen"] <= 3000 and (checkpoints[-1] / "model.safetensors").is_file()
+    # each node's rank wrote its part of the checkpoint into the shared run directory
+    assert sorted(p.name for p in checkpoints[-1].glob("loader-rank*.json")) == \
+        ["loader-rank00000.json", "loader-rank00001.json"]
     # rank 0 converted the raw files into the shared cache; both ranks read it from there
     assert list((shared / "cache" / "shards").glob("train-*/index.json"))
-    print({name: r.stdout.strip().splitlines()[-3:] for name, r in results.items()})

