@@ -22,8 +22,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev make gcc \
  && rm -rf /var/lib/apt/lists/*
 
-# A user of its own (the base's `ubuntu` user gives up uid 1000, as in the CPU image); /shared is
-# the mount point of the run directory and shards that several nodes share.
+# A user of its own, uid 1000 as in the CPU image (the base's `ubuntu` user, which holds it, goes);
+# /shared is the mount point of the run directory and shards that several nodes share.
 RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
  && useradd --create-home --shell /bin/bash --uid 1000 symscale \
  && mkdir -p /opt/symscale /shared \

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from launch_lines import REPO, compose_config, torchrun
+from launch_lines import REPO, compose_config, torchrun, train_config
 from processes import TaggedProcess
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_compose_smoke_command_trains_on_two_nodes(tmp_path):
+def test_compose_smoke_command_trains_on_two_nodes(tmp_path, monkeypatch):
     config, _ = compose_config()
     services = config["services"]
     endpoint = torchrun(services["node0"]["command"]).rdzv_endpoint
@@ -52,14 +52,15 @@ def test_compose_smoke_command_trains_on_two_nodes(tmp_path):
     for name, result in results.items():
         assert result.returncode == 0, f"{name}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
-    cfg = torchrun(services["node0"]["command"]).training_script_args
-    run_dir = shared / next(a.split("=", 1)[1] for a in cfg if a.startswith("--run-dir=")).removeprefix(mount + "/")
+    monkeypatch.chdir(REPO)
+    cfg = train_config(torchrun(services["node0"]["command"]).training_script_args)
+    run_dir = shared / cfg.run_dir.removeprefix(mount + "/")
     assert (run_dir / "config.json").is_file()
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 2, checkpoints  # --checkpoint-fraction=0.5: half-way and the end
     final = json.loads((checkpoints[-1] / "metadata.json").read_text())
     assert final["world_size"] == 2 and final["step"] == final["steps_total"]
-    assert 0 < final["atoms_seen"] <= 3000 and (checkpoints[-1] / "model.safetensors").is_file()
+    assert 0 < final["atoms_seen"] <= cfg.max_atoms and (checkpoints[-1] / "model.safetensors").is_file()
     # each node's rank wrote its part of the checkpoint into the shared run directory
     assert sorted(p.name for p in checkpoints[-1].glob("loader-rank*.json")) == \
         ["loader-rank00000.json", "loader-rank00001.json"]

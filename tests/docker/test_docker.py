@@ -127,6 +127,8 @@ def test_build_context_keeps_the_sample_and_leaves_out_local_state():
     for path in (".venv/bin/python", ".cache/shards/x", ".git/HEAD", "runs/esen-w64/config.json",
                  "zoo/__pycache__/cli.cpython-311.pyc"):
         assert ignored(path), path
+    if not (REPO / ".git").exists() or shutil.which("git") is None:  # e.g. inside the image: no .git there
+        pytest.skip("not a git checkout: no list of tracked files to hold the build context against")
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     kept = [p for p in tracked if not ignored(p)]
     assert "data/omol25_sample/train/data0000.aselmdb" in kept and "Makefile" in kept
