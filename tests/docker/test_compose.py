@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,10 +43,11 @@ def test_compose_smoke_command_trains_on_two_nodes(tmp_path, monkeypatch):
         for name, service in sorted(services.items()):
             command = [local(word) for word in service["command"]]
             env = {**os.environ, **{k: local(str(v)) for k, v in service["environment"].items()}}
-            env.pop("MASTER_ADDR", None), env.pop("MASTER_PORT", None)
+            for inherited in ("MASTER_ADDR", "MASTER_PORT"):  # torchrun sets them from the rendezvous
+                env.pop(inherited, None)
             jobs[name] = TaggedProcess([sys.executable, "-m", "torch.distributed.run", *command[1:]],
                                        cwd=REPO, env=env)
-        results = {name: job.wait(timeout=1500) for name, job in jobs.items()}
+        results = {name: job.wait(timeout=1200) for name, job in jobs.items()}
     finally:
         for job in jobs.values():
             job.kill()
@@ -65,4 +67,5 @@ def test_compose_smoke_command_trains_on_two_nodes(tmp_path, monkeypatch):
     assert sorted(p.name for p in checkpoints[-1].glob("loader-rank*.json")) == \
         ["loader-rank00000.json", "loader-rank00001.json"]
     # rank 0 converted the raw files into the shared cache; both ranks read it from there
-    assert list((shared / "cache" / "shards").glob("train-*/index.json"))
+    cache = Path(local(services["node0"]["environment"]["SYMSCALE_CACHE"])) / "shards"
+    assert list(cache.glob("train-*/index.json")) and list(cache.glob("val-*/index.json"))
