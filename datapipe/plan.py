@@ -218,7 +218,7 @@ def _select(index: ShardIndex, shard_order: np.ndarray, max_atoms, max_structure
         full = min(full, int(np.searchsorted(np.cumsum(atoms), int(max_atoms), side="right")))
     if max_structures is not None:
         full = min(full, int(np.searchsorted(np.cumsum(structures), int(max_structures), side="right")))
-    pieces = [(int(s), 0, int(n)) for s, n in zip(shard_order[:full], structures[:full])]
+    pieces = [(s, 0, n) for s, n in zip(shard_order[:full].tolist(), structures[:full].tolist())]
     piece_atoms = atoms[:full].tolist()
     if full < len(shard_order):
         shard = int(shard_order[full])
