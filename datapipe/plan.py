@@ -52,14 +52,14 @@ class Stream:
 
     pieces : list of ``(shard, start, stop)`` row ranges, read in this order; the stream's
         positions ``0..n-1`` number their rows consecutively.
-    natoms : ``[n]`` int64 atoms per stream position.
+    natoms : ``[n]`` int32 atoms per stream position.
     order : ``[n]`` int64 stream positions in emission order.
     bounds : ``[n_batches + 1]`` int64 offsets into ``order``; batch ``b`` is
         ``order[bounds[b]:bounds[b+1]]``.
     """
 
     pieces: list[tuple[int, int, int]] = field(default_factory=list)
-    natoms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    natoms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     bounds: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
 
@@ -93,7 +93,7 @@ class Plan:
         return int(self.atoms_per_rank[rank])
 
 
-def shuffle_order(n: int, buffer: int, rng: np.random.Generator, chunk: int = 1 << 22) -> np.ndarray:
+def shuffle_order(n: int, buffer: int, rng: np.random.Generator, chunk: int = 1 << 20) -> np.ndarray:
     """Emission order of a shuffle buffer of size ``buffer`` over ``n`` items read in order.
 
     The buffer is filled with items ``0..buffer-1``; at step ``t`` a slot ``j_t`` drawn uniformly
@@ -356,7 +356,7 @@ def build_plan(
             if b > a:
                 stream.pieces.append((shard, start + a - int(offsets[p]), start + b - int(offsets[p])))
                 parts.append(selection.natoms(p)[a - int(offsets[p]):b - int(offsets[p])])
-        natoms = np.concatenate(parts) if parts else np.zeros(0, np.int64)  # [hi - lo]
+        natoms = np.concatenate(parts, dtype=np.int32) if parts else np.zeros(0, np.int32)  # [hi - lo]
         if shuffle:
             order = shuffle_order(len(natoms), shuffle_buffer, np.random.default_rng([seed, epoch, 1, s]))
         else:
