@@ -62,8 +62,7 @@ from datapipe import keys
 from datapipe.index import ShardIndex
 from datapipe.packing import batch_arrays, to_batch
 from datapipe.plan import Plan, Stream, build_plan, interleave_arrays
-from datapipe.remote import is_remote, iter_shard_retrying
-from datapipe.shards import ShardError
+from datapipe.shards import ShardError, iter_shard_retrying
 
 
 def _identity(item):
@@ -74,7 +73,7 @@ def _stream_records(index: ShardIndex, stream: Stream, wanted: np.ndarray,
                     skip_bad: bool = False, retries: tuple[int, float] = (3, 1.0)) -> Iterator[tuple[int, object]]:
     """``(stream position, Record)`` for every wanted position, in read order; pieces with
     nothing wanted are not opened; a remote shard's failed read is retried ``retries = (times,
-    delay s)`` as :func:`datapipe.remote.iter_shard_retrying` does. With ``skip_bad``, a piece whose shard fails to read yields
+    delay s)`` as :func:`datapipe.shards.iter_shard_retrying` does. With ``skip_bad``, a piece whose shard fails to read yields
     ``(position, dict)`` for each wanted position not read yet: ``{"shard", "row", "atoms", "error"}``."""
     offset = 0
     for shard, start, stop in stream.pieces:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import tarfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -204,3 +205,35 @@ def _finish(name, row, sample, natoms, start, wanted):
         raise ShardError(f"shard {name}: row {row} ({record.structure_id}) has {record.natoms} atoms, "
                          f"index records {natoms[row]}; the shard does not match its index")
     return row, record
+
+
+def iter_shard_retrying(location, natoms, start: int, stop: int, wanted: np.ndarray | None = None,
+                        retries: int = 3, delay: float = 1.0) -> Iterator:
+    """:func:`datapipe.shards.iter_shard` over rows ``start..stop-1`` of one shard; for a remote
+    shard, a failed read is retried from the first row not yet yielded, at most ``retries`` times
+    with ``delay * attempt`` seconds between, each retry logged as a warning. Local files are
+    not retried (a damaged file stays damaged).
+
+    Raises
+    ------
+    ShardError naming the shard and the number of attempts when every attempt failed.
+    """
+    from datapipe import remote as urls
+
+    remote = urls.is_remote(os.fspath(location))
+    attempt, first = 0, start
+    while True:
+        mask = None if wanted is None else wanted[first - start:]
+        try:
+            for row, record in iter_shard(location, natoms, first, stop, mask):
+                first = row + 1
+                yield row, record
+            return
+        except ShardError as error:
+            attempt += 1
+            if not remote or attempt > retries:
+                if remote:
+                    raise ShardError(f"{error} (gave up after {attempt} attempts)") from error
+                raise
+            urls.log.warning("%s; retrying from row %d (attempt %d of %d)", error, first, attempt + 1, retries + 1)
+            time.sleep(delay * attempt)
