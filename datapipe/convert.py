@@ -12,7 +12,8 @@ Usage::
 Properties
 ----------
 - Streaming: each input file is read one structure at a time and written straight into shards;
-  memory is constant in the data size (the index keeps per-structure atom counts, 4 B each).
+  memory is constant in the data size but for the per-structure atom counts (4 B each), which
+  go to the ``natoms.npy`` sidecar beside ``index.json``.
 - Parallel over input files (a process pool). Shards never span input files: file ``stem`` gives
   ``stem-000000.tar``, ``stem-000001.tar``, … each of ``shard_size`` accepted structures (the
   last one fewer). Statistics are merged in sorted-stem order, so the output — shards, index and
@@ -37,8 +38,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from datapipe import keys
-from datapipe.index import FORMAT, INDEX_NAME, ShardIndex, Stats, data_hash
+from datapipe.index import FORMAT, INDEX_NAME, NATOMS_NAME, ShardIndex, Stats, data_hash, write_sidecar
 from datapipe.shards import encode, file_sha256, shard_writer
 from datapipe.sources import (
     COINCIDENT_DISTANCE,
@@ -91,9 +94,10 @@ def _convert_file(job: tuple[str, str, int]) -> dict:
         final = out / name
         os.replace(staging / name, final)
         shards.append({"name": name, "source": path.name, "structures": len(natoms), "atoms": int(sum(natoms)),
-                       "natoms": natoms, "sha256": file_sha256(final), "bytes": final.stat().st_size})
+                       "sha256": file_sha256(final), "bytes": final.stat().st_size})
     shutil.rmtree(staging, ignore_errors=True)
-    return {"shards": shards, "stats": stats, "rejected": rejected, "n_defaulted": n_defaulted}
+    natoms = np.asarray([n for shard in shard_natoms for n in shard], np.int32)  # [structures of this file]
+    return {"shards": shards, "natoms": natoms, "stats": stats, "rejected": rejected, "n_defaulted": n_defaulted}
 
 
 def _settings(shard_size: int) -> dict:
@@ -202,7 +206,21 @@ def convert(inputs, out_dir, shard_size: int = 1000, workers: int = 1, force: bo
             previous = []
         (out / INDEX_NAME).unlink()  # never leave an index describing half-rewritten shards
     (out / MARKER).write_text(json.dumps({"inputs": fingerprints}))
+    results = convert_files(files, out, shard_size, workers, progress)
+    raw = assemble(out, settings, fingerprints, results)
+    current = {s["name"] for s in raw["shards"]}
+    for name in previous:
+        if name not in current and (out / name).is_file():
+            (out / name).unlink()
+    (out / MARKER).unlink(missing_ok=True)
+    return ShardIndex(out, raw, np.load(out / NATOMS_NAME, mmap_mode="r"))
+
+
+def convert_files(files: list[Path], out: Path, shard_size: int, workers: int = 1, progress=None) -> list[dict]:
+    """Convert each file into ``out`` (a process pool of ``workers``); per file, in the order
+    given: ``{shards, natoms [structures] int32, stats, rejected, n_defaulted}``."""
     jobs = [(os.fspath(p), os.fspath(out), int(shard_size)) for p in files]
+
     def done(job, result):
         if progress is not None:
             progress(Path(job[0]), sum(s["structures"] for s in result["shards"]))
@@ -211,10 +229,13 @@ def convert(inputs, out_dir, shard_size: int = 1000, workers: int = 1, force: bo
     if workers > 1 and len(jobs) > 1:
         with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
             pending = [pool.apply_async(_convert_file, (job,)) for job in jobs]
-            results = [done(job, item.get()) for job, item in zip(jobs, pending)]
-    else:
-        results = [done(job, _convert_file(job)) for job in jobs]
+            return [done(job, item.get()) for job, item in zip(jobs, pending)]
+    return [done(job, _convert_file(job)) for job in jobs]
 
+
+def assemble(out: Path, settings: dict, fingerprints: list[dict], results: list[dict]) -> dict:
+    """Write ``out/natoms.npy`` and ``out/index.json`` from per-file ``results`` (in sorted-stem
+    order: the sums, and so the bytes, depend on it) and return the index dict."""
     stats, shards, rejected, n_defaulted = Stats(), [], [], 0
     for result in results:  # sorted-stem order: deterministic sums
         stats.merge(result["stats"])
@@ -241,17 +262,13 @@ def convert(inputs, out_dir, shard_size: int = 1000, workers: int = 1, force: bo
         "rejected": rejected,
         "n_defaulted_charge_spin": n_defaulted,
         "data_hash": data_hash(shards),
+        "natoms": write_sidecar(out / NATOMS_NAME, np.concatenate([r["natoms"] for r in results])),
         "shards": shards,
     }
-    current = {s["name"] for s in shards}
-    for name in previous:
-        if name not in current and (out / name).is_file():
-            (out / name).unlink()
     tmp = out / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(raw, indent=1) + "\n")
     os.replace(tmp, out / INDEX_NAME)
-    (out / MARKER).unlink(missing_ok=True)
-    return ShardIndex(out, raw)
+    return raw
 
 
 def main(argv=None) -> int:

@@ -35,7 +35,11 @@ Usage
   consumed once yielded); ``remaining_steps`` = ``steps`` - consumed. Resume needs the same data,
   seed, world_size, num_workers and budgets (else ``load_state_dict`` raises ValueError).
 - Ranks compute the same plan from ``index.json`` alone: give every rank the same shard
-  directory (compare ``loader.plan.plan_id`` across ranks if in doubt).
+  directory or URL (compare ``loader.plan.plan_id`` across ranks if in doubt). Each rank keeps
+  only its own streams in memory (O(structures / world_size) numpy arrays).
+- Shards may stream from ``http(s)://`` URLs or ``pipe:`` commands (``StreamingLoader("https://host/
+  train")``); see :mod:`datapipe.remote` for retries. Every shard must yield the rows its index
+  records, or the read fails naming it: an epoch is never silently short.
 - A shard missing, truncated or altered raises :class:`datapipe.shards.ShardError` naming it; with
   ``skip_bad_shards=True`` its unreadable structures are left out instead and listed in
   ``loader.last_skipped`` for the batch just yielded (a batch with nothing readable is ``None``),
@@ -57,8 +61,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from datapipe import keys
 from datapipe.index import ShardIndex
 from datapipe.packing import batch_arrays, to_batch
-from datapipe.plan import Plan, Stream, build_plan, interleave
-from datapipe.shards import ShardError, iter_shard
+from datapipe.plan import Plan, Stream, build_plan, interleave_arrays
+from datapipe.shards import ShardError, iter_shard_retrying
 
 
 def _identity(item):
@@ -66,9 +70,10 @@ def _identity(item):
 
 
 def _stream_records(index: ShardIndex, stream: Stream, wanted: np.ndarray,
-                    skip_bad: bool = False) -> Iterator[tuple[int, object]]:
+                    skip_bad: bool = False, retries: tuple[int, float] = (3, 1.0)) -> Iterator[tuple[int, object]]:
     """``(stream position, Record)`` for every wanted position, in read order; pieces with
-    nothing wanted are not opened. With ``skip_bad``, a piece whose shard fails to read yields
+    nothing wanted are not opened; a remote shard's failed read is retried ``retries = (times,
+    delay s)`` as :func:`datapipe.shards.iter_shard_retrying` does. With ``skip_bad``, a piece whose shard fails to read yields
     ``(position, dict)`` for each wanted position not read yet: ``{"shard", "row", "atoms", "error"}``."""
     offset = 0
     for shard, start, stop in stream.pieces:
@@ -77,7 +82,7 @@ def _stream_records(index: ShardIndex, stream: Stream, wanted: np.ndarray,
             natoms = index.natoms(shard)
             done = start - 1
             try:
-                for row, record in iter_shard(index.shard_path(shard), natoms, start, stop, mask):
+                for row, record in iter_shard_retrying(index.shard_path(shard), natoms, start, stop, mask, *retries):
                     done = row
                     if record is not None:
                         yield offset + row - start, record
@@ -93,7 +98,7 @@ def _stream_records(index: ShardIndex, stream: Stream, wanted: np.ndarray,
 
 
 def iter_stream_batches(index: ShardIndex, stream: Stream, skip_batches: int, cutoff: float,
-                        skip_bad: bool = False) -> Iterator:
+                        skip_bad: bool = False, retries: tuple[int, float] = (3, 1.0)) -> Iterator:
     """Yield the stream's planned batches from batch ``skip_batches`` on, as the numpy arrays of
     :func:`datapipe.packing.batch_arrays` (wrapped by :func:`datapipe.packing.to_batch` in the
     consumer); holds at most about ``shuffle_buffer`` decoded structures.
@@ -113,7 +118,7 @@ def iter_stream_batches(index: ShardIndex, stream: Stream, skip_batches: int, cu
     remaining = stream.order[first:]
     wanted = np.zeros(len(stream.natoms), dtype=bool)
     wanted[remaining] = True
-    reader = _stream_records(index, stream, wanted, skip_bad)
+    reader = _stream_records(index, stream, wanted, skip_bad, retries)
     pending: dict[int, object] = {}
     for b in range(skip_batches, stream.n_batches):
         records, unread = [], []
@@ -137,16 +142,16 @@ class _RankDataset(IterableDataset):
     """One rank's streams; in a DataLoader worker ``w`` it yields stream ``w``'s batches."""
 
     def __init__(self, index: ShardIndex, streams: list[Stream], skips: list[int], cutoff: float, first: int,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, retries: tuple[int, float] = (3, 1.0)):
         self.index, self.streams, self.skips, self.cutoff, self.first = index, streams, skips, cutoff, first
-        self.skip_bad = skip_bad
+        self.skip_bad, self.retries = skip_bad, retries
 
     def __iter__(self):
         info = get_worker_info()
         # DataLoader worker i serves stream (first + i) mod W: a resumed DataLoader restarts its
         # round robin at worker 0, so streams are rotated to continue the original cycle.
         w = (self.first + (0 if info is None else info.id)) % len(self.streams)
-        return iter_stream_batches(self.index, self.streams[w], self.skips[w], self.cutoff, self.skip_bad)
+        return iter_stream_batches(self.index, self.streams[w], self.skips[w], self.cutoff, self.skip_bad, self.retries)
 
 
 class StreamingLoader:
@@ -154,7 +159,8 @@ class StreamingLoader:
 
     Parameters
     ----------
-    shard_dir : directory written by :func:`datapipe.convert.convert` (with ``index.json``).
+    shard_dir : directory written by :func:`datapipe.convert.convert` (with ``index.json``), or
+        its ``http(s)://`` URL or ``pipe:`` template (:mod:`datapipe.remote`): no shared filesystem.
     rank, world_size : this process's data-parallel rank and the number of ranks.
     num_workers : DataLoader worker processes for this rank (0: read in this process).
     atoms_per_batch : atom budget per batch (a larger structure forms its own batch).
@@ -166,6 +172,10 @@ class StreamingLoader:
     epoch : initial epoch (see :meth:`set_epoch`).
     prefetch_factor : batches prefetched per worker.
     pin_memory : pin each batch in page-locked memory (for GPU training; needs CUDA).
+    skip_bad_shards : leave out (and list in ``last_skipped``) structures of unreadable shards.
+    retries, retry_delay : a remote shard whose read fails part way is read again from the
+        first row not yet delivered, at most ``retries`` times, ``retry_delay * attempt`` s apart
+        (logged; then ShardError naming it).
 
     Raises
     ------
@@ -179,7 +189,7 @@ class StreamingLoader:
                  atoms_per_batch: int = 1024, cutoff: float = keys.DEFAULT_CUTOFF, shuffle_buffer: int = 1000,
                  seed: int = 0, max_atoms: int | None = None, max_structures: int | None = None,
                  shuffle: bool = True, epoch: int = 0, prefetch_factor: int = 4, pin_memory: bool = False,
-                 skip_bad_shards: bool = False):
+                 skip_bad_shards: bool = False, retries: int = 3, retry_delay: float = 1.0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.index = ShardIndex.load(shard_dir)
@@ -188,6 +198,7 @@ class StreamingLoader:
         self.seed, self.max_atoms, self.max_structures, self.shuffle = seed, max_atoms, max_structures, shuffle
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.skip_bad_shards = bool(skip_bad_shards)
+        self.retries = (int(retries), float(retry_delay))
         #: with ``skip_bad_shards``: the structures left out of the batch just yielded
         #: (``{"shard", "row", "atoms", "error"}`` each)
         self.last_skipped: list[dict] = []
@@ -200,15 +211,18 @@ class StreamingLoader:
         self.plan: Plan = build_plan(self.index, world_size=self.world_size, num_workers=self.num_workers,
                                      atoms_per_batch=self.atoms_per_batch, shuffle=self.shuffle,
                                      shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch,
-                                     max_atoms=self.max_atoms, max_structures=self.max_structures)
+                                     max_atoms=self.max_atoms, max_structures=self.max_structures, rank=self.rank)
         self._streams = self.plan.streams[self.rank]
-        self._sequence = interleave([s.n_batches for s in self._streams])
+        self._workers, self._batches = interleave_arrays([s.n_batches for s in self._streams])  # [steps] each
         self.batches_consumed = 0
         self._check_shards()
 
     def _check_shards(self) -> None:
         """Fail early (stat only) if a shard of the selection (any rank's: so that every rank fails
-        alike, before any collective) is missing or not its recorded size."""
+        alike, before any collective) is missing or not its recorded size. Remote shards are not
+        probed (one request per shard per rank): they are checked row by row as they stream."""
+        if self.index.directory is None:
+            return
         problems = []
         for shard in sorted({piece[0] for rank in self.plan.streams for s in rank for piece in s.pieces}):
             entry, path = self.index.shards[shard], self.index.shard_path(shard)
@@ -218,7 +232,7 @@ class StreamingLoader:
                 problems.append(f"{entry['name']} has {path.stat().st_size} bytes, index records {entry['bytes']} "
                                 "(truncated or altered)")
         if problems and not self.skip_bad_shards:  # skip mode: the reader skips them, counted
-            raise ShardError(f"shards in {self.index.directory}: " + "; ".join(problems))
+            raise ShardError(f"shards in {self.index.location}: " + "; ".join(problems))
 
     @property
     def steps(self) -> int:
@@ -281,26 +295,26 @@ class StreamingLoader:
     def __iter__(self) -> Iterator:
         if self.batches_consumed >= self.steps:
             self.batches_consumed = 0  # a finished epoch starts again
-        skips = [0] * len(self._streams)
-        for worker, _ in self._sequence[:self.batches_consumed]:
-            skips[worker] += 1
-        first = self._sequence[self.batches_consumed][0] if self.batches_consumed < self.steps else 0
-        dataset = _RankDataset(self.index, self._streams, skips, self.cutoff, first, self.skip_bad_shards)
+        skips = np.bincount(self._workers[:self.batches_consumed], minlength=len(self._streams)).tolist()
+        first = int(self._workers[self.batches_consumed]) if self.batches_consumed < self.steps else 0
+        dataset = _RankDataset(self.index, self._streams, skips, self.cutoff, first, self.skip_bad_shards,
+                               self.retries)
         if self.num_workers > 0:
             source = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                                 prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init)
         else:
             source = dataset
-        expected = self._sequence[self.batches_consumed:]
+        expected_workers = self._workers[self.batches_consumed:]
+        expected_batches = self._batches[self.batches_consumed:]
         count = 0
         for arrays in source:
             unread = arrays.pop("unread", [])
             batch = None if arrays.get("empty") else to_batch(arrays)
             if self.pin_memory and batch is not None:
                 batch = batch.pin_memory()
-            if count >= len(expected):
+            if count >= len(expected_workers):
                 raise RuntimeError("loader produced more batches than planned")  # a bug, never data
-            worker, b = expected[count]
+            worker, b = int(expected_workers[count]), int(expected_batches[count])
             stream = self._streams[worker]
             planned = stream.natoms[stream.order[stream.bounds[b]:stream.bounds[b + 1]]]
             n_structures = len(unread) + (0 if batch is None else batch.num_graphs)
@@ -313,8 +327,8 @@ class StreamingLoader:
             self.batches_consumed += 1  # counted when handed out, so a state saved now excludes it
             self.last_skipped = unread
             yield batch
-        if count != len(expected):
-            raise RuntimeError(f"rank {self.rank} produced {count} of {len(expected)} planned batches")
+        if count != len(expected_workers):
+            raise RuntimeError(f"rank {self.rank} produced {count} of {len(expected_workers)} planned batches")
         self.batches_consumed = self.steps
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import tarfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -121,7 +122,7 @@ def iter_shard(
 
     Parameters
     ----------
-    path : the shard's tar file.
+    path : the shard's tar file, or its URL / ``pipe:`` command (:mod:`datapipe.remote`).
     natoms : ``[rows]`` atom counts of every row of the shard, from the index.
     start, stop : row range to yield (``stop`` defaults to all rows). Reading stops after ``stop``.
     wanted : optional ``[stop - start]`` bool mask; rows with ``False`` are yielded as
@@ -137,18 +138,22 @@ def iter_shard(
         naming the shard, if it is missing, unreadable or truncated (fewer rows than the index
         records), or a row's key or atom count differs from the index.
     """
-    name = os.path.basename(os.fspath(path))
+    from datapipe import remote
+
+    location = os.fspath(path)
+    far = remote.is_remote(location)
+    name = location if far else os.path.basename(location)
     stop = len(natoms) if stop is None else stop
     if stop <= start:
         return
     try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed by the `with` below
+        handle = remote.open_stream(location) if far else open(location, "rb")  # noqa: SIM115 - closed below
     except OSError as error:
-        raise ShardError(f"shard {name}: cannot open {os.fspath(path)!r} ({error}); was it deleted?") from error
-    row = -1
+        raise ShardError(f"shard {name}: cannot open {location!r} ({error}); was it deleted?") from error
+    row, ended = -1, False
     sample: dict[str, bytes] = {}
     try:
-        with handle, tarfile.open(fileobj=handle, mode="r|") as stream:
+        with tarfile.open(fileobj=handle, mode="r|") as stream:
             for info in stream:
                 key, _, suffix = info.name.partition(".")
                 member_row = int(key)
@@ -167,11 +172,18 @@ def iter_shard(
                 stream.members = []
             if sample:
                 yield _finish(name, row, sample, natoms, start, wanted)
+        while far and handle.read(1 << 16):
+            pass  # the tar's padding: read to the end, so that the exit status is that of a full read
+        ended = True
+        handle.close()  # a failed download or command reports here (its exit status)
     except ShardError:
         raise
     except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as error:
         raise ShardError(f"shard {name}: unreadable near row {row} ({type(error).__name__}: {error}); "
-                         "the file is corrupt or truncated") from error
+                         "the file is corrupt or truncated, or its download failed") from error
+    finally:
+        if not ended:  # stopped early (enough rows, an error, or the consumer went away)
+            remote.close_early(handle) if far else handle.close()
     if row + 1 < stop:
         raise ShardError(f"shard {name}: truncated, index records {len(natoms)} rows but the file ends "
                          f"after {row + 1}")
@@ -193,3 +205,35 @@ def _finish(name, row, sample, natoms, start, wanted):
         raise ShardError(f"shard {name}: row {row} ({record.structure_id}) has {record.natoms} atoms, "
                          f"index records {natoms[row]}; the shard does not match its index")
     return row, record
+
+
+def iter_shard_retrying(location, natoms, start: int, stop: int, wanted: np.ndarray | None = None,
+                        retries: int = 3, delay: float = 1.0) -> Iterator:
+    """:func:`datapipe.shards.iter_shard` over rows ``start..stop-1`` of one shard; for a remote
+    shard, a failed read is retried from the first row not yet yielded, at most ``retries`` times
+    with ``delay * attempt`` seconds between, each retry logged as a warning. Local files are
+    not retried (a damaged file stays damaged).
+
+    Raises
+    ------
+    ShardError naming the shard and the number of attempts when every attempt failed.
+    """
+    from datapipe import remote as urls
+
+    remote = urls.is_remote(os.fspath(location))
+    attempt, first = 0, start
+    while True:
+        mask = None if wanted is None else wanted[first - start:]
+        try:
+            for row, record in iter_shard(location, natoms, first, stop, mask):
+                first = row + 1
+                yield row, record
+            return
+        except ShardError as error:
+            attempt += 1
+            if not remote or attempt > retries:
+                if remote:
+                    raise ShardError(f"{error} (gave up after {attempt} attempts)") from error
+                raise
+            urls.log.warning("%s; retrying from row %d (attempt %d of %d)", error, first, attempt + 1, retries + 1)
+            time.sleep(delay * attempt)

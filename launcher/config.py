@@ -26,6 +26,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from datapipe.remote import is_remote
 from launcher.errors import EXIT_USER_ERROR, UserError, is_rank0
 from zoo.registry import DEFAULT_MODEL, MODELS, count_parameters, get_spec
 
@@ -184,8 +185,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetry-loss", type=int, default=d.symmetry_loss, metavar="M",
                    help="add M Haar-random rotated copies of every batch; loss averaged over the M+1 copies "
                         "(FLOPs counted x(M+1); atoms seen count the original batch only)")
-    p.add_argument("--train", default=d.train, help="train split: .aselmdb files/dir, or a shard dir")
-    p.add_argument("--val", default=d.val, help="validation split: .aselmdb files/dir, or a shard dir")
+    p.add_argument("--train", default=d.train, help="train split: .aselmdb files/dir, or a shard dir or its http(s):// URL / pipe: command")
+    p.add_argument("--val", default=d.val, help="validation split: .aselmdb files/dir, or a shard dir or its http(s):// URL / pipe: command")
     p.add_argument("--shards", default=None,
                    help="directory for the converted shards of raw --train/--val (default: the project's cache, "
                         "keyed by the inputs' identity; refuses a directory holding other data)")
@@ -367,7 +368,7 @@ def check_ranges(a: argparse.Namespace) -> None:
     need(0 < a.checkpoint_fraction <= 1, "--checkpoint-fraction", a.checkpoint_fraction, "must be in (0, 1]")
     for flag, path in (("--train", a.train), ("--val", a.val), ("--resume", a.resume),
                        ("--deepspeed_config", a.deepspeed_config)):
-        if path is not None:
+        if path is not None and not (flag in ("--train", "--val") and is_remote(path)):  # URLs: read on load
             need(Path(path).exists(), flag, path, "no such file or directory")
     if a.resume is None and getattr(a, "init_from", None) is None:  # --init-from: the checkpoint's model
         overrides, model = dict(a.model_arg), a.model or DEFAULT_MODEL

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from datapipe.convert import cached, convert
 from datapipe.index import INDEX_NAME, ShardIndex
+from datapipe.remote import is_remote, join
 from datapipe.sources import expand_inputs
 from launcher.config import REPO, TrainConfig
 from launcher.engine import Runtime, barrier, broadcast_object
@@ -60,7 +61,10 @@ def input_key(split: str | os.PathLike, shard_size: int = SHARD_SIZE) -> str:
 
 
 def shard_dir(split: str, name: str, cfg: TrainConfig) -> tuple[Path, bool]:
-    """(shard directory, holds raw inputs) of one split (``name`` is ``train`` or ``val``)."""
+    """(shard directory, holds raw inputs) of one split (``name`` is ``train`` or ``val``); a
+    ``http(s)://`` or ``pipe:`` location holds converted shards (:mod:`datapipe.remote`)."""
+    if is_remote(split):
+        return split, False
     path = Path(split)
     if (path / INDEX_NAME).is_file():
         return path, False
@@ -113,12 +117,12 @@ def prepare(cfg: TrainConfig, runtime: Runtime, workers: int | None = None) -> S
     for name, index in (("train", splits.train), ("val", splits.val)):
         if index.n_structures < 1:
             raise UserError(f"--{name} {getattr(cfg, name)}: no usable structure "
-                            f"({len(index.rejected)} rejected: {index.rejected_counts}; see {index.directory / INDEX_NAME})")
+                            f"({len(index.rejected)} rejected: {index.rejected_counts}; see {join(index.location, INDEX_NAME)})")
     return splits
 
 
 def rejected_summary(splits: Splits) -> dict:
     """``{split: {"structures", "rejected", "reasons": {reason: n}, "index"}}``: what conversion dropped."""
     return {name: {"structures": index.n_structures, "rejected": len(index.rejected),
-                   "reasons": dict(index.rejected_counts), "index": str(index.directory / INDEX_NAME)}
+                   "reasons": dict(index.rejected_counts), "index": join(index.location, INDEX_NAME)}
             for name, index in (("train", splits.train), ("val", splits.val))}

@@ -154,7 +154,7 @@ def make_loader(index, cfg: TrainConfig, runtime, cutoff: float, train: bool, ma
     from datapipe.loader import StreamingLoader
 
     return StreamingLoader(
-        index.directory,
+        index.location,
         rank=0 if single else runtime.rank,
         world_size=1 if single else runtime.world_size,
         num_workers=0 if single else cfg.num_workers,

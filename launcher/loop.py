@@ -305,8 +305,8 @@ def checkpoint_metadata(job: Job, metrics: dict, full: dict | None) -> dict:
     config = {**cfg.to_json(), "width": cfg.width, "world_size": job.runtime.world_size, "deepspeed": job.ds_config,
               "graph_cutoff": job.cutoff, "lr_effective": cfg.learning_rate(cfg.width),
               "model_overrides": {"direct_forces": cfg.direct_forces, **cfg.model_overrides},
-              "val_data_hash": job.splits.val.data_hash, "train_shards": str(job.splits.train.directory),
-              "val_shards": str(job.splits.val.directory)}
+              "val_data_hash": job.splits.val.data_hash, "train_shards": job.splits.train.location,
+              "val_shards": job.splits.val.location}
     return CheckpointMetadata(
         architecture=cfg.model, width=cfg.width, config=config, N=job.n_params, samples_seen=state.samples_seen,
         atoms_seen=state.atoms_seen, step=state.step, flops=state.flops, validation=metrics,

@@ -21,7 +21,7 @@ from datapipe.sources import check
 def _read_all(index: ShardIndex) -> dict:
     records = {}
     for i, shard in enumerate(index.shards):
-        for _, record in iter_shard(index.shard_path(i), shard["natoms"]):
+        for _, record in iter_shard(index.shard_path(i), index.natoms(i)):
             records[record.structure_id] = record
     return records
 

@@ -44,8 +44,8 @@ def test_one_rank_and_two_ranks_two_workers_see_each_structure_once(shard_dir):
 def test_atom_budget_and_data_budget(shard_dir):
     index = ShardIndex.load(shard_dir)
     natoms = {}
-    for shard in index.shards:
-        for k, n in enumerate(shard["natoms"]):
+    for i, shard in enumerate(index.shards):
+        for k, n in enumerate(index.natoms(i).tolist()):
             natoms[(shard["name"], k)] = n
     budget = index.n_atoms // 3
     loaders = [StreamingLoader(shard_dir, rank=r, world_size=2, num_workers=0, atoms_per_batch=20,
@@ -173,7 +173,7 @@ def test_fast_batch_equals_graph_collate(cases_dir, tmp_path):
 
     index = convert([cases_dir / "C01-last-structure-without-edges.extxyz", cases_dir / "C04-mixed-sizes.extxyz"],
                     tmp_path, shard_size=10)
-    records = [r for i, s in enumerate(index.shards) for _, r in iter_shard(index.shard_path(i), s["natoms"])]
+    records = [r for i in range(len(index.shards)) for _, r in iter_shard(index.shard_path(i), index.natoms(i))]
     assert [r.structure_id for r in records][:3] == [f"C01-last-structure-without-edges:{k}" for k in range(3)]
     fast = batch_from_records(records, cutoff=6.0)
     slow = collate([structure_to_data(r.numbers, r.positions, cutoff=6.0, energy=r.energy, forces=r.forces,
