@@ -88,7 +88,7 @@ class Plan:
         return int(sum(len(s.order) for s in self.streams[rank]))
 
     def rank_atoms(self, rank: int) -> int:
-        return int(sum(s.natoms.sum() for s in self.streams[rank]))
+        return int(sum(s.natoms[s.order].sum() for s in self.streams[rank]))
 
 
 def shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:

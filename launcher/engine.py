@@ -185,10 +185,20 @@ def rendezvous(rank: int, world: int, timeout_s: float):
     except (RuntimeError, OSError):
         missing = [r for r in range(world) if not store.check([f"joined/{r}"])]
         raise RankLost(f"rank {rank}: rank(s) {missing} of {world} did not join within {timeout_s:.0f} s "
-                       f"(--dist-timeout); start them (same MASTER_ADDR/MASTER_PORT, WORLD_SIZE {world}) or start "
-                       "the job again with the ranks you have") from None
+                       f"(--dist-timeout){_nodes_of(missing, world)}; start them (same MASTER_ADDR/MASTER_PORT, "
+                       f"WORLD_SIZE {world}) or start the job again with the ranks you have") from None
     _STORE = store
     return store
+
+
+def _nodes_of(ranks: list[int], world: int) -> str:
+    """`` (node(s) [k] of n, …)``: where ``ranks`` run when every node runs the same number of ranks,
+    in order (torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE); '' for one node."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)) or world)
+    if local <= 0 or local >= world or world % local:
+        return ""
+    nodes = sorted({r // local for r in ranks})
+    return f" (node(s) {nodes} of {world // local}, at {local} rank(s) per node: never started or cannot reach the store)"
 
 
 def report_stop(rank: int, message: str) -> None:
