@@ -137,6 +137,7 @@ def train_step(job: Job, batch) -> Step:
         health.discard_gradients(job.engine)
         return skipped_step(job, "non-finite gradient", flops, unread_local, plain, ids)
     job.engine.step()
+    faults.record_ids(step_number, runtime.rank, ids)
     records = unread_records(unread_local) if unread[0] else []
     return Step(loss=stats, structures=structures, atoms=atoms, model_atoms=stats["atoms"], flops=flops,
                 forward_flops=forward, unread=tuple(unread), unread_records=records)

@@ -8,7 +8,8 @@ share ends the job at start-up, on every rank, with one message naming the ranks
 differ — never a hang, a different data stream per node, or a checkpoint missing a rank's part:
 
 - :func:`together` runs a step that can fail on some ranks only (a path that exists on one node
-  and not on another) and raises the same :class:`~launcher.errors.UserError` everywhere;
+  and not on another) and raises the same :class:`~launcher.errors.UserError` everywhere
+  (:func:`agree`);
 - :func:`check_run_dir`: rank 0 writes a fresh token into the run directory, every rank reads it back;
 - :func:`check_same`: a value (the shards' index hash) must be the same on every rank.
 
@@ -35,28 +36,34 @@ def _where(ranks: list[int], hosts: list[str]) -> str:
     return f"rank(s) {ranks} on {', '.join(names)}"
 
 
-def together(runtime: Runtime, step, *args, **kwargs):
-    """``step(*args, **kwargs)`` on every rank; if it raises a user-facing error (``UserError``,
-    ``OSError``, ``ValueError``, a ``ShardError``) on any rank, every rank raises one ``UserError`` that gives each
-    distinct message with the ranks and hosts that met it."""
-    result, problem = None, None
-    try:
-        result = step(*args, **kwargs)
-    except (UserError, OSError, ValueError, ShardError) as error:
-        problem = str(error)
+def agree(runtime: Runtime, problem: str | None) -> None:
+    """Collective: if any rank has a ``problem``, raise one ``UserError`` on every rank giving each
+    distinct problem with the ranks and hosts that met it (just the problem when every rank met it)."""
     found = all_gather_objects((problem, socket.gethostname()))
     hosts = [host for _, host in found]
     problems: dict[str, list[int]] = {}
     for rank, (text, _) in enumerate(found):
         if text is not None:
             problems.setdefault(text, []).append(rank)
-    if problems:
-        lines = [f"{text} ({_where(ranks, hosts)})" for text, ranks in problems.items()]
-        if len(problems) == 1 and len(next(iter(problems.values()))) == runtime.world_size:
-            lines = list(problems)  # every rank alike: nothing node-specific to say
-        else:
-            lines.append("every node must see the same run directory and shards (docs/multinode.md)")
-        raise UserError("; ".join(lines))
+    if not problems:
+        return
+    if len(problems) == 1 and len(next(iter(problems.values()))) == runtime.world_size:
+        raise UserError(next(iter(problems)))  # every rank alike: nothing node-specific to say
+    lines = [f"{text} ({_where(ranks, hosts)})" for text, ranks in problems.items()]
+    raise UserError("; ".join(lines) + "; on several nodes, every node must see the same run directory and "
+                    "shards (docs/multinode.md)")
+
+
+def together(runtime: Runtime, step, *args, **kwargs):
+    """``step(*args, **kwargs)`` on every rank; if it raises a user-facing error (``UserError``,
+    ``OSError``, ``ValueError``, a ``ShardError``) on any rank, every rank raises the same
+    ``UserError`` (:func:`agree`). ``step`` must not start a collective after a rank-local failure."""
+    result, problem = None, None
+    try:
+        result = step(*args, **kwargs)
+    except (UserError, OSError, ValueError, ShardError) as error:
+        problem = str(error)
+    agree(runtime, problem)
     return result
 
 
