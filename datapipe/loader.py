@@ -20,6 +20,8 @@ Usage
                                 # SPIN, NATOMS, EDGE_INDEX, BATCH, STRUCTURE_ID, SOURCE
     state = loader.state_dict() # {"plan_id", "epoch", "batches_consumed", ...}; JSON-serialisable
     loader.load_state_dict(state)   # next iteration yields exactly the batches not yet consumed
+    loader.resume_elsewhere(states) # the states of EVERY rank of a run on another world size: the
+                                    # rest of the epoch re-planned for this loader's ranks (datapipe.replan)
     loader.set_epoch(1)         # new permutation (and, with a budget, a new selection)
 
     val = StreamingLoader("data/shards/val", rank=rank, world_size=world_size, shuffle=False)
@@ -33,7 +35,9 @@ Usage
 - Iterating after a partial pass resumes where it stopped; after a full pass the next iteration
   starts the epoch again. ``state_dict`` counts batches handed to the caller (a batch counts as
   consumed once yielded); ``remaining_steps`` = ``steps`` - consumed. Resume needs the same data,
-  seed, world_size, num_workers and budgets (else ``load_state_dict`` raises ValueError).
+  seed, world_size, num_workers and budgets (else ``load_state_dict`` raises ValueError); on
+  another world size, :meth:`StreamingLoader.resume_elsewhere` re-plans the structures not yet
+  consumed, each still yielded once (``steps`` then counts the epoch's steps on every world size).
 - Ranks compute the same plan from ``index.json`` alone: give every rank the same shard
   directory (compare ``loader.plan.plan_id`` across ranks if in doubt).
 - A shard missing, truncated or altered raises :class:`datapipe.shards.ShardError` naming it; with

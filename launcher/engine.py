@@ -193,8 +193,14 @@ def rendezvous(rank: int, world: int, timeout_s: float):
 
 def _nodes_of(ranks: list[int], world: int) -> str:
     """`` (node(s) [k] of n, …)``: where ``ranks`` run when every node runs the same number of ranks,
-    in order (torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE); '' for one node."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)) or world)
+    in rank order (torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, SLURM's
+    SLURM_NTASKS_PER_NODE); '' for one node or an unknown layout.
+
+    >>> os.environ["LOCAL_WORLD_SIZE"] = "2"; _nodes_of([5], 8)[:24]; del os.environ["LOCAL_WORLD_SIZE"]
+    ' (node(s) [2] of 4, at 2'
+    """
+    known = [os.environ.get(k, "") for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")]
+    local = next((int(v) for v in known if v.isdigit()), world)
     if local <= 0 or local >= world or world % local:
         return ""
     nodes = sorted({r // local for r in ranks})

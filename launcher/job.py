@@ -1,10 +1,11 @@
 """Setting up a training job: everything :func:`launcher.loop.train` needs before its first step.
 
 :func:`set_up` reads as the recipe's first half: ranks (all checked in within ``--dist-timeout``) → run directory (fresh or resumed; locked against a
-second job) → shards →
+second job; seen by every rank, :mod:`launcher.nodes`) → shards (the same index on every rank) →
 model with the data's normalisation → the architecture's pre-training hook (if its registry spec
 has one, e.g. fitted scale factors, computed on the same batches on every rank) → training
-stream → schedule-free AdamW → engine → counters (restored on resume) → FLOP counter (on a weightless
+stream (on resume: where the run left it; re-planned on another world size, :mod:`launcher.elastic`) →
+schedule-free AdamW → engine → counters (restored on resume) → FLOP counter (on a weightless
 meta-device copy), device peak, the disk the checkpoints need (checked against the free space,
 :mod:`launcher.retention`) and run log. Phases that take a while show progress on rank 0
 (:class:`launcher.progress.Phase`). Under ZeRO-3 the model is partitioned while it is built, and no

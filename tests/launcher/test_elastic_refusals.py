@@ -11,6 +11,7 @@ from launcher.config import TrainConfig
 from launcher.elastic import unsupported
 from launcher.engine import Runtime
 from launcher.errors import UserError
+from launcher.retention import disk_plan, prune_engine_state
 
 ONE = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), bf16_supported=False)
 
@@ -58,3 +59,12 @@ def test_a_checkpoint_missing_a_rank_s_part_is_refused_before_it_is_complete(tmp
     assert "the parts of rank(s) [1] are not in" in message and "one folder shared by every node" in message
     (tmp_path / "loader-rank00001.json").write_text("{}")
     assert ckpt._missing_parts(tmp_path, two) == []
+
+
+def test_the_consolidated_state_is_counted_on_disk_and_pruned_with_the_engine_state(tmp_path):
+    assert disk_plan(10**6, 10, 2, False, elastic=True)["engine_bytes"] == (4 + 4 + 8 + 12) * 10**6
+    for step in (1, 2):
+        for part in ("deepspeed", "elastic"):
+            (tmp_path / f"step-{step:08d}" / part).mkdir(parents=True)
+    prune_engine_state(tmp_path, keep=1)
+    assert not (tmp_path / "step-00000001" / "elastic").exists() and (tmp_path / "step-00000002" / "elastic").is_dir()
