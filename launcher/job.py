@@ -232,7 +232,7 @@ def set_up(cfg: TrainConfig) -> Job:
     cfg, run_dir, resume_from = nodes.together(runtime, resolve_run, resolve_init(cfg, runtime))
     lock = lock_run_dir(run_dir, runtime)
     nodes.check_run_dir(run_dir, runtime)  # every node must see it: each rank writes its checkpoint parts there
-    planned_config = sharding.engine_config(cfg, runtime.bf16_supported)  # refuse a bad one before any work
+    planned_config = nodes.together(runtime, sharding.engine_config, cfg, runtime.bf16_supported)  # refuse a bad one before any work
     bf16 = planned_config["bf16"]["enabled"]
     splits = nodes.together(runtime, prepare, cfg, runtime)
     for name, index in (("train", splits.train), ("val", splits.val)):  # every rank plans from its own index

@@ -163,7 +163,8 @@ def rank_env(rank, port, **extra):
 @pytest.mark.slow
 def test_a_node_with_another_run_directory_stops_every_rank_before_training(data, tmp_path):
     port = free_port()
-    ranks = [([PYTHON, *train_args(data, tmp_path / f"node{r}-run")], rank_env(r, port)) for r in (0, 1)]
+    ranks = [([PYTHON, *train_args(data, tmp_path / f"node{r}-run", "--dist-timeout", "120")], rank_env(r, port))
+             for r in (0, 1)]
     results = together(ranks)
     assert [r.returncode for r in results] == [2, 2], results[0].stderr[-3000:]
     last = results[0].stderr.strip().splitlines()[-1]
@@ -176,8 +177,9 @@ def test_a_node_with_another_run_directory_stops_every_rank_before_training(data
 def test_a_node_without_the_shards_stops_every_rank_naming_it(data, tmp_path):
     port = free_port()
     elsewhere = tmp_path / "not-copied"
-    ranks = [([PYTHON, *train_args(data, tmp_path / "run")], rank_env(0, port)),
-             ([PYTHON, *train_args(data, tmp_path / "run"), "--train", str(elsewhere)], rank_env(1, port))]
+    ranks = [([PYTHON, *train_args(data, tmp_path / "run", "--dist-timeout", "120")], rank_env(0, port)),
+             ([PYTHON, *train_args(data, tmp_path / "run", "--dist-timeout", "120", "--train", str(elsewhere))],
+              rank_env(1, port))]
     results = together(ranks)
     assert [r.returncode for r in results] == [2, 2], results[0].stderr[-3000:]
     last = results[0].stderr.strip().splitlines()[-1]
