@@ -101,7 +101,8 @@ def gather(engine, keep: bool) -> dict[str, torch.Tensor]:
                 values.update(z=safe_get_full_optimizer_state(lp, "z"),
                               exp_avg_sq=safe_get_full_optimizer_state(lp, "exp_avg_sq"))
         if keep:
-            out.update({f"{key}/{name}": v.detach().float().cpu().clone() for key, v in values.items() if v is not None})
+            out.update({f"{key}/{name}": v.detach().float().cpu().clone()
+                        for key, v in values.items() if v is not None})
     return out
 
 

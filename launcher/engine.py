@@ -204,7 +204,8 @@ def _nodes_of(ranks: list[int], world: int) -> str:
     if local <= 0 or local >= world or world % local:
         return ""
     nodes = sorted({r // local for r in ranks})
-    return f" (node(s) {nodes} of {world // local}, at {local} rank(s) per node: never started or cannot reach the store)"
+    return (f" (node(s) {nodes} of {world // local}, at {local} rank(s) per node: never started or cannot reach "
+            "the store)")
 
 
 def report_stop(rank: int, message: str) -> None:

@@ -232,7 +232,8 @@ def set_up(cfg: TrainConfig) -> Job:
     cfg, run_dir, resume_from = nodes.together(runtime, resolve_run, resolve_init(cfg, runtime))
     lock = lock_run_dir(run_dir, runtime)
     nodes.check_run_dir(run_dir, runtime)  # every node must see it: each rank writes its checkpoint parts there
-    planned_config = nodes.together(runtime, sharding.engine_config, cfg, runtime.bf16_supported)  # refuse a bad one before any work
+    # refuse a bad engine configuration before any work
+    planned_config = nodes.together(runtime, sharding.engine_config, cfg, runtime.bf16_supported)
     bf16 = planned_config["bf16"]["enabled"]
     splits = nodes.together(runtime, prepare, cfg, runtime)
     for name, index in (("train", splits.train), ("val", splits.val)):  # every rank plans from its own index
@@ -259,8 +260,8 @@ def set_up(cfg: TrainConfig) -> Job:
     if resume_from is not None:  # the stream first: on another world size the rest is re-planned
         saved_hash = read_metadata(resume_from)["data_hash"]
         if saved_hash != splits.train.data_hash:
-            raise UserError(f"--resume {resume_from}: the training shards changed (data hash {saved_hash[:12]} "
-                             f"in the checkpoint, {splits.train.data_hash[:12]} now); a resumed run needs the same data")
+            raise UserError(f"--resume {resume_from}: the training shards changed (data hash {saved_hash[:12]} in "
+                            f"the checkpoint, {splits.train.data_hash[:12]} now); a resumed run needs the same data")
         elsewhere = ckpt.restore_loader(resume_from, loader, runtime, refusal)
     total = int(loader.steps)
     schedule = (checkpoint_steps_at(total, cfg.checkpoint_at) if cfg.checkpoint_at
@@ -325,6 +326,12 @@ def announce(job: Job) -> None:
                 f"{runtime.world_size} rank(s), lr {job.lr:.3g}, {sharding.engine_record(cfg, ds)['summary']}, "
                 f"{'bf16' if ds['bf16']['enabled'] else 'fp32'} on {runtime.device}; run dir {job.run_dir}")
     job.log.say(f"MFU against {job.peak_source}")
+    if job.resumed_elsewhere is not None:
+        moved = job.resumed_elsewhere
+        job.log.say(f"resumed on {moved['to_world_size']} rank(s) from a checkpoint of {moved['from_world_size']}: "
+                    f"weights and optimizer state loaded bitwise (read back, sha256 {moved['sha256'][:12]}); the "
+                    f"{job.loader.plan.total_structures} structures not yet trained on re-planned in "
+                    f"{job.loader.plan.steps} steps")
     for name, split in rejected_summary(job.splits).items():
         if split["rejected"]:
             reasons = ", ".join(f"{reason}: {n}" for reason, n in split["reasons"].items())
