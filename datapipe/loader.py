@@ -250,12 +250,14 @@ class StreamingLoader:
 
     @property
     def total_atoms(self) -> int:
-        """Atoms in the epoch's selection, over all ranks (exact)."""
+        """Atoms in the epoch's selection, over all ranks (exact; after an elastic resume, in the
+        re-planned rest of the epoch)."""
         return self.plan.total_atoms
 
     @property
     def total_structures(self) -> int:
-        """Structures in the epoch's selection, over all ranks (exact)."""
+        """Structures in the epoch's selection, over all ranks (exact; after an elastic resume, in the
+        re-planned rest of the epoch)."""
         return self.plan.total_structures
 
     @property
