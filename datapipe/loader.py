@@ -20,6 +20,8 @@ Usage
                                 # SPIN, NATOMS, EDGE_INDEX, BATCH, STRUCTURE_ID, SOURCE
     state = loader.state_dict() # {"plan_id", "epoch", "batches_consumed", ...}; JSON-serialisable
     loader.load_state_dict(state)   # next iteration yields exactly the batches not yet consumed
+    loader.resume_elsewhere(states) # the states of EVERY rank of a run on another world size: the
+                                    # rest of the epoch re-planned for this loader's ranks (datapipe.replan)
     loader.set_epoch(1)         # new permutation (and, with a budget, a new selection)
 
     val = StreamingLoader("data/shards/val", rank=rank, world_size=world_size, shuffle=False)
@@ -33,7 +35,9 @@ Usage
 - Iterating after a partial pass resumes where it stopped; after a full pass the next iteration
   starts the epoch again. ``state_dict`` counts batches handed to the caller (a batch counts as
   consumed once yielded); ``remaining_steps`` = ``steps`` - consumed. Resume needs the same data,
-  seed, world_size, num_workers and budgets (else ``load_state_dict`` raises ValueError).
+  seed, world_size, num_workers and budgets (else ``load_state_dict`` raises ValueError); on
+  another world size, :meth:`StreamingLoader.resume_elsewhere` re-plans the structures not yet
+  consumed, each still yielded once (``steps`` then counts the epoch's steps on every world size).
 - Ranks compute the same plan from ``index.json`` alone: give every rank the same shard
   directory or URL (compare ``loader.plan.plan_id`` across ranks if in doubt). Each rank keeps
   only its own streams in memory (O(structures / world_size) numpy arrays).
@@ -51,6 +55,7 @@ The plan (which structure goes in which batch) is described in :mod:`datapipe.pl
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 
@@ -208,13 +213,22 @@ class StreamingLoader:
     def set_epoch(self, epoch: int) -> None:
         """Plan epoch ``epoch`` (new shard permutation and buffers) and start it from batch 0."""
         self.epoch = int(epoch)
-        self.plan: Plan = build_plan(self.index, world_size=self.world_size, num_workers=self.num_workers,
-                                     atoms_per_batch=self.atoms_per_batch, shuffle=self.shuffle,
-                                     shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch,
-                                     max_atoms=self.max_atoms, max_structures=self.max_structures, rank=self.rank)
+        self._use(build_plan(self.index, world_size=self.world_size, num_workers=self.num_workers,
+                             rank=self.rank, **self._plan_args()), [])
+
+    def _plan_args(self) -> dict:
+        return dict(atoms_per_batch=self.atoms_per_batch, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer,
+                    seed=self.seed, epoch=self.epoch, max_atoms=self.max_atoms, max_structures=self.max_structures)
+
+    def _use(self, plan: Plan, lineage: list[dict]) -> None:
+        """Follow ``plan`` from its first batch; ``lineage``: the earlier segments of the epoch
+        (:mod:`datapipe.replan`), whose steps count as consumed."""
+        self.plan, self.lineage = plan, lineage
+        #: steps of this epoch taken before ``plan`` (on other world sizes; 0 for the epoch's own plan)
+        self.offset = sum(int(segment["batches"]) for segment in lineage)
         self._streams = self.plan.streams[self.rank]
         self._workers, self._batches = interleave_arrays([s.n_batches for s in self._streams])  # [steps] each
-        self.batches_consumed = 0
+        self.batches_consumed = self.offset
         self._check_shards()
 
     def _check_shards(self) -> None:
@@ -236,25 +250,28 @@ class StreamingLoader:
 
     @property
     def steps(self) -> int:
-        """Batches this epoch, identical on every rank."""
-        return self.plan.steps
+        """Batches this epoch, identical on every rank (after an elastic resume: the steps taken
+        before it on the other world size(s) plus those re-planned)."""
+        return self.offset + self.plan.steps
 
     def __len__(self) -> int:
-        return self.plan.steps
+        return self.steps
 
     @property
     def remaining_steps(self) -> int:
         """Batches this rank has still to yield in the current epoch."""
-        return self.plan.steps - self.batches_consumed if self.batches_consumed < self.plan.steps else 0
+        return self.steps - self.batches_consumed if self.batches_consumed < self.steps else 0
 
     @property
     def total_atoms(self) -> int:
-        """Atoms in the epoch's selection, over all ranks (exact)."""
+        """Atoms in the epoch's selection, over all ranks (exact; after an elastic resume, in the
+        re-planned rest of the epoch)."""
         return self.plan.total_atoms
 
     @property
     def total_structures(self) -> int:
-        """Structures in the epoch's selection, over all ranks (exact)."""
+        """Structures in the epoch's selection, over all ranks (exact; after an elastic resume, in the
+        re-planned rest of the epoch)."""
         return self.plan.total_structures
 
     @property
@@ -272,7 +289,7 @@ class StreamingLoader:
         """Plan identity and batches this rank has handed out this epoch (JSON-serialisable)."""
         return {"plan_id": self.plan.plan_id, "epoch": self.epoch, "batches_consumed": self.batches_consumed,
                 "rank": self.rank, "world_size": self.world_size, "steps": self.steps,
-                "data_hash": self.index.data_hash}
+                "data_hash": self.index.data_hash, "num_workers": self.num_workers, "lineage": self.lineage}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next iteration yields exactly the batches not consumed in ``state``.
@@ -282,21 +299,67 @@ class StreamingLoader:
         """
         if int(state["epoch"]) != self.epoch:
             self.set_epoch(int(state["epoch"]))
+        if state.get("lineage", []) != self.lineage:  # a run resumed before on another world size
+            self._use(self._replan(state["lineage"]), state["lineage"])
         if state["plan_id"] != self.plan.plan_id:
             raise ValueError(f"loader state is for another plan (its data hash {state.get('data_hash', '?')[:12]}, "
                              f"world_size {state.get('world_size')}; this loader: {self.index.data_hash[:12]}, "
                              f"{self.world_size}); resume needs the same data, seed, ranks, workers and budgets")
         consumed = int(state["batches_consumed"])
-        if not 0 <= consumed <= self.steps:
-            raise ValueError(f"batches_consumed {consumed} outside 0..{self.steps}")
+        if not self.offset <= consumed <= self.steps:
+            raise ValueError(f"batches_consumed {consumed} outside {self.offset}..{self.steps}")
         self.batches_consumed = consumed
+
+    def _replan(self, lineage: list[dict], world_size: int | None = None, num_workers: int | None = None) -> Plan:
+        from datapipe.replan import replan
+
+        return replan(self.index, self._plan_args(), lineage, self.world_size if world_size is None else world_size,
+                      self.num_workers if num_workers is None else num_workers, build_plan)
+
+    def resume_elsewhere(self, states: list[dict]) -> None:
+        """Elastic resume: continue the epoch that ``states`` (the ``state_dict`` of every rank of a
+        run on another number of ranks or workers) left, re-planned for this loader's ranks so that
+        every structure of the epoch is still yielded once over the whole run (:mod:`datapipe.replan`).
+
+        Raises ValueError if the states disagree, are not every rank's, or belong to another plan.
+        """
+        first = states[0]
+        ranks = sorted(int(s["rank"]) for s in states)
+        if ranks != list(range(int(first["world_size"]))):
+            raise ValueError(f"loader states of ranks {ranks}, expected one per rank of {first['world_size']}")
+        for key in ("plan_id", "epoch", "batches_consumed", "lineage", "data_hash"):
+            values = {json_key(s.get(key)) for s in states}
+            if len(values) > 1:
+                raise ValueError(f"the ranks' loader states disagree on {key}: {sorted(values)}")
+        if first["data_hash"] != self.index.data_hash:
+            raise ValueError(f"loader states are for data {first['data_hash'][:12]}, this loader reads "
+                             f"{self.index.data_hash[:12]}")
+        if int(first["epoch"]) != self.epoch:
+            self.set_epoch(int(first["epoch"]))
+        lineage, old_workers = list(first.get("lineage", [])), int(first.get("num_workers", self.num_workers))
+        old = self._replan(lineage, int(first["world_size"]), old_workers) if lineage else \
+            build_plan(self.index, world_size=int(first["world_size"]), num_workers=old_workers, **self._plan_args())
+        if old.plan_id != first["plan_id"]:
+            raise ValueError("the loader states are for another plan (other data, seed or budgets); resume needs "
+                             "the same data, seed and budgets")
+        consumed = int(first["batches_consumed"])
+        done = consumed - sum(int(segment["batches"]) for segment in lineage)
+        lineage = [*lineage, {"world_size": int(first["world_size"]), "num_workers": old_workers, "batches": done}]
+        if done >= old.steps:  # the epoch was finished: nothing left to plan
+            self._use(Plan([[Stream() for _ in range(max(self.num_workers, 1))] for _ in range(self.world_size)],
+                           0, 0, 0, f"finished-{first['plan_id']}", {}), lineage)
+        else:
+            self._use(self._replan(lineage), lineage)
 
     # --- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
-        if self.batches_consumed >= self.steps:
-            self.batches_consumed = 0  # a finished epoch starts again
-        skips = np.bincount(self._workers[:self.batches_consumed], minlength=len(self._streams)).tolist()
-        first = int(self._workers[self.batches_consumed]) if self.batches_consumed < self.steps else 0
+        if self.batches_consumed >= self.steps:  # a finished epoch starts again (on its own plan)
+            if self.lineage:
+                self.set_epoch(self.epoch)
+            self.batches_consumed = 0
+        local = self.batches_consumed - self.offset  # batches of this plan already handed out
+        skips = np.bincount(self._workers[:local], minlength=len(self._streams)).tolist()
+        first = int(self._workers[local]) if local < self.plan.steps else 0
         dataset = _RankDataset(self.index, self._streams, skips, self.cutoff, first, self.skip_bad_shards,
                                self.retries)
         if self.num_workers > 0:
@@ -304,8 +367,8 @@ class StreamingLoader:
                                 prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init)
         else:
             source = dataset
-        expected_workers = self._workers[self.batches_consumed:]
-        expected_batches = self._batches[self.batches_consumed:]
+        expected_workers = self._workers[local:]
+        expected_batches = self._batches[local:]
         count = 0
         for arrays in source:
             unread = arrays.pop("unread", [])
@@ -330,6 +393,11 @@ class StreamingLoader:
         if count != len(expected_workers):
             raise RuntimeError(f"rank {self.rank} produced {count} of {len(expected_workers)} planned batches")
         self.batches_consumed = self.steps
+
+
+def json_key(value) -> str:
+    """``value`` as canonical JSON (to compare loader-state fields that are lists)."""
+    return json.dumps(value, sort_keys=True)
 
 
 def _worker_init(_):

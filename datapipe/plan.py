@@ -93,10 +93,14 @@ class Plan:
     atoms_per_rank: list[int] = field(default_factory=list)
 
     def rank_structures(self, rank: int) -> int:
-        return int(self.structures_per_rank[rank])
+        if self.structures_per_rank:
+            return int(self.structures_per_rank[rank])
+        return int(sum(len(s.order) for s in self.streams[rank]))  # a re-planned rest (datapipe.replan)
 
     def rank_atoms(self, rank: int) -> int:
-        return int(self.atoms_per_rank[rank])
+        if self.atoms_per_rank:
+            return int(self.atoms_per_rank[rank])
+        return int(sum(s.natoms[s.order].sum() for s in self.streams[rank]))  # planned positions only
 
 
 def shuffle_order(n: int, buffer: int, rng: np.random.Generator, chunk: int = 1 << 20) -> np.ndarray:
@@ -213,6 +217,18 @@ class _Selection:
         p = min(int(np.searchsorted(self.prefix[1:], target, side="left")), len(self.pieces) - 1)
         local = np.cumsum(self.natoms(p))
         return int(self.offsets[p] + np.searchsorted(local, target - self.prefix[p], side="left") + 1)
+
+
+class _ArraySelection(_Selection):
+    """A selection given as one array of per-structure atom counts ``[n]`` (the structures a
+    re-plan distributes, :mod:`datapipe.replan`), for :func:`_equal_atom_cuts`."""
+
+    def __init__(self, natoms: np.ndarray):
+        self.array = np.asarray(natoms)
+        super().__init__(None, [(-1, 0, len(self.array))], [int(self.array.sum())])
+
+    def natoms(self, p: int) -> np.ndarray:
+        return self.array
 
 
 def _select(index: ShardIndex, shard_order: np.ndarray, max_atoms, max_structures) -> _Selection:

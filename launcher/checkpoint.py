@@ -5,6 +5,8 @@ Layout of ``RUN_DIR/checkpoints/step-XXXXXXXX/``::
     model.safetensors, metadata.json   the self-describing model (zoo.hub.checkpoint); averaged weights
     deepspeed/state/...                engine.save_checkpoint (ZeRO partitions, optimizer state,
                                        client_state = the training counters)
+    elastic/state.safetensors, .json   the same state consolidated (full fp32 weights and optimizer
+                                       state), to resume on another world size (launcher.elastic)
     loader-rank00000.json, ...         each rank's StreamingLoader.state_dict() (JSON)
 
 A checkpoint is written into ``step-XXXXXXXX.partial``, flushed to disk and renamed once every rank
@@ -23,8 +25,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from launcher import faults
-from launcher.engine import Runtime, all_gather_objects, barrier
+from launcher import elastic, faults
+from launcher.engine import Runtime, all_gather_objects, barrier, broadcast_object
 from launcher.errors import UserError
 from zoo.hub.checkpoint import METADATA, save_checkpoint
 
@@ -72,7 +74,7 @@ def _loader_file(rank: int) -> str:
 
 
 def save(run_dir, step: int, engine, eval_model, state: TrainState, loader_state: dict,
-         metadata: dict, runtime: Runtime) -> Path:
+         metadata: dict, runtime: Runtime, elastic_config: dict | None = None) -> Path:
     """Write one checkpoint (collective: every rank must call it).
 
     Everything goes into ``step-XXXXXXXX.partial``; once every rank has written and flushed its
@@ -87,6 +89,8 @@ def save(run_dir, step: int, engine, eval_model, state: TrainState, loader_state
     state : the counters, stored in DeepSpeed's ``client_state``.
     loader_state : this rank's ``loader.state_dict()``, JSON-serialisable.
     metadata : the checkpoint's metadata (see :mod:`zoo.hub.checkpoint`).
+    elastic_config : the engine's DeepSpeed config when the run writes the consolidated state of
+        :mod:`launcher.elastic` (None: it does not).
 
     Raises
     ------
@@ -103,6 +107,8 @@ def save(run_dir, step: int, engine, eval_model, state: TrainState, loader_state
     try:
         engine.save_checkpoint(str(partial / DS_DIR), tag=DS_TAG, client_state={"train_state": asdict(state)},
                                save_latest=False)
+        if elastic_config is not None:  # collective gathers, written by rank 0
+            elastic.save(partial, engine, runtime, asdict(state), elastic_config)
         faults.maybe_kill("kill-in-checkpoint", step, runtime.rank)
         (partial / _loader_file(runtime.rank)).write_text(json.dumps(loader_state))
         if runtime.is_main:
@@ -112,6 +118,8 @@ def save(run_dir, step: int, engine, eval_model, state: TrainState, loader_state
     except (OSError, RuntimeError) as exc:  # disk full, quota, permissions (torch.save raises RuntimeError)
         error = f"rank {runtime.rank}: {type(exc).__name__}: {exc}"
     errors = [e for e in all_gather_objects(error) if e]
+    if not errors:  # every rank has written: rank 0 must see every rank's part
+        errors = broadcast_object(_missing_parts(partial, runtime) if runtime.is_main else None) or []
     if errors:
         if runtime.is_main:
             shutil.rmtree(partial, ignore_errors=True)
@@ -131,6 +139,16 @@ def save(run_dir, step: int, engine, eval_model, state: TrainState, loader_state
         _sync_dir(final.parent)
     barrier()
     return final
+
+
+def _missing_parts(partial: Path, runtime: Runtime) -> list[str]:
+    """Rank 0's complaint if a rank's part of the checkpoint is not in its ``partial`` directory:
+    that rank wrote to another file system (the run directory is not shared by every node)."""
+    missing = [r for r in range(runtime.world_size) if not (partial / _loader_file(r)).is_file()]
+    if not missing:
+        return []
+    return [f"rank 0: the parts of rank(s) {missing} are not in {partial}: they wrote to a file system rank 0 does not "
+            "see; the run directory must be one folder shared by every node (docs/multinode.md)"]
 
 
 class CheckpointError(RuntimeError):
@@ -194,24 +212,42 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.resolve().parent.parent
 
 
-def load(checkpoint: Path, engine, runtime: Runtime) -> tuple[TrainState, dict]:
-    """Restore the engine (weights, optimizer, ZeRO partitions) and return counters and loader state.
+def restore_loader(checkpoint: Path, loader, runtime: Runtime, refusal: str | None) -> bool:
+    """Put ``loader`` where the checkpoint's run left its stream; returns whether the world size
+    changed (then the rest of the epoch is re-planned, :meth:`~datapipe.loader.StreamingLoader.resume_elsewhere`,
+    and :func:`load` takes the consolidated state of :mod:`launcher.elastic`).
 
     Raises
     ------
     UserError
-        if this rank's loader state is missing (the run was saved with another world size).
+        (on every rank alike) if the world size changed and ``refusal`` (the reason this engine
+        cannot resume elsewhere) is set or the checkpoint holds no consolidated state.
     """
-    loader_path = checkpoint / _loader_file(runtime.rank)
-    saved_ranks = len(list(checkpoint.glob("loader-rank*.json")))
-    if saved_ranks != runtime.world_size or not loader_path.is_file():
-        raise UserError(
-            f"--resume {checkpoint}: written by {saved_ranks} ranks; resume it with the same number "
-            f"(this job has {runtime.world_size})"
-        )
+    files = sorted(checkpoint.glob("loader-rank*.json"))
+    if len(files) == runtime.world_size and (checkpoint / _loader_file(runtime.rank)).is_file():
+        loader.load_state_dict(json.loads((checkpoint / _loader_file(runtime.rank)).read_text()))
+        return False
+    where = f"--resume {checkpoint}: written by {len(files)} rank(s), this job has {runtime.world_size}"
+    if refusal is not None:
+        raise UserError(f"{where}; {refusal}")
+    if not elastic.has_state(checkpoint):
+        raise UserError(f"{where}, and the checkpoint holds no consolidated state ({elastic.ELASTIC_DIR}/: written by "
+                        f"an older version, ZeRO-3 or FSDP); resume it on {len(files)} rank(s)")
+    try:
+        loader.resume_elsewhere([json.loads(path.read_text()) for path in files])
+    except ValueError as error:
+        raise UserError(f"{where}: {error}") from None
+    return True
+
+
+def load(checkpoint: Path, engine, runtime: Runtime, elsewhere: bool = False) -> tuple[TrainState, dict | None]:
+    """Restore the engine (weights, optimizer, ZeRO partitions) and return the counters and, after
+    a resume on another world size (``elsewhere``), the record of :func:`launcher.elastic.load`."""
+    if elsewhere:
+        state, record = elastic.load(checkpoint, engine, runtime)
+        return TrainState(**state), record
     path, client = engine.load_checkpoint(str(checkpoint / DS_DIR), tag=DS_TAG, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {checkpoint / DS_DIR}")
-    state = TrainState(**client["train_state"])
-    return state, json.loads(loader_path.read_text())
+    return TrainState(**client["train_state"]), None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -366,9 +367,13 @@ def check_ranges(a: argparse.Namespace) -> None:
     need(math.isfinite(a.weight_decay) and a.weight_decay >= 0, "--weight-decay", a.weight_decay, "must be >= 0")
     need(0 <= a.warmup_fraction < 1, "--warmup-fraction", a.warmup_fraction, "must be in [0, 1)")
     need(0 < a.checkpoint_fraction <= 1, "--checkpoint-fraction", a.checkpoint_fraction, "must be in (0, 1]")
+    # One process checks its paths here, at once. With several ranks a path may exist on one node and
+    # not on another, and a rank that stopped here would only be missed by the others: set-up checks
+    # them on every rank together and names the ranks that lack them (launcher.nodes).
+    one_process = os.environ.get("WORLD_SIZE", "1") in ("", "1")
     for flag, path in (("--train", a.train), ("--val", a.val), ("--resume", a.resume),
                        ("--deepspeed_config", a.deepspeed_config)):
-        if path is not None and not (flag in ("--train", "--val") and is_remote(path)):  # URLs: read on load
+        if path is not None and one_process and not (flag in ("--train", "--val") and is_remote(path)):  # URLs: read on load
             need(Path(path).exists(), flag, path, "no such file or directory")
     if a.resume is None and getattr(a, "init_from", None) is None:  # --init-from: the checkpoint's model
         overrides, model = dict(a.model_arg), a.model or DEFAULT_MODEL

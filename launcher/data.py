@@ -30,8 +30,9 @@ from datapipe.index import INDEX_NAME, ShardIndex
 from datapipe.remote import is_remote, join
 from datapipe.sources import expand_inputs
 from launcher.config import REPO, TrainConfig
-from launcher.engine import Runtime, barrier, broadcast_object
+from launcher.engine import Runtime, barrier
 from launcher.errors import UserError
+from launcher.nodes import agree
 from launcher.progress import Phase
 
 #: structures per shard when the job converts raw inputs itself
@@ -106,12 +107,10 @@ def prepare(cfg: TrainConfig, runtime: Runtime, workers: int | None = None) -> S
             dirs[name] = directory
             if raw and runtime.is_main:
                 _convert(split, directory, name, workers)
-        except (ValueError, FileExistsError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:
             flag = f"--shards {cfg.shards}" if isinstance(exc, FileExistsError) else f"--{name} {split}"
             error = f"{flag}: {exc}"
-    error = broadcast_object(error)
-    if error:
-        raise UserError(error)
+    agree(runtime, error)  # every rank raises (naming the ranks, on several nodes): none waits at the barrier
     barrier()
     splits = Splits(ShardIndex.load(dirs["train"]), ShardIndex.load(dirs["val"]))
     for name, index in (("train", splits.train), ("val", splits.val)):

@@ -185,10 +185,27 @@ def rendezvous(rank: int, world: int, timeout_s: float):
     except (RuntimeError, OSError):
         missing = [r for r in range(world) if not store.check([f"joined/{r}"])]
         raise RankLost(f"rank {rank}: rank(s) {missing} of {world} did not join within {timeout_s:.0f} s "
-                       f"(--dist-timeout); start them (same MASTER_ADDR/MASTER_PORT, WORLD_SIZE {world}) or start "
-                       "the job again with the ranks you have") from None
+                       f"(--dist-timeout){_nodes_of(missing, world)}; start them (same MASTER_ADDR/MASTER_PORT, "
+                       f"WORLD_SIZE {world}) or start the job again with the ranks you have") from None
     _STORE = store
     return store
+
+
+def _nodes_of(ranks: list[int], world: int) -> str:
+    """`` (node(s) [k] of n, …)``: where ``ranks`` run when every node runs the same number of ranks,
+    in rank order (torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, SLURM's
+    SLURM_NTASKS_PER_NODE); '' for one node or an unknown layout.
+
+    >>> os.environ["LOCAL_WORLD_SIZE"] = "2"; _nodes_of([5], 8)[:24]; del os.environ["LOCAL_WORLD_SIZE"]
+    ' (node(s) [2] of 4, at 2'
+    """
+    known = [os.environ.get(k, "") for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")]
+    local = next((int(v) for v in known if v.isdigit()), world)
+    if local <= 0 or local >= world or world % local:
+        return ""
+    nodes = sorted({r // local for r in ranks})
+    return (f" (node(s) {nodes} of {world // local}, at {local} rank(s) per node: never started or cannot reach "
+            "the store)")
 
 
 def report_stop(rank: int, message: str) -> None:

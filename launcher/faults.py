@@ -14,6 +14,10 @@ exactly as the real fault would, through the real code path:
 
 Unset (the normal case) every hook is a dictionary lookup that returns at once.
 
+``SYMSCALE_RECORD_IDS=DIR`` (:func:`record_ids`) makes every rank append the structure ids of each step
+it trained on to ``DIR/ids-rank<R>.jsonl``: the elastic-resume tests check with it that each
+structure is trained on once over a run resumed on other world sizes.
+
 >>> import os
 >>> os.environ[FAULT_ENV] = "nan-loss:3,exit:5:1"
 >>> armed("nan-loss", 3, rank=0), armed("nan-loss", 4, rank=0), armed("exit", 5, rank=0), armed("exit", 5, rank=1)
@@ -24,6 +28,7 @@ Unset (the normal case) every hook is a dictionary lookup that returns at once.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 
@@ -31,6 +36,8 @@ import torch
 
 #: environment variable holding the faults to inject (see the module docstring)
 FAULT_ENV = "SYMSCALE_FAULT"
+#: environment variable naming a folder for the structure ids of every trained step (see the module docstring)
+IDS_ENV = "SYMSCALE_RECORD_IDS"
 NAMES = ("kill-in-checkpoint", "enospc-in-checkpoint", "nan-loss", "nan-gradient", "exit")
 
 
@@ -83,3 +90,11 @@ class _NaNGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return torch.full_like(grad, float("nan"))
+
+
+def record_ids(step: int, rank: int, ids: list) -> None:
+    """Append ``{"step", "rank", "ids"}`` to ``$SYMSCALE_RECORD_IDS/ids-rank<R>.jsonl`` when set."""
+    folder = os.environ.get(IDS_ENV)
+    if folder:
+        with open(os.path.join(folder, f"ids-rank{rank:05d}.jsonl"), "a") as handle:
+            handle.write(json.dumps({"step": int(step), "rank": int(rank), "ids": [str(i) for i in ids]}) + "\n")

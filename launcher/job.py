@@ -1,10 +1,11 @@
 """Setting up a training job: everything :func:`launcher.loop.train` needs before its first step.
 
 :func:`set_up` reads as the recipe's first half: ranks (all checked in within ``--dist-timeout``) → run directory (fresh or resumed; locked against a
-second job) → shards →
+second job; seen by every rank, :mod:`launcher.nodes`) → shards (the same index on every rank) →
 model with the data's normalisation → the architecture's pre-training hook (if its registry spec
 has one, e.g. fitted scale factors, computed on the same batches on every rank) → training
-stream → schedule-free AdamW → engine → counters (restored on resume) → FLOP counter (on a weightless
+stream (on resume: where the run left it; re-planned on another world size, :mod:`launcher.elastic`) →
+schedule-free AdamW → engine → counters (restored on resume) → FLOP counter (on a weightless
 meta-device copy), device peak, the disk the checkpoints need (checked against the free space,
 :mod:`launcher.retention`) and run log. Phases that take a while show progress on rank 0
 (:class:`launcher.progress.Phase`). Under ZeRO-3 the model is partitioned while it is built, and no
@@ -23,6 +24,7 @@ from pathlib import Path
 
 
 from launcher import checkpoint as ckpt
+from launcher import elastic, nodes
 from launcher import sharding
 from launcher.config import REPO, TrainConfig
 from launcher.data import Splits, prepare, rejected_summary
@@ -78,6 +80,8 @@ class Job:
     lock: RunLock | None = None  # rank 0's hold on the run directory (launcher.runlock)
     memory_plan: dict | None = None  # the planner's per-rank estimate of this configuration (zoo.plan)
     normalisation: tuple | None = None  # (element references [Z] eV, force RMS eV/Å) the model trains with
+    elastic_refusal: str | None = None  # why checkpoints cannot resume on another world size (launcher.elastic)
+    resumed_elsewhere: dict | None = None  # launcher.elastic.load's record of a resume on another world size
 
     @property
     def force_rms(self) -> float:
@@ -225,11 +229,16 @@ def set_up(cfg: TrainConfig) -> Job:
     """Build everything of a run (or of its resumption) on this rank; see the module docstring."""
     runtime = init_distributed(cfg.dist_timeout_s, cfg.engine)
     start_time = time.time()
-    cfg, run_dir, resume_from = resolve_run(resolve_init(cfg, runtime))
+    cfg, run_dir, resume_from = nodes.together(runtime, resolve_run, resolve_init(cfg, runtime))
     lock = lock_run_dir(run_dir, runtime)
-    planned_config = sharding.engine_config(cfg, runtime.bf16_supported)  # refuse a bad one before any work
+    nodes.check_run_dir(run_dir, runtime)  # every node must see it: each rank writes its checkpoint parts there
+    # refuse a bad engine configuration before any work
+    planned_config = nodes.together(runtime, sharding.engine_config, cfg, runtime.bf16_supported)
     bf16 = planned_config["bf16"]["enabled"]
-    splits = prepare(cfg, runtime)
+    splits = nodes.together(runtime, prepare, cfg, runtime)
+    for name, index in (("train", splits.train), ("val", splits.val)):  # every rank plans from its own index
+        nodes.check_same(runtime, f"the {name} shards' index (data hash)", index.data_hash,
+                         f"give every node the same --{name} shards")
     memory_plan = sharding.memory_check(cfg, runtime, planned_config)  # refuses what cannot fit (CUDA)
     spec = get_spec(cfg.model)
 
@@ -244,15 +253,23 @@ def set_up(cfg: TrainConfig) -> Job:
     counted = counting_model(cfg)  # meta device: no memory
     cutoff = counted.data_cutoff
     n_params = sum(p.numel() for p in counted.parameters() if p.requires_grad)
-    loader = make_loader(splits.train, cfg, runtime, cutoff, train=True, max_atoms=cfg.max_atoms,
-                         skip_bad_shards=cfg.skip_bad_shards)
+    loader = nodes.together(runtime, make_loader, splits.train, cfg, runtime, cutoff, train=True,
+                            max_atoms=cfg.max_atoms, skip_bad_shards=cfg.skip_bad_shards)
+    refusal = elastic.unsupported(cfg, planned_config)  # None: checkpoints resume on any world size
+    elsewhere = False
+    if resume_from is not None:  # the stream first: on another world size the rest is re-planned
+        saved_hash = read_metadata(resume_from)["data_hash"]
+        if saved_hash != splits.train.data_hash:
+            raise UserError(f"--resume {resume_from}: the training shards changed (data hash {saved_hash[:12]} in "
+                            f"the checkpoint, {splits.train.data_hash[:12]} now); a resumed run needs the same data")
+        elsewhere = ckpt.restore_loader(resume_from, loader, runtime, refusal)
     total = int(loader.steps)
     schedule = (checkpoint_steps_at(total, cfg.checkpoint_at) if cfg.checkpoint_at
                 else checkpoint_steps(total, cfg.checkpoint_fraction))
     first_step = read_metadata(resume_from)["step"] if resume_from is not None else 0
     # every rank checks (one file system holds the run dir), so all refuse alike, before any long phase
     disk = check_disk(run_dir, disk_plan(n_params, sum(1 for s in schedule if s > first_step),
-                                         cfg.keep_engine_state, bf16))
+                                         cfg.keep_engine_state, bf16, elastic=refusal is None))
     if cfg.init_record is None:
         pretrain = run_pretrain_hook(spec.pretrain, cfg, model, splits, runtime, resume_from)
     lr = cfg.learning_rate(cfg.width)
@@ -265,15 +282,10 @@ def set_up(cfg: TrainConfig) -> Job:
         engine, ds_config = sharding.build(cfg, model, runtime, lr, round(cfg.warmup_fraction * total),
                                            normalisation)
 
-    state = ckpt.TrainState()
+    state, resumed_elsewhere = ckpt.TrainState(), None
     if resume_from is not None:
-        saved_hash = read_metadata(resume_from)["data_hash"]
-        if saved_hash != splits.train.data_hash:
-            raise UserError(f"--resume {resume_from}: the training shards changed (data hash {saved_hash[:12]} "
-                             f"in the checkpoint, {splits.train.data_hash[:12]} now); a resumed run needs the same data")
         with Phase(f"loading {resume_from}", enabled=runtime.is_main):
-            state, loader_state = ckpt.load(resume_from, engine, runtime)
-        loader.load_state_dict(loader_state)
+            state, resumed_elsewhere = ckpt.load(resume_from, engine, runtime, elsewhere)
     if resume_from is None and runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
@@ -290,7 +302,8 @@ def set_up(cfg: TrainConfig) -> Job:
               code_version=code_version(), schedule=schedule,
               log=RunLog(run_dir, total, state.step, runtime.is_main), start_time=start_time,
               wall_offset=state.wall_time_s, gradient_watch=GradientWatch(engine.module), lock=lock,
-              memory_plan=memory_plan, normalisation=normalisation)
+              memory_plan=memory_plan, normalisation=normalisation, elastic_refusal=refusal,
+              resumed_elsewhere=resumed_elsewhere)
     announce(job)
     return job
 
@@ -307,11 +320,18 @@ def announce(job: Job) -> None:
                    checkpoint=str(job.resume_from) if job.resume_from else None, flops_counted=True,
                    peak_flops=job.peak, peak_source=job.peak_source, symmetry_loss=cfg.symmetry_loss,
                    code_version=job.code_version, data_rejected=rejected_summary(job.splits), disk=job.disk,
-                   engine=sharding.engine_record(cfg, ds), memory_plan=job.memory_plan, **hook_record)
+                   engine=sharding.engine_record(cfg, ds), memory_plan=job.memory_plan,
+                   elastic=job.resumed_elsewhere, lineage=job.loader.lineage, **hook_record)
     job.log.say(f"[bold]{cfg.model}[/] width {cfg.width}: N = {job.n_params:,} parameters, {job.total} steps × "
                 f"{runtime.world_size} rank(s), lr {job.lr:.3g}, {sharding.engine_record(cfg, ds)['summary']}, "
                 f"{'bf16' if ds['bf16']['enabled'] else 'fp32'} on {runtime.device}; run dir {job.run_dir}")
     job.log.say(f"MFU against {job.peak_source}")
+    if job.resumed_elsewhere is not None:
+        moved = job.resumed_elsewhere
+        job.log.say(f"resumed on {moved['to_world_size']} rank(s) from a checkpoint of {moved['from_world_size']}: "
+                    f"weights and optimizer state loaded bitwise (read back, sha256 {moved['sha256'][:12]}); the "
+                    f"{job.loader.plan.total_structures} structures not yet trained on re-planned in "
+                    f"{job.loader.plan.steps} steps")
     for name, split in rejected_summary(job.splits).items():
         if split["rejected"]:
             reasons = ", ".join(f"{reason}: {n}" for reason, n in split["reasons"].items())

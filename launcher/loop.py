@@ -137,6 +137,7 @@ def train_step(job: Job, batch) -> Step:
         health.discard_gradients(job.engine)
         return skipped_step(job, "non-finite gradient", flops, unread_local, plain, ids)
     job.engine.step()
+    faults.record_ids(step_number, runtime.rank, ids)
     records = unread_records(unread_local) if unread[0] else []
     return Step(loss=stats, structures=structures, atoms=atoms, model_atoms=stats["atoms"], flops=flops,
                 forward_flops=forward, unread=tuple(unread), unread_records=records)
@@ -272,7 +273,8 @@ def validate_and_save(job: Job, final: bool) -> dict:
     size = job.disk["weights_bytes"] + job.disk["engine_bytes"]
     with log.phase(f"step {state.step}: writing checkpoint (≈{gb(size)})"):
         path = ckpt.save(job.run_dir, state.step, job.engine, eval_model, state,
-                         _jsonable(job.loader.state_dict()), checkpoint_metadata(job, metrics, full), runtime)
+                         _jsonable(job.loader.state_dict()), checkpoint_metadata(job, metrics, full), runtime,
+                         elastic_config=job.ds_config if job.elastic_refusal is None else None)
         if runtime.is_main:
             prune_engine_state(path.parent, cfg.keep_engine_state)
     log.record("checkpoint", step=state.step, path=str(path))
@@ -315,7 +317,7 @@ def checkpoint_metadata(job: Job, metrics: dict, full: dict | None) -> dict:
         throughput=run_summary(state, job.peak, job.peak_source, job.n_params, job.counter, job.cpu_time_mfu),
         symmetry_loss=cfg.symmetry_loss, val_data_hash=job.splits.val.data_hash,
         data_rejected=rejected_summary(job.splits), engine=engine_record(cfg, job.ds_config),
-        init_from=init_metadata(cfg),
+        init_from=init_metadata(cfg), elastic=elastic_record(job),
         atoms_seen_note="original training atoms; rotated copies of the symmetry loss not counted"
         if cfg.symmetry_loss else None,
         flops_note=None if state.flops is not None else "resumed from a run that did not count FLOPs from its start",
@@ -323,6 +325,16 @@ def checkpoint_metadata(job: Job, metrics: dict, full: dict | None) -> dict:
                  "records": state.skips},
         extra={job.hook.metadata_key: job.pretrain} if job.hook is not None else {},
     ).to_json()
+
+
+def elastic_record(job: Job) -> dict:
+    """Where the checkpoint can resume (``state``: the consolidated state, or ``refused`` the reason it
+    resumes on its own world size only) and the world sizes of the run so far (``segments``)."""
+    loader, runtime = job.loader, job.runtime
+    here = {"world_size": runtime.world_size, "num_workers": job.cfg.num_workers,
+            "batches": job.state.step - loader.offset}
+    return {"state": "elastic/" if job.elastic_refusal is None else None, "refused": job.elastic_refusal,
+            "segments": [*loader.lineage, here]}
 
 
 def finish(job: Job, metrics: dict) -> dict:

@@ -34,17 +34,20 @@ MASTER_BYTES = 4
 #: headroom kept free beyond the estimate (metadata, loader states, file-system slack)
 MARGIN = 1.1
 #: engine-state files of a checkpoint directory
-ENGINE_FILES = ("deepspeed", "loader-rank*.json")
+ENGINE_FILES = ("deepspeed", "elastic", "loader-rank*.json")
+#: bytes per parameter of the consolidated state for elastic resume (y, z, exp_avg_sq in fp32)
+ELASTIC_BYTES = 12
 
 
-def disk_plan(n_params: int, checkpoints: int, keep: int, bf16: bool) -> dict:
-    """Bytes a run will write: ``checkpoints`` weights + at most ``keep + 1`` engine states at once.
+def disk_plan(n_params: int, checkpoints: int, keep: int, bf16: bool, elastic: bool = False) -> dict:
+    """Bytes a run will write: ``checkpoints`` weights + at most ``keep + 1`` engine states at once
+    (with ``elastic``, each also holds the consolidated state of :mod:`launcher.elastic`).
 
     The ``+ 1``: a new checkpoint is complete (and the run resumable from it) before the oldest
     engine state beyond ``keep`` is deleted.
     """
     weights = WEIGHT_BYTES * n_params
-    engine = ((2 if bf16 else 4) + MASTER_BYTES + OPTIMIZER_BYTES) * n_params
+    engine = ((2 if bf16 else 4) + MASTER_BYTES + OPTIMIZER_BYTES + (ELASTIC_BYTES if elastic else 0)) * n_params
     states = min(checkpoints, keep + 1)
     return {"checkpoints": checkpoints, "keep_engine_state": keep, "weights_bytes": weights,
             "engine_bytes": engine, "needed_bytes": checkpoints * weights + states * engine}

@@ -10,6 +10,9 @@ The paper's recipe on the embedded data (``data/omol25_sample``), ZeRO-2; ``NAME
     torchrun --nproc_per_node 2 launcher/train.py --model NAME --width 64
     python launcher/train.py --model NAME --width 64                    # one process
     python launcher/train.py --resume runs/NAME-w64-20261129-101500      # continue after a crash
+    torchrun --nproc_per_node 4 launcher/train.py --resume runs/NAME-w64-…  # on another number of ranks
+
+Across nodes (torchrun c10d, the DeepSpeed launcher with a hostfile, SLURM): docs/multinode.md.
 
 Every flag: ``python launcher/train.py --help``. What happens: :mod:`launcher.loop`. A mistake
 in a flag, path or the data ends the job with one line from rank 0 and exit status 2

@@ -40,6 +40,10 @@ Keys (units and meaning)
 ``weights_sha256``    SHA-256 (hex) of ``model.safetensors``, written by the saver and checked on every load
 ``init_from``         what a fine-tuned run started from (release name or checkpoint, its weights' SHA-256,
                       frozen patterns, whether normalisation was re-fitted); ``null`` for a run from scratch
+``elastic``           where the checkpoint resumes: ``state`` (``"elastic/"``: its consolidated state, any
+                      world size) or ``refused`` (why only on ``world_size`` ranks), and ``segments``
+                      (``world_size``, ``num_workers``, ``batches``: the world sizes the run has trained
+                      on so far, in order); ``null`` in checkpoints written before it existed
 
 An architecture's pre-training hook adds its record under its own key
 (:attr:`zoo.models.base.PretrainHook.metadata_key`, e.g. ``scale_factors``).
@@ -102,6 +106,7 @@ class CheckpointMetadata:
     engine: dict | None = None
     weights_sha256: str | None = None
     init_from: dict | None = None
+    elastic: dict | None = None
     #: records of pre-training hooks, each stored at the top level under its own key
     extra: dict = field(default_factory=dict)
 
