@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 
 from launcher import checkpoint as ckpt
 from launcher import sharding
@@ -229,6 +230,9 @@ def set_up(cfg: TrainConfig) -> Job:
     lock = lock_run_dir(run_dir, runtime)
     planned_config = sharding.engine_config(cfg, runtime.bf16_supported)  # refuse a bad one before any work
     bf16 = planned_config["bf16"]["enabled"]
+    if bf16 and runtime.device.type == "cuda" and not runtime.bf16_supported:
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(runtime.device)} does not compute bf16 "
+                        "(use --precision fp32)")
     splits = prepare(cfg, runtime)
     memory_plan = sharding.memory_check(cfg, runtime, planned_config)  # refuses what cannot fit (CUDA)
     spec = get_spec(cfg.model)
@@ -307,10 +311,11 @@ def announce(job: Job) -> None:
                    checkpoint=str(job.resume_from) if job.resume_from else None, flops_counted=True,
                    peak_flops=job.peak, peak_source=job.peak_source, symmetry_loss=cfg.symmetry_loss,
                    code_version=job.code_version, data_rejected=rejected_summary(job.splits), disk=job.disk,
-                   engine=sharding.engine_record(cfg, ds), memory_plan=job.memory_plan, **hook_record)
+                   engine=sharding.engine_record(cfg, ds), precision=sharding.precision_record(cfg, ds),
+                   memory_plan=job.memory_plan, **hook_record)
     job.log.say(f"[bold]{cfg.model}[/] width {cfg.width}: N = {job.n_params:,} parameters, {job.total} steps × "
                 f"{runtime.world_size} rank(s), lr {job.lr:.3g}, {sharding.engine_record(cfg, ds)['summary']}, "
-                f"{'bf16' if ds['bf16']['enabled'] else 'fp32'} on {runtime.device}; run dir {job.run_dir}")
+                f"{'bf16 (fp32 islands)' if ds['bf16']['enabled'] else 'fp32'} on {runtime.device}; run dir {job.run_dir}")
     job.log.say(f"MFU against {job.peak_source}")
     for name, split in rejected_summary(job.splits).items():
         if split["rejected"]:

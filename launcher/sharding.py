@@ -101,16 +101,24 @@ def memory_check(cfg: TrainConfig, runtime, config: dict) -> dict:
 
 
 def engine_record(cfg: TrainConfig, config: dict) -> dict:
-    """What the checkpoint metadata and the run log record about the engine and precision policy."""
+    """What the checkpoint metadata and the run log record about the engine (the precision policy:
+    :func:`precision_record`)."""
     zero = config.get("zero_optimization", {})
     stage = zero.get("stage") if cfg.engine == "deepspeed" else config["fsdp"]["units"]
-    bf16 = bool(config["bf16"]["enabled"])
     offload = [k for k in ("offload_optimizer", "offload_param") if k in zero]
     summary = (f"ZeRO-{stage}" if cfg.engine == "deepspeed" else f"FSDP2 ({stage})") + \
         "".join(f", {k.replace('_', ' ')}" for k in offload) + (", activation checkpointing"
                                                                  if cfg.activation_checkpointing else "")
     return {"engine": cfg.engine, "stage": stage, "offload": offload,
-            "activation_checkpointing": cfg.activation_checkpointing, "summary": summary,
-            "precision": {"compute": "bf16" if bf16 else "fp32", "master_weights": "fp32", "optimizer_state": "fp32",
-                          "gradient_reduction": "fp32" if cfg.engine == "fsdp" or not bf16 else "bf16",
-                          "loss": "fp32", "energy_references": "fp64"}}
+            "activation_checkpointing": cfg.activation_checkpointing, "summary": summary}
+
+
+def precision_record(cfg: TrainConfig, config: dict) -> dict:
+    """The precision policy of the run (checkpoint metadata ``precision``,
+    :func:`zoo.models.precision.policy_record`): compute dtype, fp32 islands, and the dtype the
+    engine reduces gradients in (DeepSpeed bf16: bf16; FSDP2: ``reduce_dtype`` fp32)."""
+    from zoo.models.precision import policy_record
+
+    bf16 = bool(config["bf16"]["enabled"])
+    return policy_record("bf16" if bf16 else "fp32",
+                         gradient_reduction="fp32" if cfg.engine == "fsdp" or not bf16 else "bf16")

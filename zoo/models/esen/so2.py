@@ -34,6 +34,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from zoo.models.precision import fp32_island
+
 
 def num_coefficients(lmax: int) -> int:
     """``(lmax + 1)²``: the number of real spherical-harmonic coefficients up to ``lmax``."""
@@ -95,7 +97,7 @@ class EdgeFrame(nn.Module):
     -------
     unit_vectors : ``[E, 3]`` unit edge directions.
 
-    Returns ``D`` ``[E, K, (lmax+1)²]``: the rows of the block-diagonal Wigner-D matrix of ``R_e``
+    Returns ``D`` ``[E, K, (lmax+1)²]`` (at least fp32: an fp32 island): the rows of the block-diagonal Wigner-D matrix of ``R_e``
     (``R_e n_e = e_y``) for the ``K`` frame coefficients of :func:`frame_layout`. Rotate into the
     frame with ``D @ x`` (``[E, (lmax+1)², C] → [E, K, C]``) and back with ``Dᵀ @ y``.
     """
@@ -137,17 +139,14 @@ class EdgeFrame(nn.Module):
         rot = eye + k + (k @ k) / (1 + my)[:, None, None]  # [E, 3, 3]
         return torch.where(sign[:, :, None] > 0, rot, c["flip"] @ rot)  # [E, 3, 3]
 
+    @fp32_island  # the pseudo-inverse and orthogonality need at least fp32 (zoo.models.precision)
     def forward(self, unit_vectors: torch.Tensor) -> torch.Tensor:
-        dtype = unit_vectors.dtype
-        if dtype in (torch.float16, torch.bfloat16):  # the pseudo-inverse needs at least fp32
-            unit_vectors = unit_vectors.float()
         c = self._const.get(unit_vectors)
         rot = self.rotation_to_y(unit_vectors)  # [E, 3, 3]
         turned = torch.einsum("pj,eij->epi", c["points"], rot)  # [E, P, 3]  rows R·x_p
         sh = o3.spherical_harmonics(list(range(self.lmax + 1)), turned, normalize=False)  # [E, P, (lmax+1)²]
         # D[r, s] = Σ_p Y(R x_p)[p, r] · pinv[s, p], within a degree block
-        wigner = (sh[:, :, c["keep"]].transpose(1, 2) @ c["pinv_t"]) * c["mask"]  # [E, K, (lmax+1)²]
-        return wigner.to(dtype)
+        return (sh[:, :, c["keep"]].transpose(1, 2) @ c["pinv_t"]) * c["mask"]  # [E, K, (lmax+1)²]
 
 
 class SO2Convolution(nn.Module):
