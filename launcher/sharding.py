@@ -9,8 +9,11 @@ engine                     direct forces                   conservative forces (
 =========================  ==============================  =====================================
 
 (docs/FEASIBILITY.md; each accepted cell is checked against one process in
-``tests/launcher/test_engines.py``.) Offload (``--offload-optimizer``, ``--offload-params``) is
-DeepSpeed's; activation checkpointing (``--activation-checkpointing``) works with both engines.
+``tests/launcher/test_engines.py``.) Offload: DeepSpeed offloads the optimizer
+(``--offload-optimizer``, ZeRO 1-3) and parameters (``--offload-params``, ZeRO-3) separately; FSDP2
+offloads parameters, gradients and optimizer state together (``--engine fsdp --offload-params``,
+``CPUOffloadPolicy``; an optimizer-only offload is refused there). Activation checkpointing
+(``--activation-checkpointing``) works with both engines.
 """
 
 from __future__ import annotations
@@ -33,9 +36,6 @@ def engine_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
         return deepspeed_config(cfg, bf16_supported)
     if cfg.engine != "fsdp":
         raise UserError(f"--engine {cfg.engine!r}: expected deepspeed or fsdp")
-    if cfg.offload_optimizer or cfg.offload_params:
-        raise UserError("--offload-optimizer/--offload-params are DeepSpeed's: use --engine deepspeed "
-                         "(--zero-stage 3 for parameters)")
     if cfg.deepspeed_config:
         raise UserError("--deepspeed_config configures the DeepSpeed engine, not --engine fsdp")
     from launcher.fsdp import fsdp_config

@@ -16,7 +16,7 @@ FSDP root only     4N / W        4N / W          8N / W                whole mod
 
 (b = 4 for fp32, 2 for bf16; DeepSpeed keeps an fp32 master partition of the weights in
 ZeRO 1–3.) Optimizer offload moves the optimizer column to the CPU, ZeRO-3 parameter offload
-the weights column. Activations = measured saved-tensor bytes per atom
+the weights column; FSDP2's ``CPUOffloadPolicy`` moves weights, gradients and optimizer together. Activations = measured saved-tensor bytes per atom
 (:mod:`zoo.plan.activations`, on the model's own graph) × atoms per batch (× ½ in bf16);
 activation checkpointing keeps only each block's inputs plus one block. A fixed
 :data:`RUNTIME_BYTES` covers the framework's own context.
@@ -94,6 +94,8 @@ def plan_one(engine: str, stage, n_params: int, largest_block: int, world: int, 
         optimizer = 0.0
     if "params" in offload:
         weights = 0.0
+        if engine == "fsdp":  # CPUOffloadPolicy: sharded gradients go to the host as well
+            gradients = 0.0
     activations = activations_per_atom * atoms * (0.5 if b == 2 else 1.0)
     plan = Plan(engine, stage, checkpointing, offload, weights, gradients, optimizer, activations, buffers)
     plan.fits = plan.total <= USABLE * memory
@@ -110,7 +112,7 @@ def plan_all(n_params: int, largest_block: int, world: int, precision: str, acti
         for engine, stage in (("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3), ("fsdp", "blocks"),
                               ("fsdp", "root")):
             offloads = [""] + (["optimizer"] if engine == "deepspeed" else []) + \
-                (["optimizer+params"] if stage == 3 else [])
+                (["optimizer+params"] if stage in (3, "blocks", "root") else [])
             for offload in offloads:
                 plan = plan_one(engine, stage, n_params, largest_block, world, precision, per_atom, atoms,
                                 checkpointing, offload, memory)
