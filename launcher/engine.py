@@ -233,7 +233,15 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, optimizer, runtime: R
     """
     import deepspeed
 
+    from zoo.plan.memory import BUCKET_ELEMENTS
+
     ds_config = deepspeed_config(cfg, runtime.bf16_supported)
+    zero = ds_config["zero_optimization"]
+    if zero["stage"] == 3 and "reduce_bucket_size" not in zero:
+        # ZeRO-3 allocates its gradient bucket whole at start-up (reduce_bucket_size elements, DeepSpeed's
+        # default 5e8: 1 GB bf16 / 2 GB fp32 per rank); one larger than the model is never filled
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        zero["reduce_bucket_size"] = int(min(BUCKET_ELEMENTS, n_params))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            model_parameters=None)
     return engine, ds_config

@@ -58,10 +58,11 @@ def perturbed(atoms: Atoms, seed: int, scale: float = 0.05, charge: int = 0, spi
 
 
 def evaluate(model, atoms_list, cutoff: float | None = None) -> dict[str, torch.Tensor]:
-    """Energies ``[B]`` (eV) and forces ``[N, 3]`` (eV/Å) of ``atoms_list`` in one batch."""
+    """Energies ``[B]`` (eV) and forces ``[N, 3]`` (eV/Å) of ``atoms_list`` in one batch, on the model's device."""
     cutoff = cutoff if cutoff is not None else model.data_cutoff
-    dtype = geometry_dtype(next(model.parameters()).dtype)  # positions never below fp32 (bf16 models)
-    return model(batch_from_atoms(atoms_list, cutoff=cutoff, dtype=dtype))
+    parameter = next(model.parameters())
+    dtype = geometry_dtype(parameter.dtype)  # positions never below fp32 (bf16 models)
+    return model(batch_from_atoms(atoms_list, cutoff=cutoff, dtype=dtype).to(parameter.device))
 
 
 def _scale(*tensors: torch.Tensor) -> float:
@@ -91,7 +92,7 @@ def rotation_error(model, atoms: Atoms, rotation: np.ndarray) -> float:
     rotated = atoms.copy()
     rotated.positions = atoms.positions @ rotation.T
     base, turned = evaluate(model, [atoms]), evaluate(model, [rotated])
-    r = torch.as_tensor(rotation, dtype=base[keys.FORCES].dtype)
+    r = torch.as_tensor(rotation, dtype=base[keys.FORCES].dtype, device=base[keys.FORCES].device)
     diff = (turned[keys.FORCES] - base[keys.FORCES] @ r.T).abs().max()
     return float(diff) / _scale(base[keys.FORCES])
 
@@ -111,7 +112,7 @@ def precision_report(model, atoms_list: list[Atoms], rotation: np.ndarray) -> di
 
     low = cast_parameters(copy.deepcopy(model), torch.bfloat16)
     full, half = evaluate(model, atoms_list), evaluate(low, atoms_list)
-    atoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.float64)
+    atoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.float64, device=full[keys.ENERGY].device)
     d_energy = (half[keys.ENERGY].detach().double() - full[keys.ENERGY].detach().double()).abs() / atoms
     d_forces = (half[keys.FORCES].detach().double() - full[keys.FORCES].detach().double()).abs().max()
     return {"energy_per_atom": float(d_energy.max()), "forces": float(d_forces) / _scale(full[keys.FORCES]),
