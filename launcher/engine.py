@@ -121,7 +121,9 @@ def init_distributed(timeout_s: float = 1800.0, engine: str = "deepspeed") -> Ru
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
-    backend = "nccl" if cuda else "gloo"
+    # FSDP2 on CUDA also talks about host tensors (CPU-offloaded shards gathered for the schedule-free
+    # average, sharded state loaded from rank 0): gloo serves those, NCCL the device tensors
+    backend = ("cpu:gloo,cuda:nccl" if engine == "fsdp" else "nccl") if cuda else "gloo"
     timeout = timedelta(seconds=timeout_s)
     if not torch.distributed.is_initialized():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
