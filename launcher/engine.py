@@ -88,9 +88,12 @@ def setup_environment() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if os.environ.get("WORLD_SIZE", "1") == "1":  # plain `python train.py` (or a launcher of one rank)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    if os.environ.get("WORLD_SIZE", "1") == "1" and not agent_store:  # `python train.py`, or deepspeed with 1 rank
         # A one-process job meets nobody: a fresh local port every time, never one inherited from a
         # parent's environment (a stale MASTER_PORT made concurrent one-process jobs collide).
+        # Not under torchrun: its agent hosts the store at MASTER_PORT (`torchrun --nproc_per_node 1`
+        # waited 30 min for a store on the fresh port).
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if not torch.cuda.is_available():
