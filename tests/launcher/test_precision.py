@@ -26,6 +26,16 @@ def test_explicit_bf16_is_honoured_without_cuda_and_auto_stays_fp32():
 
 
 @pytest.mark.slow
+def test_zero_init_in_bf16_keeps_the_islands_constants():
+    """``--zero-stage 3 --precision bf16`` builds the model inside ``zero.Init``: eSEN builds there and
+    every island constant (Wigner-D sample points and pseudo-inverses, radial frequencies, norms'
+    weights) equals a plain build's, dtype included (tests/launcher/zinit_constants.py)."""
+    result = run([PYTHON, "tests/launcher/zinit_constants.py"], timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "all constants identical" in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
 def test_two_rank_bf16_run_records_the_policy(data, tmp_path, engine):
     from zoo.hub.checkpoint import load_model, read_metadata

@@ -88,7 +88,8 @@ class ForceField(nn.Module):
         self.direct_forces = bool(direct_forces)
         self.max_atomic_number = int(max_atomic_number)
         self.min_distance = float(min_distance)
-        self.element_references = torch.zeros(self.max_atomic_number + 1, dtype=torch.float64)
+        # as_tensor, not zeros: zero.Init would re-type zeros' output to bf16 (zoo.models.esen.so2)
+        self.element_references = torch.as_tensor([0.0] * (self.max_atomic_number + 1), dtype=torch.float64)
         self.force_rms = 1.0
         self._compiled_interact: Callable | None = None
 
@@ -244,7 +245,7 @@ class ForceField(nn.Module):
             batch[keys.SPIN],
             num_graphs,
         )  # [N], [N, 3] | None
-        # the energy sum and the force output are fp32 islands (a bf16 sum of 350 atoms loses the small terms)
+        # the energy sum and the force output are fp32 islands (a bf16 running sum rounds at every atom)
         node_energy = node_energy.to(geometry)  # [N]
         normalised = torch.zeros(num_graphs, dtype=geometry, device=node_energy.device)
         normalised = normalised.index_add(0, node_batch, node_energy)  # [B]

@@ -64,7 +64,8 @@ class BesselBasis(nn.Module):
     def __init__(self, cutoff: float, num_radial: int = 8) -> None:
         super().__init__()
         self.cutoff = float(cutoff)
-        self.register_buffer("frequencies", math.pi * torch.arange(1, num_radial + 1, dtype=torch.float32))
+        # linspace, not arange: DeepSpeed's zero.Init re-types arange's output to bf16 (zoo.models.esen.so2)
+        self.register_buffer("frequencies", math.pi * torch.linspace(1, num_radial, num_radial, dtype=torch.float32))
 
     @fp32_island
     def forward(self, distances: torch.Tensor) -> torch.Tensor:

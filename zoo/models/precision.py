@@ -22,8 +22,8 @@ master weights, optimizer state             fp32      the engine
 Why these islands: bf16 keeps 8 significant bits, so a coordinate of 10 Å is stored to ±0.03 Å
 and an edge vector, a difference of two, loses more; Gaussians 0.1 Å wide or the 1/d of a Bessel
 basis would be evaluated at the wrong distance, Wigner-D matrices would stop being orthogonal
-(rotation-equivariance error of the rounding, 2⁻⁹ per entry, in every layer), and a sum of 350
-per-atom energies in bf16 is off by ~1 % of its size. Island outputs are cast to the compute dtype
+(rotation-equivariance error of the rounding, 2⁻⁹ per entry, in every layer), and a bf16 running
+sum of 350 per-atom energies rounds at every addition (2⁻⁹ of the partial sum each). Island outputs are cast to the compute dtype
 exactly once, at the boundary, where the learned layers take them (Micikevicius et al. 2018,
 "Mixed Precision Training", arXiv 1710.03740, Sec. 3: keep reductions and sensitive ops in fp32;
 Kalamkar et al. 2019, "A Study of BFLOAT16 for Deep Learning Training", arXiv 1905.12322).
