@@ -49,7 +49,8 @@ steady = train[1:] or train  # the first step carries start-up costs
 end = next((r for r in rows if r["kind"] == "end"), {})
 aps = sorted(r["atoms_per_s"] for r in steady)
 mfu = sorted(r["mfu"] for r in steady if r.get("mfu") is not None)
-peak, planned = end.get("peak_memory_bytes"), end.get("planned_memory_bytes")
+peak = end.get("peak_memory_bytes")  # CUDA only, in the end record (a run cut by its timeout has none)
+planned = end.get("planned_memory_bytes") or (start.get("memory_plan") or {}).get("estimate_bytes")
 print("  precision:", (start.get("precision") or {}).get("compute"), "| steps:", len(train),
       f"| atoms/s median {aps[len(aps)//2]:.0f}" if aps else "| no train records",
       f"| MFU median {100*mfu[len(mfu)//2]:.1f}%" if mfu else "",
