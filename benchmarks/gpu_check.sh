@@ -55,7 +55,7 @@ print("  precision:", (start.get("precision") or {}).get("compute"), "| steps:",
       f"| atoms/s median {aps[len(aps)//2]:.0f}" if aps else "| no train records",
       f"| MFU median {100*mfu[len(mfu)//2]:.1f}%" if mfu else "",
       f"| peak {peak/2**30:.2f} GiB vs planned {planned/2**30:.2f} GiB (planned/peak {planned/peak:.2f})"
-      if peak and planned else f"| peak {peak} planned {planned}")
+      if peak and planned else f"| peak {peak} (CUDA only), planned {(planned or 0) / 2**30:.2f} GiB")
 PYEOF
   done
 done
