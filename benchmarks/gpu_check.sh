@@ -22,6 +22,19 @@ else
   MEM=$($PY -c "import torch; print(torch.cuda.get_device_properties(0).total_memory)")
 fi
 START=$SECONDS
+# the final checkpoint also validates on the whole validation split (1,770 structures of the sample):
+# give the runs a 16-structure split so that a few steps fit the time limit
+VAL="$OUT/val16.aselmdb"
+rm -f "$VAL"
+timeout 60 $PY - "$VAL" <<'PYEOF'
+import sys
+import ase.db
+src = ase.db.connect("data/omol25_sample/val/data0000.aselmdb")
+with ase.db.connect(sys.argv[1], type="aselmdb") as dst:
+    for row in src.select(limit=16):
+        dst.write(row.toatoms(), data=row.data, key_value_pairs=row.key_value_pairs)
+print(f"validation split for the runs: {sys.argv[1]} ({len(dst)} structures)")
+PYEOF
 
 for model in esen gemnet-oc; do
   echo "== zoo plan $model width $WIDTH, 1 rank, bf16"
@@ -33,7 +46,7 @@ for model in esen gemnet-oc; do
     echo "== $model width $WIDTH, --precision bf16, --engine $engine ($MAX_ATOMS atoms, $ATOMS per step; ${RUN_LIMIT} s at most)"
     timeout $RUN_LIMIT $PY -m torch.distributed.run --standalone --nproc_per_node 1 launcher/train.py \
       --model $model --width $WIDTH --precision bf16 --engine $engine --atoms-per-batch $ATOMS \
-      --max-atoms $MAX_ATOMS --checkpoint-at 1 --keep-engine-state 1 --max-val-structures 16 --log-every 1 \
+      --max-atoms $MAX_ATOMS --checkpoint-at 1 --keep-engine-state 1 --val "$VAL" --max-val-structures 16 --log-every 1 \
       --run-dir "$run" > "$run.log" 2>&1
     echo "  exit $? (log: $run.log)"
     $PY - "$run" <<'PYEOF'

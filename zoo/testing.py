@@ -93,7 +93,7 @@ def rotation_error(model, atoms: Atoms, rotation: np.ndarray) -> float:
     rotated.positions = atoms.positions @ rotation.T
     base, turned = evaluate(model, [atoms]), evaluate(model, [rotated])
     r = torch.as_tensor(rotation, dtype=base[keys.FORCES].dtype, device=base[keys.FORCES].device)
-    diff = (turned[keys.FORCES] - base[keys.FORCES] @ r.T).abs().max()
+    diff = (turned[keys.FORCES] - base[keys.FORCES] @ r.T).detach().abs().max()
     return float(diff) / _scale(base[keys.FORCES])
 
 
