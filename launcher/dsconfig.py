@@ -26,6 +26,10 @@ def _merge(base: dict, extra: dict) -> dict:
 def deepspeed_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
     """The DeepSpeed JSON of the run: project defaults < user's file < explicit flags.
 
+    ``bf16_supported``: the device computes bf16 fast (CUDA with bf16), so ``--precision auto``
+    picks it; an explicit ``--precision bf16`` is honoured anywhere (the CPU computes bf16 too,
+    slowly; a CUDA device without bf16 is refused by :func:`launcher.job.set_up`).
+
     The micro batch is one packed graph batch per rank and step (batches are packed by atoms,
     not counted in structures), so ``train_micro_batch_size_per_gpu`` is 1 and gradient
     accumulation is 1; these, and the optimizer (schedule-free AdamW, built by the launcher),
@@ -80,8 +84,6 @@ def deepspeed_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
     else:
         precision = precision or "auto"
         bf16 = bf16_supported if precision == "auto" else precision == "bf16"
-    if bf16 and not bf16_supported:
-        raise UserError("bf16 asked for but this device does not support it (use --precision fp32)")
     config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
     if bf16:  # DeepSpeed then discards non-finite bf16 gradients instead of applying them (launcher.health)
         config["bf16"].setdefault("check_grad_overflow", True)

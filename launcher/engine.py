@@ -88,9 +88,12 @@ def setup_environment() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if os.environ.get("WORLD_SIZE", "1") == "1":  # plain `python train.py` (or a launcher of one rank)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    if os.environ.get("WORLD_SIZE", "1") == "1" and not agent_store:  # `python train.py`, or deepspeed with 1 rank
         # A one-process job meets nobody: a fresh local port every time, never one inherited from a
         # parent's environment (a stale MASTER_PORT made concurrent one-process jobs collide).
+        # Not under torchrun: its agent hosts the store at MASTER_PORT (`torchrun --nproc_per_node 1`
+        # waited 30 min for a store on the fresh port).
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if not torch.cuda.is_available():
@@ -121,7 +124,9 @@ def init_distributed(timeout_s: float = 1800.0, engine: str = "deepspeed") -> Ru
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
-    backend = "nccl" if cuda else "gloo"
+    # FSDP2 on CUDA also talks about host tensors (CPU-offloaded shards gathered for the schedule-free
+    # average, sharded state loaded from rank 0): gloo serves those, NCCL the device tensors
+    backend = ("cpu:gloo,cuda:nccl" if engine == "fsdp" else "nccl") if cuda else "gloo"
     timeout = timedelta(seconds=timeout_s)
     if not torch.distributed.is_initialized():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -250,7 +255,15 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, optimizer, runtime: R
     """
     import deepspeed
 
+    from zoo.plan.memory import BUCKET_ELEMENTS
+
     ds_config = deepspeed_config(cfg, runtime.bf16_supported)
+    zero = ds_config["zero_optimization"]
+    if zero["stage"] == 3 and "reduce_bucket_size" not in zero:
+        # ZeRO-3 allocates its gradient bucket whole at start-up (reduce_bucket_size elements, DeepSpeed's
+        # default 5e8: 1 GB bf16 / 2 GB fp32 per rank); one larger than the model is never filled
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        zero["reduce_bucket_size"] = int(min(BUCKET_ELEMENTS, n_params))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            model_parameters=None)
     return engine, ds_config

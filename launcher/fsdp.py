@@ -57,24 +57,39 @@ def fsdp_units(cfg: TrainConfig) -> str:
 
 
 def fsdp_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
-    """The engine's record (same keys as the DeepSpeed JSON the run log and metadata read)."""
-    bf16 = bf16_supported if cfg.precision == "auto" else cfg.precision == "bf16"
-    if bf16 and not bf16_supported:
-        raise ValueError("bf16 asked for but this device does not support it (use --precision fp32)")
-    return {"engine": "fsdp", "fsdp": {"units": fsdp_units(cfg), "reshard_after_forward": True},
-            "zero_optimization": {"stage": 3}, "bf16": {"enabled": bool(bf16)}}
+    """The engine's record (same keys as the DeepSpeed JSON the run log and metadata read).
+
+    ``--offload-params`` selects FSDP2's ``CPUOffloadPolicy``: sharded parameters, their gradients and
+    the optimizer state live in host memory and the optimizer steps there (recorded as both
+    ``offload_param`` and ``offload_optimizer``). Raises ``ValueError`` for ``--offload-optimizer``
+    alone: FSDP2 has no optimizer-only offload (the optimizer state follows the parameters' device).
+    """
+    bf16 = bf16_supported if cfg.precision == "auto" else cfg.precision == "bf16"  # as deepspeed_config
+    if cfg.offload_optimizer and not cfg.offload_params:
+        raise ValueError("--engine fsdp --offload-optimizer: FSDP2 cannot offload the optimizer state alone (it lives "
+                         "where the sharded parameters live); use --engine fsdp --offload-params (parameters, "
+                         "gradients and optimizer state on the CPU) or --engine deepspeed --offload-optimizer")
+    zero = {"stage": 3}
+    if cfg.offload_params:
+        zero.update(offload_param={"device": "cpu"}, offload_optimizer={"device": "cpu"})
+    return {"engine": "fsdp", "fsdp": {"units": fsdp_units(cfg), "reshard_after_forward": True,
+                                       "cpu_offload": bool(cfg.offload_params)},
+            "zero_optimization": zero, "bf16": {"enabled": bool(bf16)}}
 
 
-def shard(model: nn.Module, units: str, bf16: bool) -> nn.Module:
-    """Apply ``fully_shard`` per block then to the root (``units="blocks"``) or to the root only."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def shard(model: nn.Module, units: str, bf16: bool, offload: bool = False) -> nn.Module:
+    """Apply ``fully_shard`` per block then to the root (``units="blocks"``) or to the root only;
+    ``offload``: ``CPUOffloadPolicy`` (pinned host memory on CUDA)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
+    options = {"mp_policy": policy,
+               "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()}
     if units == "blocks":
         for block in model.repeated_blocks():
-            fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+            fully_shard(block, **options)
+    fully_shard(model, **options)
     return model
 
 
@@ -95,11 +110,11 @@ def build_fsdp_engine(cfg: TrainConfig, runtime, lr: float, warmup_steps: int, n
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     config = fsdp_config(cfg, runtime.bf16_supported)
-    units, bf16 = config["fsdp"]["units"], config["bf16"]["enabled"]
+    units, bf16, offload = config["fsdp"]["units"], config["bf16"]["enabled"], config["fsdp"]["cpu_offload"]
     if prepared is not None:
         if cfg.activation_checkpointing:
             checkpoint_blocks(prepared)
-        model = shard(prepared.to(runtime.device), units, bf16)
+        model = shard(prepared.to(runtime.device), units, bf16, offload)
     else:
         full = None
         if runtime.is_main:
@@ -110,11 +125,16 @@ def build_fsdp_engine(cfg: TrainConfig, runtime, lr: float, warmup_steps: int, n
         model.set_normalization(*normalisation)  # a plain attribute, not part of the state dict
         if cfg.activation_checkpointing:
             checkpoint_blocks(model)
-        shard(model, units, bf16)
-        model.to_empty(device=runtime.device)
+        shard(model, units, bf16, offload)
+        # offload: sharded parameters live on the host; buffers are not sharded and stay on the device
+        model.to_empty(device="cpu" if offload else runtime.device)
         state = full.state_dict() if full is not None else {}
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full, state
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(runtime.device)
     optimizer = build_optimizer(model, lr, cfg.betas, cfg.weight_decay, warmup_steps)
     return FSDPEngine(model, optimizer, runtime), config
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 
 from launcher import checkpoint as ckpt
 from launcher import elastic, nodes
@@ -235,6 +236,9 @@ def set_up(cfg: TrainConfig) -> Job:
     # refuse a bad engine configuration before any work
     planned_config = nodes.together(runtime, sharding.engine_config, cfg, runtime.bf16_supported)
     bf16 = planned_config["bf16"]["enabled"]
+    if bf16 and runtime.device.type == "cuda" and not runtime.bf16_supported:
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(runtime.device)} does not compute bf16 "
+                        "(use --precision fp32)")
     splits = nodes.together(runtime, prepare, cfg, runtime)
     for name, index in (("train", splits.train), ("val", splits.val)):  # every rank plans from its own index
         nodes.check_same(runtime, f"the {name} shards' index (data hash)", index.data_hash,
@@ -320,11 +324,12 @@ def announce(job: Job) -> None:
                    checkpoint=str(job.resume_from) if job.resume_from else None, flops_counted=True,
                    peak_flops=job.peak, peak_source=job.peak_source, symmetry_loss=cfg.symmetry_loss,
                    code_version=job.code_version, data_rejected=rejected_summary(job.splits), disk=job.disk,
-                   engine=sharding.engine_record(cfg, ds), memory_plan=job.memory_plan,
-                   elastic=job.resumed_elsewhere, lineage=job.loader.lineage, **hook_record)
+                   engine=sharding.engine_record(cfg, ds), precision=sharding.precision_record(cfg, ds),
+                   memory_plan=job.memory_plan, elastic=job.resumed_elsewhere, lineage=job.loader.lineage,
+                   **hook_record)
     job.log.say(f"[bold]{cfg.model}[/] width {cfg.width}: N = {job.n_params:,} parameters, {job.total} steps × "
                 f"{runtime.world_size} rank(s), lr {job.lr:.3g}, {sharding.engine_record(cfg, ds)['summary']}, "
-                f"{'bf16' if ds['bf16']['enabled'] else 'fp32'} on {runtime.device}; run dir {job.run_dir}")
+                f"{'bf16 (fp32 islands)' if ds['bf16']['enabled'] else 'fp32'} on {runtime.device}; run dir {job.run_dir}")
     job.log.say(f"MFU against {job.peak_source}")
     if job.resumed_elsewhere is not None:
         moved = job.resumed_elsewhere

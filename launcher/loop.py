@@ -39,7 +39,7 @@ from launcher.finetune import init_metadata
 from launcher.job import Job, make_loader, set_up
 from launcher.loss import global_loss, loss_terms
 from launcher.materialise import evaluation_model
-from launcher.sharding import engine_record
+from launcher.sharding import engine_record, precision_record
 from launcher.optim import averaged_weights
 from launcher.retention import gb, prune_engine_state
 from launcher.throughput import rates, run_summary
@@ -317,7 +317,7 @@ def checkpoint_metadata(job: Job, metrics: dict, full: dict | None) -> dict:
         throughput=run_summary(state, job.peak, job.peak_source, job.n_params, job.counter, job.cpu_time_mfu),
         symmetry_loss=cfg.symmetry_loss, val_data_hash=job.splits.val.data_hash,
         data_rejected=rejected_summary(job.splits), engine=engine_record(cfg, job.ds_config),
-        init_from=init_metadata(cfg), elastic=elastic_record(job),
+        precision=precision_record(cfg, job.ds_config), init_from=init_metadata(cfg), elastic=elastic_record(job),
         atoms_seen_note="original training atoms; rotated copies of the symmetry loss not counted"
         if cfg.symmetry_loss else None,
         flops_note=None if state.flops is not None else "resumed from a run that did not count FLOPs from its start",

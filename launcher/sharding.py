@@ -9,8 +9,11 @@ engine                     direct forces                   conservative forces (
 =========================  ==============================  =====================================
 
 (docs/FEASIBILITY.md; each accepted cell is checked against one process in
-``tests/launcher/test_engines.py``.) Offload (``--offload-optimizer``, ``--offload-params``) is
-DeepSpeed's; activation checkpointing (``--activation-checkpointing``) works with both engines.
+``tests/launcher/test_engines.py``.) Offload: DeepSpeed offloads the optimizer
+(``--offload-optimizer``, ZeRO 1-3) and parameters (``--offload-params``, ZeRO-3) separately; FSDP2
+offloads parameters, gradients and optimizer state together (``--engine fsdp --offload-params``,
+``CPUOffloadPolicy``; an optimizer-only offload is refused there). Activation checkpointing
+(``--activation-checkpointing``) works with both engines.
 """
 
 from __future__ import annotations
@@ -33,9 +36,6 @@ def engine_config(cfg: TrainConfig, bf16_supported: bool) -> dict:
         return deepspeed_config(cfg, bf16_supported)
     if cfg.engine != "fsdp":
         raise UserError(f"--engine {cfg.engine!r}: expected deepspeed or fsdp")
-    if cfg.offload_optimizer or cfg.offload_params:
-        raise UserError("--offload-optimizer/--offload-params are DeepSpeed's: use --engine deepspeed "
-                         "(--zero-stage 3 for parameters)")
     if cfg.deepspeed_config:
         raise UserError("--deepspeed_config configures the DeepSpeed engine, not --engine fsdp")
     from launcher.fsdp import fsdp_config
@@ -101,16 +101,24 @@ def memory_check(cfg: TrainConfig, runtime, config: dict) -> dict:
 
 
 def engine_record(cfg: TrainConfig, config: dict) -> dict:
-    """What the checkpoint metadata and the run log record about the engine and precision policy."""
+    """What the checkpoint metadata and the run log record about the engine (the precision policy:
+    :func:`precision_record`)."""
     zero = config.get("zero_optimization", {})
     stage = zero.get("stage") if cfg.engine == "deepspeed" else config["fsdp"]["units"]
-    bf16 = bool(config["bf16"]["enabled"])
     offload = [k for k in ("offload_optimizer", "offload_param") if k in zero]
     summary = (f"ZeRO-{stage}" if cfg.engine == "deepspeed" else f"FSDP2 ({stage})") + \
         "".join(f", {k.replace('_', ' ')}" for k in offload) + (", activation checkpointing"
                                                                  if cfg.activation_checkpointing else "")
     return {"engine": cfg.engine, "stage": stage, "offload": offload,
-            "activation_checkpointing": cfg.activation_checkpointing, "summary": summary,
-            "precision": {"compute": "bf16" if bf16 else "fp32", "master_weights": "fp32", "optimizer_state": "fp32",
-                          "gradient_reduction": "fp32" if cfg.engine == "fsdp" or not bf16 else "bf16",
-                          "loss": "fp32", "energy_references": "fp64"}}
+            "activation_checkpointing": cfg.activation_checkpointing, "summary": summary}
+
+
+def precision_record(cfg: TrainConfig, config: dict) -> dict:
+    """The precision policy of the run (checkpoint metadata ``precision``,
+    :func:`zoo.models.precision.policy_record`): compute dtype, fp32 islands, and the dtype the
+    engine reduces gradients in (DeepSpeed bf16: bf16; FSDP2: ``reduce_dtype`` fp32)."""
+    from zoo.models.precision import policy_record
+
+    bf16 = bool(config["bf16"]["enabled"])
+    return policy_record("bf16" if bf16 else "fp32",
+                         gradient_reduction="fp32" if cfg.engine == "fsdp" or not bf16 else "bf16")

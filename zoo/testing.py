@@ -32,8 +32,9 @@ from ase.build import molecule
 
 from datapipe import keys
 from datapipe.graph import batch_from_atoms
-from zoo.registry import build
+from zoo.models.precision import geometry_dtype
 from zoo.models.symmetry import random_rotations
+from zoo.registry import build
 
 #: fp32 tolerance of the symmetry tests, relative to the largest |value| compared.
 FP32_RTOL = 2e-5
@@ -57,10 +58,11 @@ def perturbed(atoms: Atoms, seed: int, scale: float = 0.05, charge: int = 0, spi
 
 
 def evaluate(model, atoms_list, cutoff: float | None = None) -> dict[str, torch.Tensor]:
-    """Energies ``[B]`` (eV) and forces ``[N, 3]`` (eV/Å) of ``atoms_list`` in one batch."""
+    """Energies ``[B]`` (eV) and forces ``[N, 3]`` (eV/Å) of ``atoms_list`` in one batch, on the model's device."""
     cutoff = cutoff if cutoff is not None else model.data_cutoff
-    dtype = next(model.parameters()).dtype
-    return model(batch_from_atoms(atoms_list, cutoff=cutoff, dtype=dtype))
+    parameter = next(model.parameters())
+    dtype = geometry_dtype(parameter.dtype)  # positions never below fp32 (bf16 models)
+    return model(batch_from_atoms(atoms_list, cutoff=cutoff, dtype=dtype).to(parameter.device))
 
 
 def _scale(*tensors: torch.Tensor) -> float:
@@ -90,9 +92,33 @@ def rotation_error(model, atoms: Atoms, rotation: np.ndarray) -> float:
     rotated = atoms.copy()
     rotated.positions = atoms.positions @ rotation.T
     base, turned = evaluate(model, [atoms]), evaluate(model, [rotated])
-    r = torch.as_tensor(rotation, dtype=base[keys.FORCES].dtype)
-    diff = (turned[keys.FORCES] - base[keys.FORCES] @ r.T).abs().max()
+    r = torch.as_tensor(rotation, dtype=base[keys.FORCES].dtype, device=base[keys.FORCES].device)
+    diff = (turned[keys.FORCES] - base[keys.FORCES] @ r.T).detach().abs().max()
     return float(diff) / _scale(base[keys.FORCES])
+
+
+def precision_report(model, atoms_list: list[Atoms], rotation: np.ndarray) -> dict:
+    """How far the bf16 policy (:mod:`zoo.models.precision`) moves ``model`` from fp32.
+
+    A copy of the fp32 ``model`` gets bf16 parameters as DeepSpeed and FSDP2 give them
+    (:func:`zoo.models.precision.cast_parameters`); both evaluate ``atoms_list``. Returns
+    ``energy_per_atom`` (max |ΔE| / atoms, eV/atom), ``forces`` (max |ΔF| / max |F_fp32|), and the
+    rotation error (:func:`rotation_error` on ``atoms_list[0]``) of each, ``rotation_fp32`` and
+    ``rotation_bf16``.
+    """
+    import copy
+
+    from zoo.models.precision import cast_parameters
+
+    low = cast_parameters(copy.deepcopy(model), torch.bfloat16)
+    full, half = evaluate(model, atoms_list), evaluate(low, atoms_list)
+    atoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.float64, device=full[keys.ENERGY].device)
+    d_energy = (half[keys.ENERGY].detach().double() - full[keys.ENERGY].detach().double()).abs() / atoms
+    d_forces = (half[keys.FORCES].detach().double() - full[keys.FORCES].detach().double()).abs().max()
+    return {"energy_per_atom": float(d_energy.max()), "forces": float(d_forces) / _scale(full[keys.FORCES]),
+            "rotation_fp32": rotation_error(model, atoms_list[0], rotation),
+            "rotation_bf16": rotation_error(low, atoms_list[0], rotation),
+            "dtypes": (str(half[keys.ENERGY].dtype), str(half[keys.FORCES].dtype))}
 
 
 class ForceFieldTests:

@@ -5,7 +5,7 @@ persistence threshold 0 so that ZeRO-3 really partitions every tensor; built ins
 ``zero.Init`` as the launcher does) or ``fsdp`` (the launcher's sharding plan for FORCES
 ``direct``/``conservative``; built on the meta device and filled from rank 0). ``ac``: with
 per-block activation checkpointing; ``offload``: DeepSpeed optimizer offload (and parameter offload
-under ZeRO-3) to the CPU, with the schedule-free client optimizer. Each rank takes an uneven share of one global batch; for three
+under ZeRO-3) to the CPU, with the schedule-free client optimizer; FSDP2's ``CPUOffloadPolicy``. Each rank takes an uneven share of one global batch; for three
 steps the global loss and the full gradients are compared with a one-process reference (plain
 schedule-free AdamW on the whole batch, same seed). Writes the largest relative differences and
 what was partitioned as JSON to OUT (rank 0).

@@ -15,6 +15,7 @@ CASES = [  # engine, ZeRO stage, forces, extra flags
     ("deepspeed", 2, "conservative", ["ac"]),
     ("fsdp", 3, "direct", ["ac"]),  # per-block units
     ("fsdp", 3, "conservative", []),  # root-only unit
+    ("fsdp", 3, "direct", ["offload"]),  # CPUOffloadPolicy: parameters, gradients, optimizer on the host
 ]
 
 
@@ -38,8 +39,10 @@ def test_refusals_name_what_works():
         engine_config(parse(["--conservative", "--zero-stage", "3"]), False)
     with pytest.raises(ValueError, match="--fsdp-units root"):
         engine_config(parse(["--engine", "fsdp", "--fsdp-units", "blocks", "--conservative"]), False)
-    with pytest.raises(ValueError, match="--engine deepspeed"):
+    with pytest.raises(ValueError, match="cannot offload the optimizer state alone.*--engine fsdp --offload-params"):
         engine_config(parse(["--engine", "fsdp", "--offload-optimizer"]), False)
+    fsdp = engine_config(parse(["--engine", "fsdp", "--offload-params"]), False)
+    assert fsdp["fsdp"]["cpu_offload"] and set(fsdp["zero_optimization"]) >= {"offload_param", "offload_optimizer"}
     with pytest.raises(ValueError, match="--zero-stage 3"):
         engine_config(parse(["--offload-params"]), False)
     assert engine_config(parse(["--engine", "fsdp", "--conservative"]), False)["fsdp"]["units"] == "root"
@@ -69,7 +72,7 @@ def test_fsdp_job_trains_checkpoints_and_resumes(data, tmp_path):
     last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     meta = read_metadata(last)
     assert meta["engine"]["engine"] == "fsdp" and meta["engine"]["stage"] == "root", meta["engine"]
-    assert meta["engine"]["precision"]["compute"] == "fp32" and meta["world_size"] == 2
+    assert meta["precision"]["compute"] == "fp32" and meta["world_size"] == 2
     model = load_model(last)
     assert sum(p.numel() for p in model.parameters()) == meta["N"]
     resumed = run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),

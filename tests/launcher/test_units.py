@@ -1,6 +1,7 @@
 """Fast in-process checks: configuration, loss, schedule-free averaged weights, checkpoint format."""
 
 import copy
+import os
 import json
 
 import ase.db
@@ -144,3 +145,20 @@ def test_checkpoint_at_fractions_give_a_geometric_ladder():
     for bad in ("0", "1.5", "a,b", ""):
         with pytest.raises(SystemExit):
             parse(["--checkpoint-at", bad])
+
+
+def test_one_rank_under_torchrun_keeps_the_agents_store_port():
+    """``torchrun --nproc_per_node 1``: the agent hosts the store at MASTER_PORT, so the launcher must
+    not move a one-rank job to a fresh port (it did, and the rank waited for a store nobody hosted);
+    a plain one-process job still gets a fresh port."""
+    import subprocess
+    import sys
+
+    probe = "import os; from launcher.engine import setup_environment; setup_environment(); print(os.environ['MASTER_PORT'])"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MASTER_"))}
+    for agent, same in (("True", True), (None, False)):
+        env = {**base, "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+        if agent:
+            env["TORCHELASTIC_USE_AGENT_STORE"] = agent
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert (out.stdout.strip() == "29999") is same, (agent, out.stdout)

@@ -35,8 +35,13 @@ Keys (units and meaning)
                       (``--skip-bad-shards``), ``records`` (step, reason, structure ids or shard
                       and rows; the first 1000); ``null`` in checkpoints written before it existed
 ``engine``            how it was trained: ``engine`` (deepspeed/fsdp), ``stage`` (ZeRO stage or FSDP
-                      units), ``offload``, ``activation_checkpointing`` and the ``precision`` policy
-                      (compute dtype, fp32 master weights/optimizer state/loss, gradient reduction)
+                      units), ``offload``, ``activation_checkpointing`` (before this schema had
+                      ``precision``: also ``precision``, the compute dtype and master/reduction dtypes)
+``precision``         the mixed-precision policy (``zoo.models.precision.policy_record``): ``compute``
+                      (bf16/fp32), ``fp32_islands`` (parts kept in fp32: geometry, radial bases,
+                      spherical harmonics, Wigner-D, energy sum, force autograd, loss, …),
+                      ``master_weights``, ``optimizer_state``, ``gradient_reduction``,
+                      ``energy_references`` (fp64); ``null`` in checkpoints written before it existed
 ``weights_sha256``    SHA-256 (hex) of ``model.safetensors``, written by the saver and checked on every load
 ``init_from``         what a fine-tuned run started from (release name or checkpoint, its weights' SHA-256,
                       frozen patterns, whether normalisation was re-fitted); ``null`` for a run from scratch
@@ -107,6 +112,7 @@ class CheckpointMetadata:
     weights_sha256: str | None = None
     init_from: dict | None = None
     elastic: dict | None = None
+    precision: dict | None = None
     #: records of pre-training hooks, each stored at the top level under its own key
     extra: dict = field(default_factory=dict)
 

@@ -17,7 +17,9 @@ the same for all architectures:
   as DeepSpeed requires).
 
 References and σ are kept in float64 outside the parameter/buffer tree, so that an engine that
-casts the module to bf16 cannot round a −10⁴ eV reference to the nearest 64 eV.
+casts the module to bf16 cannot round a −10⁴ eV reference to the nearest 64 eV. Under bf16
+(:mod:`zoo.models.precision`) positions, edge vectors, the energy sum, the direct force output
+and ``−∂E/∂positions`` stay in at least fp32; only the architecture's learned layers run in bf16.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from datapipe import keys
+from zoo.models.precision import compute_dtype, geometry_dtype
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,8 @@ class ForceField(nn.Module):
         self.direct_forces = bool(direct_forces)
         self.max_atomic_number = int(max_atomic_number)
         self.min_distance = float(min_distance)
-        self.element_references = torch.zeros(self.max_atomic_number + 1, dtype=torch.float64)
+        # as_tensor, not zeros: zero.Init would re-type zeros' output to bf16 (zoo.models.esen.so2)
+        self.element_references = torch.as_tensor([0.0] * (self.max_atomic_number + 1), dtype=torch.float64)
         self.force_rms = 1.0
         self._compiled_interact: Callable | None = None
 
@@ -118,6 +122,11 @@ class ForceField(nn.Module):
         in forward order: the units an engine shards or recomputes (activation checkpointing) one
         at a time. Single-device code: this only names them."""
         return [block for child in self.children() if isinstance(child, nn.ModuleList) for block in child]
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the learned layers in this forward (:func:`zoo.models.precision.compute_dtype`):
+        island outputs are cast to it where the learned layers take them."""
+        return compute_dtype(self, device)
 
     @property
     def data_cutoff(self) -> float:
@@ -196,8 +205,9 @@ class ForceField(nn.Module):
         atomic_numbers = batch[keys.ATOMIC_NUMBERS]  # [N]
         node_batch = batch[keys.BATCH]  # [N]
         num_graphs = int(batch.num_graphs)
-        dtype = next(self.parameters()).dtype
-        positions = batch[keys.POSITIONS].to(dtype)  # [N, 3]
+        # geometry in at least fp32 (zoo.models.precision): bf16 would hold a 10 Å coordinate to ±0.03 Å
+        geometry = geometry_dtype(self.compute_dtype(batch[keys.POSITIONS].device))
+        positions = batch[keys.POSITIONS].to(geometry)  # [N, 3]
         if not self.direct_forces:
             # a non-leaf view: autograd.grad w.r.t. it works under engines and flop counters
             positions = positions.detach().requires_grad_(True).view_as(positions)
@@ -235,7 +245,9 @@ class ForceField(nn.Module):
             batch[keys.SPIN],
             num_graphs,
         )  # [N], [N, 3] | None
-        normalised = torch.zeros(num_graphs, dtype=node_energy.dtype, device=node_energy.device)
+        # the energy sum and the force output are fp32 islands (a bf16 running sum rounds at every atom)
+        node_energy = node_energy.to(geometry)  # [N]
+        normalised = torch.zeros(num_graphs, dtype=geometry, device=node_energy.device)
         normalised = normalised.index_add(0, node_batch, node_energy)  # [B]
 
         refs = self.element_references.to(positions.device)
@@ -244,7 +256,7 @@ class ForceField(nn.Module):
         energy = reference + self.force_rms * normalised.double()  # [B] eV
 
         if self.direct_forces:
-            forces = self.force_rms * direct  # [N, 3] eV/Å
+            forces = self.force_rms * direct.to(geometry)  # [N, 3] eV/Å
         else:
             forces = -self.force_rms * self.energy_gradient(normalised, positions, edge_index)  # [N, 3] eV/Å
         return {keys.ENERGY: energy, keys.FORCES: forces}

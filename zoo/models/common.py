@@ -1,4 +1,8 @@
-"""Building blocks shared by the zoo's architectures (radial bases, envelopes, embeddings)."""
+"""Building blocks shared by the zoo's architectures (radial bases, envelopes, embeddings).
+
+Radial bases and envelopes are fp32 islands (:func:`zoo.models.precision.fp32_island`): under bf16
+they take and return at least fp32 tensors.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import math
 
 import torch
 from torch import nn
+
+from zoo.models.precision import fp32_island
 
 
 def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -39,6 +45,7 @@ class PolynomialEnvelope(nn.Module):
         self.cutoff = float(cutoff)
         self.p = int(exponent)
 
+    @fp32_island
     def forward(self, distances: torch.Tensor) -> torch.Tensor:
         p = self.p
         x = distances / self.cutoff  # [E]
@@ -57,8 +64,10 @@ class BesselBasis(nn.Module):
     def __init__(self, cutoff: float, num_radial: int = 8) -> None:
         super().__init__()
         self.cutoff = float(cutoff)
-        self.register_buffer("frequencies", math.pi * torch.arange(1, num_radial + 1, dtype=torch.float32))
+        # linspace, not arange: DeepSpeed's zero.Init re-types arange's output to bf16 (zoo.models.esen.so2)
+        self.register_buffer("frequencies", math.pi * torch.linspace(1, num_radial, num_radial, dtype=torch.float32))
 
+    @fp32_island
     def forward(self, distances: torch.Tensor) -> torch.Tensor:
         d = distances.clamp_min(1e-6).unsqueeze(-1) / self.cutoff  # [E, 1]
         return math.sqrt(2.0 / self.cutoff) * torch.sin(self.frequencies * d) / (d * self.cutoff)  # [E, R]
@@ -75,6 +84,7 @@ class GaussianBasis(nn.Module):
         self.register_buffer("centres", torch.linspace(0.0, float(cutoff), num_radial))
         self.width = float(cutoff) / max(num_radial - 1, 1)
 
+    @fp32_island
     def forward(self, distances: torch.Tensor) -> torch.Tensor:
         diff = distances.unsqueeze(-1) - self.centres  # [E, R]
         return torch.exp(-0.5 * (diff / self.width) ** 2)

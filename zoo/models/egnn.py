@@ -72,6 +72,7 @@ from torch import nn
 from datapipe import keys
 from zoo.models.base import ForceField
 from zoo.models.common import BesselBasis, ChargeSpinEmbedding, PolynomialEnvelope, mlp, scatter_sum
+from zoo.models.precision import to_compute
 
 
 def safe_norm(vectors: torch.Tensor, dim: int, eps: float = 1e-6) -> torch.Tensor:
@@ -224,11 +225,15 @@ class MCEGNN(ForceField):
         """
         source, target = edge_index[0], edge_index[1]  # [E], [E]
         n_atoms = atomic_numbers.shape[0]
+        compute = self.compute_dtype(edge_vectors.device)  # bf16 under --precision bf16
+        # fp32 islands (zoo.models.precision): lengths, directions (the l = 1 harmonics), envelope,
+        # Bessel basis, the smooth degree
         lengths = edge_vectors.norm(dim=-1)  # [E] Å (> min_distance, checked by the base)
         directions = edge_vectors / lengths.unsqueeze(-1)  # [E, 3]
         envelope = self.envelope(lengths)  # [E]
         radial = self.radial(lengths)  # [E, R]
         degree = scatter_sum(envelope.unsqueeze(-1), target, n_atoms)  # [N, 1] smooth neighbour count
+        radial, directions, envelope, degree = (to_compute(t, compute) for t in (radial, directions, envelope, degree))
 
         h = self.atom_embedding(atomic_numbers) + self.charge_spin(charge, spin)[batch]  # [N, w]
         vectors = h.new_zeros(n_atoms, 3, self.vector_channels)  # [N, 3, C]

@@ -61,6 +61,7 @@ from torch import nn
 from datapipe import keys
 from zoo.models.base import ForceField
 from zoo.models.common import BesselBasis, ChargeSpinEmbedding, PolynomialEnvelope, mlp, scatter_sum
+from zoo.models.precision import to_compute
 
 
 class MPNNLayer(nn.Module):
@@ -172,11 +173,15 @@ class MPNN(ForceField):
         """
         source, target = edge_index[0], edge_index[1]  # [E], [E]
         n_atoms = atomic_numbers.shape[0]
+        compute = self.compute_dtype(edge_vectors.device)  # bf16 under --precision bf16
+        # fp32 islands (zoo.models.precision): lengths, envelope, Bessel basis, the smooth degree
         lengths = edge_vectors.norm(dim=-1)  # [E] Å
         envelope = self.envelope(lengths)  # [E]
         edge_features = torch.cat([edge_vectors / self.cutoff, self.radial(lengths)], dim=-1)  # [E, 3 + R]
         degree = scatter_sum(envelope.unsqueeze(-1), target, n_atoms)  # [N, 1] smooth neighbour count
         inverse_degree = (1.0 + degree).rsqrt()  # [N, 1]
+        edge_features, envelope, degree, inverse_degree = (
+            to_compute(t, compute) for t in (edge_features, envelope, degree, inverse_degree))  # boundary
 
         h = self.atom_embedding(atomic_numbers) + self.charge_spin(charge, spin)[batch]  # [N, w]
         for layer in self.layers:

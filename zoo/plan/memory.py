@@ -9,14 +9,16 @@ engine             weights       gradients       optimizer (+ master)  working s
 ZeRO-0             b·N           b·N (+4N bf16)  8N                    —
 ZeRO-1             b·N           b·N             (8 + 4)·N / W         reduce + all-gather buckets
 ZeRO-2             b·N           b·N / W         (8 + 4)·N / W         reduce + all-gather buckets
-ZeRO-3             b·N / W       b·N / W         (8 + 4)·N / W         largest block gathered ×2
+ZeRO-3             b·N / W       b·N / W         (8 + 4)·N / W         largest block gathered ×2 + reduce bucket
 FSDP per block     4N / W        4N / W          8N / W                largest block unsharded ×2
 FSDP root only     4N / W        4N / W          8N / W                whole model unsharded
 =================  ============  ==============  ====================  =========================
 
 (b = 4 for fp32, 2 for bf16; DeepSpeed keeps an fp32 master partition of the weights in
-ZeRO 1–3.) Optimizer offload moves the optimizer column to the CPU, ZeRO-3 parameter offload
-the weights column. Activations = measured saved-tensor bytes per atom
+ZeRO 1–3; ZeRO-3's reduce bucket is allocated whole, min(5e8, N) elements as the launcher sets
+it.) Optimizer offload moves the optimizer column to the CPU, ZeRO-3 parameter offload the
+weights column; FSDP2's ``CPUOffloadPolicy`` moves weights, gradients and optimizer together.
+Activations = measured saved-tensor bytes per atom
 (:mod:`zoo.plan.activations`, on the model's own graph) × atoms per batch (× ½ in bf16);
 activation checkpointing keeps only each block's inputs plus one block. A fixed
 :data:`RUNTIME_BYTES` covers the framework's own context.
@@ -82,8 +84,8 @@ def plan_one(engine: str, stage, n_params: int, largest_block: int, world: int, 
         optimizer = 8 * n if stage == 0 else (8 + 4) * n / w
         if stage in (1, 2):
             buffers = 2 * min(BUCKET_ELEMENTS, n) * b
-        elif stage == 3:
-            buffers = 2 * largest_block * b
+        elif stage == 3:  # two blocks gathered (one prefetched) + the gradient bucket (launcher.engine sizes it)
+            buffers = 2 * largest_block * b + min(BUCKET_ELEMENTS, n) * b
         else:
             buffers = 0.0
     else:
@@ -94,6 +96,8 @@ def plan_one(engine: str, stage, n_params: int, largest_block: int, world: int, 
         optimizer = 0.0
     if "params" in offload:
         weights = 0.0
+        if engine == "fsdp":  # CPUOffloadPolicy: sharded gradients go to the host as well
+            gradients = 0.0
     activations = activations_per_atom * atoms * (0.5 if b == 2 else 1.0)
     plan = Plan(engine, stage, checkpointing, offload, weights, gradients, optimizer, activations, buffers)
     plan.fits = plan.total <= USABLE * memory
@@ -110,7 +114,7 @@ def plan_all(n_params: int, largest_block: int, world: int, precision: str, acti
         for engine, stage in (("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3), ("fsdp", "blocks"),
                               ("fsdp", "root")):
             offloads = [""] + (["optimizer"] if engine == "deepspeed" else []) + \
-                (["optimizer+params"] if stage == 3 else [])
+                (["optimizer+params"] if stage in (3, "blocks", "root") else [])
             for offload in offloads:
                 plan = plan_one(engine, stage, n_params, largest_block, world, precision, per_atom, atoms,
                                 checkpointing, offload, memory)

@@ -70,6 +70,7 @@ from datapipe import keys
 from zoo.models.base import ForceField
 from zoo.models.common import ChargeSpinEmbedding, GaussianBasis, PolynomialEnvelope, gather, scatter_sum
 from zoo.models.esen.so2 import DeviceCache, EdgeFrame, EquivariantRMSNorm, SO2Convolution, SO3Linear, gate, num_coefficients
+from zoo.models.precision import to_compute
 
 
 def radial_mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
@@ -243,12 +244,14 @@ class ESEN(ForceField):
         """Per-atom energies ``[N]`` and direct forces ``[N, 3]`` (or None), normalised units."""
         source, target = edge_index[0], edge_index[1]  # [E], [E]
         num_nodes = atomic_numbers.shape[0]
+        compute = self.compute_dtype(edge_vectors.device)  # bf16 under --precision bf16
+        # fp32 islands (zoo.models.precision): distances, Wigner-D, envelope, Gaussian basis
         distances = edge_vectors.norm(dim=-1)  # [E] Å (> 0: the base refuses coincident atoms)
         wigner = self.frame(edge_vectors / distances[:, None])  # [E, K, (lmax+1)²]
         envelope = self.envelope(distances)  # [E]
         edge_features = torch.cat(
             [
-                self.distance_expansion(distances),  # [E, R]
+                to_compute(self.distance_expansion(distances), compute),  # [E, R]
                 self.source_embedding(atomic_numbers[source]),  # [E, C]
                 self.target_embedding(atomic_numbers[target]),  # [E, C]
             ],
@@ -261,6 +264,7 @@ class ESEN(ForceField):
         )  # [N, (lmax+1)², C]
         # rotation back to the global frame with the smooth cutoff and the neighbour-sum normalisation
         wigner_back = wigner.transpose(1, 2) * (envelope / self.avg_num_neighbors)[:, None, None]  # [E, (lmax+1)², K]
+        wigner, wigner_back = to_compute(wigner, compute), to_compute(wigner_back, compute)  # the island's boundary
         x = x + self.edge_degree(edge_features, wigner_back, target, num_nodes)
         for block in self.blocks:
             x = block(x, edge_features, wigner, wigner_back, source, target)  # [N, (lmax+1)², C]

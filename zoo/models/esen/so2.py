@@ -23,7 +23,11 @@ pseudo-inverse computed once in float64.
 
 Constants (sample points, pseudo-inverses, index maps) are computed on the CPU at construction
 with plain torch ops (so the module builds under ``torch.device("meta")``) and kept outside the
-parameter/buffer tree, copied to the input's device and dtype on first use.
+parameter/buffer tree, copied to the input's device and dtype on first use. They are made
+without ``torch.tensor/zeros/ones/full/arange/eye/empty`` for floating values: DeepSpeed's
+``zero.Init`` replaces those factories while a model is built and returns bf16 under ``--precision
+bf16`` whatever dtype is asked (eSEN then failed to build: ``linalg.pinv`` of bf16), which would
+turn these fp64 constants of an fp32 island into bf16 ones.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import math
 import torch
 from e3nn import o3
 from torch import nn
+
+from zoo.models.precision import fp32_island
 
 
 def num_coefficients(lmax: int) -> int:
@@ -56,7 +62,7 @@ def frame_layout(lmax: int, mmax: int) -> list[tuple[int, int]]:
 
 def _fibonacci_sphere(n: int) -> torch.Tensor:
     """``n`` nearly uniform unit vectors ``[n, 3]`` (float64), deterministic."""
-    i = torch.arange(n, dtype=torch.float64) + 0.5
+    i = torch.linspace(0.5, n - 0.5, n, dtype=torch.float64)  # [n] (not arange: see EdgeFrame)
     polar = torch.acos(1 - 2 * i / n)
     azimuth = math.pi * (1 + 5**0.5) * i
     return torch.stack(
@@ -95,7 +101,7 @@ class EdgeFrame(nn.Module):
     -------
     unit_vectors : ``[E, 3]`` unit edge directions.
 
-    Returns ``D`` ``[E, K, (lmax+1)²]``: the rows of the block-diagonal Wigner-D matrix of ``R_e``
+    Returns ``D`` ``[E, K, (lmax+1)²]`` (at least fp32: an fp32 island): the rows of the block-diagonal Wigner-D matrix of ``R_e``
     (``R_e n_e = e_y``) for the ``K`` frame coefficients of :func:`frame_layout`. Rotate into the
     frame with ``D @ x`` (``[E, (lmax+1)², C] → [E, K, C]``) and back with ``Dᵀ @ y``.
     """
@@ -110,7 +116,7 @@ class EdgeFrame(nn.Module):
             points = _fibonacci_sphere(4 * lmax + 4)  # [P, 3]
             sh = o3.spherical_harmonics(list(range(lmax + 1)), points, normalize=False)  # [P, (lmax+1)²]
             size = num_coefficients(lmax)
-            pinv = torch.zeros(size, points.shape[0], dtype=torch.float64)  # [(lmax+1)², P]
+            pinv = sh.new_zeros(size, points.shape[0])  # [(lmax+1)², P] float64
             degree = torch.zeros(size, dtype=torch.long)
             for l in range(lmax + 1):
                 block = slice(l * l, (l + 1) ** 2)
@@ -118,7 +124,7 @@ class EdgeFrame(nn.Module):
                 degree[block] = l
             keep = torch.tensor([l * l + l + m for l, m in layout], dtype=torch.long)  # [K]
             mask = (degree[keep, None] == degree[None, :]).to(torch.float64)  # [K, (lmax+1)²]
-            flip = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))  # π about x
+            flip = torch.diag(points.new_tensor([1.0, -1.0, -1.0]))  # π about x
             self._const = DeviceCache(points=points, pinv_t=pinv.T.contiguous(), keep=keep, mask=mask, flip=flip)
 
     def rotation_to_y(self, unit_vectors: torch.Tensor) -> torch.Tensor:
@@ -137,17 +143,14 @@ class EdgeFrame(nn.Module):
         rot = eye + k + (k @ k) / (1 + my)[:, None, None]  # [E, 3, 3]
         return torch.where(sign[:, :, None] > 0, rot, c["flip"] @ rot)  # [E, 3, 3]
 
+    @fp32_island  # the pseudo-inverse and orthogonality need at least fp32 (zoo.models.precision)
     def forward(self, unit_vectors: torch.Tensor) -> torch.Tensor:
-        dtype = unit_vectors.dtype
-        if dtype in (torch.float16, torch.bfloat16):  # the pseudo-inverse needs at least fp32
-            unit_vectors = unit_vectors.float()
         c = self._const.get(unit_vectors)
         rot = self.rotation_to_y(unit_vectors)  # [E, 3, 3]
         turned = torch.einsum("pj,eij->epi", c["points"], rot)  # [E, P, 3]  rows R·x_p
         sh = o3.spherical_harmonics(list(range(self.lmax + 1)), turned, normalize=False)  # [E, P, (lmax+1)²]
         # D[r, s] = Σ_p Y(R x_p)[p, r] · pinv[s, p], within a degree block
-        wigner = (sh[:, :, c["keep"]].transpose(1, 2) @ c["pinv_t"]) * c["mask"]  # [E, K, (lmax+1)²]
-        return wigner.to(dtype)
+        return (sh[:, :, c["keep"]].transpose(1, 2) @ c["pinv_t"]) * c["mask"]  # [E, K, (lmax+1)²]
 
 
 class SO2Convolution(nn.Module):
@@ -256,7 +259,8 @@ class EquivariantRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(lmax + 1, channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         with torch.device("cpu"):
-            balance = torch.cat([torch.full((2 * l + 1,), 1.0 / ((2 * l + 1) * (lmax + 1))) for l in range(lmax + 1)])
+            balance = torch.as_tensor([1.0 / ((2 * l + 1) * (lmax + 1)) for l in range(lmax + 1) for _ in range(2 * l + 1)],
+                                      dtype=torch.float32)  # (as_tensor: see EdgeFrame)
             repeats = torch.tensor([2 * l + 1 for l in range(lmax + 1)])
         self._const = DeviceCache(balance=balance, repeats=repeats)
 

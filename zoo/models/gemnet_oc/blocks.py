@@ -22,6 +22,7 @@ from torch import nn
 
 from zoo.models.common import GaussianBasis, PolynomialEnvelope
 from zoo.models.gemnet_oc.graph import inner_index
+from zoo.models.precision import fp32_island
 
 
 def he_orthogonal_(weight: torch.Tensor) -> torch.Tensor:
@@ -174,10 +175,12 @@ class RadialBasis(nn.Module):
         self.gaussians = GaussianBasis(cutoff, num_radial)
         self.envelope = PolynomialEnvelope(cutoff, exponent=5)
 
+    @fp32_island
     def forward(self, distance: torch.Tensor) -> torch.Tensor:
         return self.gaussians(distance) * self.envelope(distance).unsqueeze(-1)  # [E, R]
 
 
+@fp32_island
 def legendre_basis(cosine: torch.Tensor, num_spherical: int) -> torch.Tensor:
     """Real spherical harmonics ``Y_l^0`` of an angle, ``l = 0..num_spherical−1``.
 

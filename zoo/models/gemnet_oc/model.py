@@ -86,6 +86,7 @@ from zoo.models.gemnet_oc.graph import (
     triplets,
 )
 from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock
+from zoo.models.precision import to_compute
 
 #: size of each embedding as a fraction of the width (emb_size_atom); fairchem OC20 ratios at 256
 SIZE_RATIOS = {
@@ -230,11 +231,15 @@ class GemNetOC(ForceField):
         """Radial, circular and spherical bases, projected by the shared layers."""
         main, qint, aeaint, aint = g["main"], g["qint"], g["aeaint"], g["aint"]
         S = self.num_spherical
-        rbf_main = self.radial_main(main.distance)  # [E, R]
-        rbf_aeaint = self.radial_aeaint(aeaint.distance)  # [E_ae, R]
+        # fp32 islands (zoo.models.precision): distances, unit vectors, cosines, radial and Legendre
+        # bases; each is cast to the compute dtype where a learned projection takes it
+        c = self.compute_dtype(main.distance.device)
+        rbf_main = to_compute(self.radial_main(main.distance), c)  # [E, R]
+        rbf_aeaint = to_compute(self.radial_aeaint(aeaint.distance), c)  # [E_ae, R]
 
         def circular(trip, u_in, u_out):  # cosine of the angle at the shared atom a
-            return legendre_basis((gather(u_in, trip["in"]) * gather(u_out, trip["out"])).sum(-1), S)  # [T, S]
+            cosine = (gather(u_in, trip["in"]) * gather(u_out, trip["out"])).sum(-1)  # [T]
+            return to_compute(legendre_basis(cosine, S), c)  # [T, S]
 
         out = {
             "e2e_rad": self.mlp_rbf_tint(rbf_main),  # [E, r]
@@ -243,7 +248,7 @@ class GemNetOC(ForceField):
             "a2e_cir": (self.mlp_cbf_aeint(rbf_main), circular(g["trip_a2e"], aeaint.unit, main.unit)),
             "e2a_rad": self.mlp_rbf_eaint(rbf_main),  # [E, r]
             "e2a_cir": (self.mlp_cbf_eaint(rbf_aeaint), circular(g["trip_e2a"], main.unit, aeaint.unit)),
-            "a2a_rad": self.mlp_rbf_aint(self.radial_aint(aint.distance)),  # [E_aint, r]
+            "a2a_rad": self.mlp_rbf_aint(to_compute(self.radial_aint(aint.distance), c)),  # [E_aint, r]
             "atom_rad": self.mlp_rbf_h(rbf_main),  # [E, r]
             "out_rad": self.mlp_rbf_out(rbf_main),  # [E, r]
             "rbf_main": rbf_main,  # [E, R], also the edge embedding's input
@@ -253,8 +258,8 @@ class GemNetOC(ForceField):
         u_ba = gather(qint.unit, t_in["out"])  # [T_in, 3] (pos_b − pos_a)/d
         u_db = gather(main.unit, t_in["in"])  # [T_in, 3] (pos_d − pos_b)/d
         cos_abd = -(u_ba * u_db).sum(-1)  # [T_in] angle at b between a and d
-        rad_ba = gather(self.mlp_cbf_qint(self.radial_qint(qint.distance)), t_in["out"])  # [T_in, cbf, S]
-        out["q_cbf"] = (rad_ba @ legendre_basis(cos_abd, S).unsqueeze(-1)).squeeze(-1)  # [T_in, cbf]
+        rad_ba = gather(self.mlp_cbf_qint(to_compute(self.radial_qint(qint.distance), c)), t_in["out"])  # [T_in, cbf, S]
+        out["q_cbf"] = (rad_ba @ to_compute(legendre_basis(cos_abd, S), c).unsqueeze(-1)).squeeze(-1)  # [T_in, cbf]
         out["q_rad"] = self.mlp_rbf_qint(rbf_main)  # [E, r] of d_db
         u_ca, u_ab = gather(main.unit, t_out["out"]), gather(qint.unit, t_out["in"])  # [T_out, 3] from a to c, a to b
         cos_cab = (u_ca * u_ab).sum(-1)  # [T_out]
@@ -263,8 +268,8 @@ class GemNetOC(ForceField):
         cos_dihedral = safe_cosine(gather(normal_cab, quad["quad_out"]), gather(normal_abd, quad["quad_in"]))  # [Q]
         out["q_sbf"] = (
             self.mlp_sbf_qint(rbf_main),  # [E, sbf, S²]
-            legendre_basis(cos_cab, S),  # [T_out, S]
-            legendre_basis(cos_dihedral, S),  # [Q, S]
+            to_compute(legendre_basis(cos_cab, S), c),  # [T_out, S]
+            to_compute(legendre_basis(cos_dihedral, S), c),  # [Q, S]
         )
         return out
 
