@@ -5,7 +5,7 @@ loaded and the freeze held through the engine); the others moved; the metadata r
 from __future__ import annotations
 
 import pytest
-from conftest import PYTHON, TINY, free_port, run
+from jobs import PYTHON, TINY, free_port, run
 from safetensors.torch import load_file
 
 from zoo.hub.checkpoint import read_metadata
