@@ -1,5 +1,8 @@
 """Session-wide test wiring: every process a test starts is tagged and killed when the test ends
-(:mod:`processes`). Room-specific fixtures live in each room's conftest."""
+(:mod:`processes`). Room-specific fixtures live in each room's conftest; what tests import from a
+room (``from jobs import run``) lives in a module of its own, never in ``conftest``: all rooms'
+conftests share the module name ``conftest``, so which one an import finds would depend on which
+rooms pytest was asked to collect."""
 
 from processes import (  # noqa: F401  (fixtures and hooks are registered by name)
     _kill_processes_of_session,
@@ -7,3 +10,12 @@ from processes import (  # noqa: F401  (fixtures and hooks are registered by nam
     pytest_configure,
     pytest_sessionfinish,
 )
+
+
+def pytest_ignore_collect(collection_path, config):
+    """The rooms' conftests are not collected again as modules of docstring examples
+    (``--doctest-modules``; they hold none): importing a second ``conftest`` by path fails with
+    "import file mismatch" when pytest collects two rooms at once (``pytest tests/fit tests/launcher``)."""
+    if collection_path.name == "conftest.py":
+        return True
+    return None

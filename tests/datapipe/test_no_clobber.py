@@ -7,7 +7,7 @@ import pytest
 from datapipe.convert import cached, convert
 from datapipe.index import ShardIndex
 
-from conftest import write_aselmdb
+from molecules import write_aselmdb
 
 
 def test_refuses_a_folder_of_other_files(tmp_path):

@@ -1,6 +1,8 @@
 """One rank of the engine checks (run by tests/launcher/test_engines.py under torchrun).
 
-argv: DB ENGINE STAGE FORCES MODEL WIDTH OUT [ac] [offload]. ENGINE ``deepspeed`` (ZeRO STAGE, parameter
+argv: DB OUT CASE [CASE …], each CASE ``ENGINE:STAGE:FORCES:MODEL:WIDTH[:ac][:offload]``, checked one
+after the other in the same two ranks (their start-up is paid once), all of one ENGINE (the process
+group is set up for it). ENGINE ``deepspeed`` (ZeRO STAGE, parameter
 persistence threshold 0 so that ZeRO-3 really partitions every tensor; built inside
 ``zero.Init`` as the launcher does) or ``fsdp`` (the launcher's sharding plan for FORCES
 ``direct``/``conservative``; built on the meta device and filled from rank 0). ``ac``: with
@@ -8,7 +10,7 @@ per-block activation checkpointing; ``offload``: DeepSpeed optimizer offload (an
 under ZeRO-3) to the CPU, with the schedule-free client optimizer; FSDP2's ``CPUOffloadPolicy``. Each rank takes an uneven share of one global batch; for three
 steps the global loss and the full gradients are compared with a one-process reference (plain
 schedule-free AdamW on the whole batch, same seed). Writes the largest relative differences and
-what was partitioned as JSON to OUT (rank 0).
+what was partitioned as JSON to OUT (rank 0), ``{CASE: {...}}``.
 """
 
 import json
@@ -43,12 +45,26 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def main(db_path, engine_name, stage, forces, name, width, out, ac, offload) -> None:
-    runtime = init_distributed(engine=engine_name)
+def main(db_path: str, out: str, cases: list[str]) -> None:
+    engines = {case.split(":")[0] for case in cases}
+    if len(engines) != 1:
+        raise SystemExit(f"one engine per launch, got {sorted(engines)}")
+    runtime = init_distributed(engine=engines.pop())
     with ase.db.connect(db_path) as db:
         atoms = [row.toatoms() for row in db.select(limit=7)]
     for a in atoms:  # neutral, lowest multiplicity that fits the electron count (datapipe.charge_spin)
         a.info.update(charge=0, spin=1 + int(a.numbers.sum()) % 2)
+    results = {}
+    for case in cases:
+        engine_name, stage, forces, name, width, *extra = case.split(":")
+        results[case] = check(atoms, runtime, engine_name, int(stage), forces, name, int(width), "ac" in extra,
+                              "offload" in extra)
+    if runtime.is_main:
+        Path(out).write_text(json.dumps(results))
+
+
+def check(atoms, runtime, engine_name, stage, forces, name, width, ac, offload) -> dict:
+    """Three steps of one engine configuration against the one-process reference: the largest differences."""
     direct = forces == "direct"
 
     def fresh():
@@ -108,10 +124,8 @@ def main(db_path, engine_name, stage, forces, name, width, out, ac, offload) -> 
             worst["grad"] = max(worst["grad"], rel(got[n], p.grad))
         engine.step()
         ref_opt.step()
-    if runtime.is_main:
-        Path(out).write_text(json.dumps(worst))
+    return worst
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]), sys.argv[7],
-         "ac" in sys.argv[8:], "offload" in sys.argv[8:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -3,19 +3,29 @@
 import json
 
 import pytest
-from conftest import PYTHON, free_port, run
+from jobs import PYTHON, free_port, run
+
+STAGES = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def by_stage(data, tmp_path_factory) -> dict:
+    """``{stage: largest differences}``: one launch of 2 ranks checks every stage in turn (the ranks'
+    start-up, a large part of the cost on a CPU, is paid once)."""
+    out = tmp_path_factory.mktemp("zero") / "result.json"
+    result = run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                  "tests/launcher/zero_worker.py", str(data["raw_train"]), ",".join(map(str, STAGES)), str(out)],
+                 timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_two_ranks_match_one_process(data, tmp_path, stage):
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_match_one_process(by_stage, stage):
     """Uneven shares of one global batch on 2 ranks (ZeRO-1, 2 and 3; direct forces) give the one-process loss, the
     gradient of the global mean, and schedule-free averaged weights equal to ``optimizer.eval()``."""
-    out = tmp_path / "result.json"
-    result = run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-                  "tests/launcher/zero_worker.py", str(data["raw_train"]), str(stage), str(out)], timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    worst = json.loads(out.read_text())
+    worst = by_stage[str(stage)]
     assert worst["loss"] < 1e-6, worst
     assert worst["grad"] < 1e-5, worst
     assert worst["averaged"] < 1e-5, worst

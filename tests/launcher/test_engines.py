@@ -4,7 +4,7 @@ the loss over three steps), at a setting where the tensors really are partitione
 import json
 
 import pytest
-from conftest import PYTHON, free_port, run
+from jobs import PYTHON, free_port, run
 
 from launcher.config import parse
 from launcher.sharding import engine_config
@@ -19,15 +19,36 @@ CASES = [  # engine, ZeRO stage, forces, extra flags
 ]
 
 
+def case_name(engine, stage, forces, extra) -> str:
+    """The worker's name of a case (tests/launcher/shard_worker.py), the model eSEN at width 16."""
+    return ":".join([engine, str(stage), forces, "esen", "16", *extra])
+
+
+@pytest.fixture(scope="module")
+def checked(data, tmp_path_factory):
+    """``checked(engine)`` → ``{case: largest differences}`` for every case of that engine, from one
+    launch of 2 ranks per engine (made on first use; the ranks' start-up is paid once per engine)."""
+    results = {}
+
+    def get(engine: str) -> dict:
+        if engine not in results:
+            out = tmp_path_factory.mktemp(f"shard-{engine}") / "result.json"
+            cases = [case_name(*case) for case in CASES if case[0] == engine]
+            result = run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                          "tests/launcher/shard_worker.py", str(data["raw_train"]), str(out), *cases], timeout=400)
+            # a failed launch fails each of its cases with its output (and is not launched again)
+            results[engine] = json.loads(out.read_text()) if result.returncode == 0 else \
+                result.stdout[-3000:] + result.stderr[-3000:]
+        assert isinstance(results[engine], dict), results[engine]
+        return results[engine]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine,stage,forces,extra", CASES)
-def test_sharded_gradients_match_one_process(data, tmp_path, engine, stage, forces, extra):
-    out = tmp_path / "result.json"
-    args = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-            "tests/launcher/shard_worker.py", str(data["raw_train"]), engine, str(stage), forces, "esen", "16", str(out)]
-    result = run(args + extra, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    worst = json.loads(out.read_text())
+def test_sharded_gradients_match_one_process(checked, engine, stage, forces, extra):
+    worst = checked(engine)[case_name(engine, stage, forces, extra)]
     assert worst["loss"] < 1e-6, worst
     assert worst["grad"] < 1e-5, worst
     if stage == 3:  # every tensor but scalars split across the two ranks
@@ -58,7 +79,7 @@ def test_fsdp_job_trains_checkpoints_and_resumes(data, tmp_path):
     """``torchrun … launcher/train.py --engine fsdp --conservative`` end to end on 2 ranks: the checkpoint
     records the engine and precision policy and loads as a zoo model; ``--resume`` of the last checkpoint
     restores the sharded state (torch.distributed.checkpoint) and finds nothing left to do."""
-    from conftest import TINY
+    from jobs import TINY
 
     from zoo.hub.checkpoint import load_model, read_metadata
 

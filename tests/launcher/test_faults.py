@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from conftest import PYTHON, REPO, TINY, free_port, run
+from jobs import PYTHON, REPO, TINY, free_port, run
 
 from datapipe.index import ShardIndex
 from datapipe.loader import StreamingLoader

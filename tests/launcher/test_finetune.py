@@ -5,7 +5,7 @@ loaded and the freeze held through the engine); the others moved; the metadata r
 from __future__ import annotations
 
 import pytest
-from conftest import PYTHON, TINY, free_port, run
+from jobs import PYTHON, TINY, free_port, run
 from safetensors.torch import load_file
 
 from zoo.hub.checkpoint import read_metadata
@@ -55,6 +55,7 @@ def test_init_from_loads_freezes_and_records(data, pretrained, tmp_path, engine)
     assert meta["config"]["lr_effective"] == pytest.approx(0.3 * pre["config"]["lr_effective"])
 
 
+@pytest.mark.slow  # a job of its own, after the pretraining job of `pretrained`
 def test_contradicting_flags_refused(data, pretrained, tmp_path):
     result = run([PYTHON, "launcher/train.py", "--init-from", str(pretrained), "--width", "16",
                   *common(data, tmp_path / "x")])
@@ -62,12 +63,14 @@ def test_contradicting_flags_refused(data, pretrained, tmp_path):
     assert "--width 16 (checkpoint: 8)" in result.stderr
 
 
+@pytest.mark.slow  # a job of its own, after the pretraining job of `pretrained`
 def test_freeze_pattern_matching_nothing_refused(data, pretrained, tmp_path):
     result = run([PYTHON, "launcher/train.py", "--init-from", str(pretrained), "--freeze", "nothing.*",
                   *common(data, tmp_path / "x")])
     assert result.returncode != 0 and "matches no parameter" in result.stderr
 
 
+@pytest.mark.slow  # a job of its own, after the pretraining job of `pretrained`
 def test_keep_normalization_keeps_the_pretrained_references(data, pretrained, tmp_path):
     """Fine-tuned on other data (the validation split), whose own references differ from the pretrained ones."""
     import torch

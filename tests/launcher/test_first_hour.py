@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from conftest import PYTHON, REPO, TINY, free_port, run
+from jobs import PYTHON, REPO, TINY, free_port, run
 
 from launcher.config import parse
 from launcher.retention import check_disk, disk_plan, prune_engine_state

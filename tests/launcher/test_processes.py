@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import PYTHON, REPO, free_port
+from jobs import PYTHON, REPO, free_port
 from processes import TaggedProcess, alive, tagged
 
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, REPO, TINY, run
+from jobs import PYTHON, REPO, TINY, run
 from safetensors.torch import load_file
 
 from datapipe.index import ShardIndex

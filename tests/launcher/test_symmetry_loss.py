@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import PYTHON, TINY, run
+from jobs import PYTHON, TINY, run
 
 from datapipe import keys
 from datapipe.loader import StreamingLoader

@@ -1,15 +1,17 @@
 """One rank of the multi-process check (run by tests/launcher/test_distributed.py under torchrun).
 
 Each rank takes an uneven share of one fixed global batch, builds the launcher's DeepSpeed engine
-(ZeRO stage from argv) and, for two steps, compares with a one-process reference trained with
-plain schedule-free AdamW on the whole batch:
+(for each ZeRO stage of argv, one after the other in the same ranks: one launch serves them all) and,
+for two steps, compares with a one-process reference trained with plain schedule-free AdamW on the
+whole batch:
 
 - the global loss the ranks report equals the reference's loss;
 - the full gradients (``safe_get_full_grad``) equal the reference's gradients of the global mean;
 - the schedule-free averaged weights (``launcher.optim.averaged_weights``) equal the weights of
   the reference after ``optimizer.eval()``.
 
-Writes the largest relative differences as JSON to ``argv[3]`` (rank 0).
+argv: DB STAGES OUT, STAGES comma-separated (``1,2,3``). Writes ``{stage: largest relative
+differences}`` as JSON to OUT (rank 0).
 """
 
 import copy
@@ -40,12 +42,19 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def main(db_path: str, stage: int, out: str) -> None:
+def main(db_path: str, stages: list[int], out: str) -> None:
     runtime = init_distributed()
     with ase.db.connect(db_path) as db:
         atoms = [row.toatoms() for row in db.select(limit=7)]
     for a in atoms:
         a.info.update(charge=0, spin=1 + int(a.numbers.sum()) % 2)  # multiplicity fits Σ Z
+    results = {str(stage): check(atoms, stage, runtime) for stage in stages}
+    if runtime.is_main:
+        Path(out).write_text(json.dumps(results))
+
+
+def check(atoms, stage: int, runtime) -> dict:
+    """The largest relative differences of one ZeRO stage's engine from the one-process reference."""
     shares = [atoms[:2], atoms[2:]]  # uneven: 2 and 5 structures
     torch.manual_seed(0)
     model = build("mpnn", 8, num_layers=1)
@@ -76,9 +85,8 @@ def main(db_path: str, stage: int, out: str) -> None:
     ref_opt.eval()
     for (n, p), (_, q) in zip(eval_model.named_parameters(), reference.named_parameters()):
         worst["averaged"] = max(worst["averaged"], rel(p, q))
-    if runtime.is_main:
-        Path(out).write_text(json.dumps(worst))
+    return worst
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], [int(s) for s in sys.argv[2].split(",")], sys.argv[3])

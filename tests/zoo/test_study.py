@@ -123,7 +123,10 @@ def test_quick_study_interrupted_resumed_fitted_and_refitted(tmp_path):
     out = tmp_path / "quick"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
     cmd = [*ZOO, "study", "--preset", "quick", "--out", str(out), "--bootstrap", "50"]
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C reaches the study as it does from a terminal, even where the suite itself was started with
+    # SIGINT ignored (a non-interactive shell's `make test &`), which the study would inherit
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_checkpoint(out / "runs", first, timeout=900)
     first.send_signal(signal.SIGINT)  # Ctrl-C: the study stops its runs and exits
     log, _ = first.communicate(timeout=120)

@@ -10,9 +10,9 @@ Presets
 -------
 ``quick``
     minutes on 2 CPU cores: three tiny widths of each architecture (fewer layers; three, so that
-    L(N, D) has its 3 distinct N), 3,000 atoms from the
-    first file of the embedded train split, four checkpoints per run, 40 validation structures. A
-    smoke test of the whole pipeline (its fits are noise).
+    L(N, D) has its 3 distinct N), 1,000 atoms from the
+    first file of the embedded train split, four checkpoints per run, 16 validation structures. A
+    smoke test of the whole pipeline (its fits are noise), run end to end by the test suite.
 ``cpu``
     about two hours on an idle 2-core machine: 3–4 widths per architecture at the registry's depths
     (N from 2e4 to 1.6e6) on 60,000 atoms, six checkpoints from 1/32 of the run
@@ -122,12 +122,12 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             name="quick",
-            description="smoke test of the whole pipeline: 3 tiny widths × 4 architectures, 3,000 atoms",
+            description="smoke test of the whole pipeline: 3 tiny widths × 4 architectures, 1,000 atoms",
             widths={"mpnn": (8, 16, 32), "mc-egnn": (8, 16, 32), "gemnet-oc": (4, 8, 16), "esen": (4, 8, 16)},
-            max_atoms=3_000,
+            max_atoms=1_000,
             checkpoint_at=(0.125, 0.25, 0.5, 1.0),
             atoms_per_batch=64,
-            val_structures=40,
+            val_structures=16,
             shuffle_buffer=64,
             log_every=5,
             train="data/omol25_sample/train/data0000.aselmdb",

@@ -1,0 +1,115 @@
+"""What the launcher tests share: the small labelled data set they train on (written by
+:func:`write_split`, converted once by the ``data`` fixture of ``conftest.py``), and :func:`run`, which
+starts a job and kills all it started. A module of its own (not ``conftest``), so that
+``from jobs import run`` finds it whichever rooms pytest collects together.
+
+Structures are compact random H/C/N/O clusters labelled by ASE's EMT potential (fast, real
+energies and forces); charge and spin go in ``row.data`` as OMol25 stores them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.db
+import numpy as np
+from ase import Atoms
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from processes import TaggedProcess, with_environment
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+def cluster(rng: np.random.Generator, n_atoms: int) -> Atoms:
+    """Random H/C/N/O cluster, atoms 1.0-1.5 Å from a previous one and > 0.9 Å from all, EMT labels."""
+    points = [np.zeros(3)]
+    while len(points) < n_atoms:
+        step = rng.normal(size=3)
+        candidate = points[rng.integers(len(points))] + rng.uniform(1.0, 1.5) * step / np.linalg.norm(step)
+        if min(np.linalg.norm(candidate - p) for p in points) > 0.9:
+            points.append(candidate)
+    atoms = Atoms(numbers=rng.choice([1, 6, 7, 8], size=n_atoms), positions=np.array(points))
+    atoms.calc = EMT()
+    atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+    return atoms
+
+
+def write_split(path: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    db = ase.db.connect(os.fspath(path), type="aselmdb")
+    try:
+        for _ in range(n):
+            atoms = cluster(rng, int(rng.integers(4, 16)))
+            spin = 1 + int(atoms.numbers.sum()) % 2  # singlet or doublet, as the electron count demands
+            db.write(atoms, data={"charge": 0, "spin": spin, "source": "emt"})
+    finally:
+        db.close()
+
+
+#: DeepSpeed's ops are built per virtual environment: the build command names the venv's include
+#: paths, so clones sharing ``~/.cache/torch_extensions`` would rebuild over each other's build
+#: (and wait on each other's lock). A ``TORCH_EXTENSIONS_DIR`` set by the user is kept.
+if sys.prefix != sys.base_prefix:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+def build_deepspeed_ops(budget: float = 1800) -> None:
+    """Build (or load from the torch-extensions cache) the op DeepSpeed's communication backend
+    compiles on first use — the CPU accelerator's shared-memory all-reduce — once per session.
+
+    Without this, the first multi-process test pays a build of a minute or more (over ten on a
+    loaded 2-core machine) inside its own time limit. ``budget`` is far above any build seen. A
+    ``lock`` left in the build directory by a killed build (torch waits on it forever) is removed
+    first when no process of this environment's extension directory is running.
+    """
+    if _built:
+        return
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if extensions:
+        lock = Path(extensions) / "deepspeed_shm_comm" / "lock"
+        if lock.exists() and not with_environment("TORCH_EXTENSIONS_DIR", extensions):
+            lock.unlink(missing_ok=True)
+    result = run([PYTHON, "-c", BUILD_OPS], timeout=budget, build=False)
+    assert result.returncode == 0, "building DeepSpeed's communication op failed:\n" + result.stderr[-3000:]
+    _built.append(result.stdout.strip())
+
+
+_built: list[str] = []
+BUILD_OPS = """
+from launcher.engine import setup_environment
+setup_environment()  # the accelerator the launcher will use (DS_ACCELERATOR=cpu without CUDA)
+from deepspeed.comm.torch import build_shm_op
+print(build_shm_op())
+"""
+
+
+def run(args: list[str], timeout: float = 600, env: dict | None = None, build: bool = True) -> subprocess.CompletedProcess:
+    """Run a command from the repository root with one intra-op thread per process.
+
+    DeepSpeed's communication op is built first (:func:`build_deepspeed_ops`, not counted in
+    ``timeout``). The command and every process it starts carry a tag of their own
+    (:class:`processes.TaggedProcess`): on timeout, on any exception while waiting, and after it
+    returns, all of them — launcher and ranks, whatever session they are in — are killed at once.
+    """
+    if build:
+        build_deepspeed_ops()
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    with TaggedProcess(args, cwd=REPO, env=full_env) as job:
+        return job.wait(timeout)
+
+
+#: a tiny model for launcher tests: the MPNN at width 8 with one layer (the loop is model-agnostic)
+TINY = ["--model", "mpnn", "--width", "8", "--model-arg", "num_layers=1"]
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
