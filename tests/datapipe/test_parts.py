@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import write_aselmdb
+from molecules import write_aselmdb
 from datapipe.convert import convert
 from datapipe.index import ShardIndex
 from datapipe.parts import convert_part, main, merge

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import PYTHON, TINY, run
+from jobs import PYTHON, TINY, run
 from http_server import serve
 
 pytestmark = pytest.mark.slow

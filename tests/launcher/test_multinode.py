@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, REPO, TINY, build_deepspeed_ops, free_port, run
+from jobs import PYTHON, REPO, TINY, build_deepspeed_ops, free_port, run
 from processes import TaggedProcess
 from safetensors.torch import load_file
 

@@ -2,7 +2,7 @@
 does) and compare every constant of the fp32 islands (``DeviceCache`` tensors, buffers) with a plain
 build: ``zero.Init`` re-types the outputs of ``torch.zeros/arange/tensor/…`` to bf16 while a model is
 built, which once broke eSEN's construction and would round the islands' constants. Prints
-``all constants identical`` or the differences (run by tests/launcher/test_precision.py)."""
+``all constants identical`` or the differences (run by tests/launcher/test_bf16_training.py)."""
 
 import sys
 from pathlib import Path

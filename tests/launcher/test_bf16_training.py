@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import PYTHON, TINY, free_port, run
+from jobs import PYTHON, TINY, free_port, run
 
 from launcher.config import parse
 from launcher.sharding import engine_config, precision_record
