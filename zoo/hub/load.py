@@ -7,9 +7,9 @@ A name is looked up in the registry (:func:`zoo.hub.release.load_registry`: the 
 metadata. A path that is a checkpoint directory is loaded directly. Nothing is unpickled.
 
 >>> import zoo
->>> model = zoo.load("mpnn-w64-d60k")          # the shipped sample release (copied into the cache)
+>>> model = zoo.load("mpnn-w128-d60k")         # the shipped cpu-study release (copied into the cache)
 >>> model.spec_name, model.width
-('mpnn', 64)
+('mpnn', 128)
 """
 
 from __future__ import annotations
