@@ -28,6 +28,7 @@ from pathlib import Path
 from launcher import elastic, faults
 from launcher.engine import Runtime, all_gather_objects, barrier, broadcast_object
 from launcher.errors import UserError
+from launcher.nodes import fsync_path
 from zoo.hub.checkpoint import METADATA, save_checkpoint
 
 DS_DIR = "deepspeed"
@@ -136,7 +137,7 @@ def save(run_dir, step: int, engine, eval_model, state: TrainState, loader_state
         latest = final.parent / "latest"
         latest.with_suffix(".tmp").write_text(final.name + "\n")
         os.replace(latest.with_suffix(".tmp"), latest)
-        _sync_dir(final.parent)
+        fsync_path(final.parent)
     barrier()
     return final
 
@@ -162,12 +163,6 @@ def _latest(run_dir) -> str:
         return "none yet"
 
 
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sync_tree(root: Path) -> None:
@@ -179,7 +174,7 @@ def _sync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _sync_dir(Path(folder))
+        fsync_path(Path(folder))
 
 
 def find(path: str | os.PathLike) -> Path:

@@ -85,7 +85,7 @@ def check_run_dir(run_dir: Path, runtime: Runtime) -> None:
         try:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             (Path(run_dir) / TOKEN).write_text(token + "\n")
-            _sync(Path(run_dir) / TOKEN)
+            fsync_path(Path(run_dir) / TOKEN)
         except OSError as error:
             problem = f"cannot write to the run directory {run_dir}: {error}"
     problem = broadcast_object(problem)
@@ -126,7 +126,8 @@ def check_same(runtime: Runtime, what: str, value: str, hint: str) -> None:
                         f"{_where(bad, hosts)} another ({values}); {hint} (docs/multinode.md)")
 
 
-def _sync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory (its entries) to stable storage, so other nodes see it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
