@@ -11,7 +11,7 @@ from jobs import write_split
 from datapipe.convert import convert
 
 #: rank scripts run by the tests, not test modules (nor modules of docstring examples)
-collect_ignore = ["zero_worker.py", "sleeping_rank.py", "shard_worker.py"]
+collect_ignore = ["zero_worker.py", "sleeping_rank.py", "shard_worker.py", "zinit_constants.py"]
 
 
 @pytest.fixture(scope="session")
