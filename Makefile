@@ -9,14 +9,21 @@ RANKS ?= 2
 MODEL ?= esen
 WIDTH ?= 64
 
-.PHONY: setup train test test-fast clean bench-fairchem bench-fairchem-gpu fairchem-env
+.PHONY: setup install-venv train test test-fast clean bench-fairchem bench-fairchem-gpu fairchem-env
 setup: $(VENV)/.installed
 
+# `make train` and `make test` started together on a fresh clone would both build .venv: the
+# install holds a lock, and the second waits for it, then finds .venv ready
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip setuptools wheel
-	$(BIN)/pip install -e ".[test]"
-	touch $@
+	flock $(VENV).lock $(MAKE) --no-print-directory install-venv
+
+install-venv:
+	@if [ -f $(VENV)/.installed ] && [ $(VENV)/.installed -nt pyproject.toml ]; then exit 0; fi; \
+	set -e; \
+	$(PYTHON) -m venv $(VENV); \
+	$(BIN)/pip install --upgrade pip setuptools wheel; \
+	$(BIN)/pip install -e ".[test]"; \
+	touch $(VENV)/.installed
 
 train: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/deepspeed --log_level warning --num_gpus $(RANKS) launcher/train.py --model $(MODEL) --width $(WIDTH)
