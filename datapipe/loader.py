@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from datapipe import keys
 from datapipe.index import ShardIndex
 from datapipe.packing import batch_arrays, to_batch
-from datapipe.plan import Plan, Stream, build_plan, interleave_arrays
+from datapipe.plan import Plan, Stream, build_plan, interleave_arrays, worker_skips
 from datapipe.shards import ShardError, iter_shard_retrying
 
 
@@ -358,7 +358,7 @@ class StreamingLoader:
                 self.set_epoch(self.epoch)
             self.batches_consumed = 0
         local = self.batches_consumed - self.offset  # batches of this plan already handed out
-        skips = np.bincount(self._workers[:local], minlength=len(self._streams)).tolist()
+        skips = worker_skips(self._workers, local, len(self._streams))
         first = int(self._workers[local]) if local < self.plan.steps else 0
         dataset = _RankDataset(self.index, self._streams, skips, self.cutoff, first, self.skip_bad_shards,
                                self.retries)

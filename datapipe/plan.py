@@ -186,6 +186,16 @@ def interleave_arrays(counts) -> tuple[np.ndarray, np.ndarray]:
     return worker[order], batch[order]
 
 
+def worker_skips(workers: np.ndarray, consumed: int, n_workers: int) -> list[int]:
+    """Batches each worker has handed out after the first ``consumed`` steps of the interleaved
+    sequence ``workers`` (``[T]``, from :func:`interleave_arrays`).
+
+    >>> worker_skips(interleave_arrays([3, 1, 2])[0], 4, 3)
+    [2, 1, 1]
+    """
+    return np.bincount(workers[:consumed], minlength=n_workers).tolist()
+
+
 def interleave(counts: list[int]) -> list[tuple[int, int]]:
     """:func:`interleave_arrays` as a list of ``(worker, batch)`` pairs (for small counts)."""
     worker, batch = interleave_arrays(counts)

@@ -37,7 +37,8 @@ import json
 import numpy as np
 
 from datapipe.index import ShardIndex
-from datapipe.plan import Plan, Stream, _ArraySelection, _equal_atom_cuts, _equalize, interleave, pack, shuffle_order
+from datapipe.plan import (Plan, Stream, _ArraySelection, _equal_atom_cuts, _equalize, interleave_arrays, pack,
+                           shuffle_order, worker_skips)
 
 
 def _positions_to_rows(stream: Stream) -> tuple[np.ndarray, np.ndarray]:
@@ -64,9 +65,7 @@ def remaining(plan: Plan, consumed: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{consumed} consumed steps outside 0..{plan.steps}")
     shards, rows = [], []
     for streams in plan.streams:
-        skips = [0] * len(streams)
-        for worker, _ in interleave([s.n_batches for s in streams])[:consumed]:
-            skips[worker] += 1
+        skips = worker_skips(interleave_arrays([s.n_batches for s in streams])[0], consumed, len(streams))
         for stream, skip in zip(streams, skips):
             a, b = _remaining_rows(stream, skip)
             shards.append(a)
