@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from fit.stats import summarize
-from fit.sumlaw import FitError, SumLawFit, derived
+from fit.sumlaw import FitError, SumLawFit, derived, law_terms
 
 
 def optimal_allocation(theta, compute, k: float) -> dict:
@@ -42,14 +42,13 @@ def optimal_allocation(theta, compute, k: float) -> dict:
     c = np.atleast_1d(np.asarray(compute, float))
     if np.any(~(c > 0)) or not k > 0:
         raise FitError(f"allocation needs positive budgets and k; got C={c.tolist()}, k={k}")
-    dv = derived(np.asarray(theta, float))
+    theta = np.asarray(theta, float)
+    dv = derived(theta)
     x = c / k  # [m] = N·D
     a = dv["a"][..., None]
     n_opt = dv["G"][..., None] * x ** a
     d_opt = x / n_opt
-    l_opt = dv["E"][..., None] + dv["A"][..., None] * n_opt ** (-dv["alpha"][..., None]) + dv["B"][
-        ..., None
-    ] * d_opt ** (-dv["beta"][..., None])
+    l_opt = law_terms(theta[..., None, :], n_opt, d_opt)  # in log space: A may overflow, N^(−α) underflow
     return {"N_opt": n_opt, "D_opt": d_opt, "L_opt": l_opt}
 
 

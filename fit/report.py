@@ -112,6 +112,15 @@ def _fmt(v, iv=None):
     return s
 
 
+def _fmt_constant(n: dict, p: str) -> str:
+    """A law constant (E, A, B); as exp(log p) where it is outside float64's range (A = e^1580)."""
+    lp = n.get(f"log_{p}")
+    if lp is not None and not (1e-300 < n[p] < 1e300):
+        iv = n["intervals"].get(f"log_{p}")
+        return f"exp({_fmt(lp, iv)})"
+    return _fmt(n[p], n["intervals"].get(p))
+
+
 def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
     """(group, law, quantity, value [interval]) rows for the terminal table and report."""
     rows = []
@@ -134,13 +143,16 @@ def summary_rows(result: dict) -> list[tuple[str, str, str, str]]:
         n = g.get("nd")
         if n:
             if n["converged"]:
-                for p in ("E", "A", "B", "alpha", "beta", "a", "b", "gamma_c"):
+                for p in ("E", "A", "B"):
+                    rows.append((name, "L(N,D)", p, _fmt_constant(n, p)))
+                for p in ("alpha", "beta", "a", "b", "gamma_c"):
                     rows.append((name, "L(N,D)", p, _fmt(n[p], n["intervals"].get(p))))
                 rows.append((name, "L(N,D)", "points / Huber objective", f"{n['n_points']} / {n['objective']:.4g}"))
                 for a in n.get("allocation", []):
                     ivs = a.get("intervals", {})
-                    rows.append((name, f"optimal @ C={a['C']:.3g}", "N*, D*",
-                                 f"{_fmt(a['N_opt'], ivs.get('N_opt'))}, {_fmt(a['D_opt'], ivs.get('D_opt'))}"))
+                    rows.append((name, f"optimal @ C={a['C']:.3g}", "N*, D*, L*",
+                                 f"{_fmt(a['N_opt'], ivs.get('N_opt'))}, {_fmt(a['D_opt'], ivs.get('D_opt'))}, "
+                                 f"{_fmt(a['L_opt'], ivs.get('L_opt'))}"))
             else:
                 rows.append((name, "L(N,D)", "NOT CONVERGED", n["message"]))
         i = g.get("isoflop")

@@ -185,10 +185,38 @@ class SumLawFit:
         """Law prediction L(N, D) with the point estimate (same shape as broadcast N, D)."""
         if not self.converged:
             raise FitError("L(N, D) fit did not converge; no prediction")
-        a, b, e, al, be = self.theta
-        return np.exp(e) + np.exp(a) * np.asarray(n_params, float) ** (-al) + np.exp(b) * np.asarray(
-            n_tokens, float
-        ) ** (-be)
+        return law_terms(self.theta, n_params, n_tokens)
+
+
+def law_terms(theta, n_params, n_tokens) -> np.ndarray:
+    """L(N, D) = E + A·N^(−α) + B·D^(−β) from log-parameters, each term formed in log space.
+
+    A fit with a large α (say 70) has log A in the thousands: ``exp(log A)`` overflows and
+    ``N**(-α)`` underflows, and their product would be ``inf · 0 = NaN``. Here each power term is
+    ``exp(log A − α·log N)``, finite whenever the term itself is.
+
+    Parameters
+    ----------
+    theta : ndarray, shape [..., 5]
+        (log A, log B, log E, α, β).
+    n_params, n_tokens : array_like
+        N and D, broadcast against ``theta[..., 0]``; positive.
+
+    Returns
+    -------
+    ndarray, the broadcast shape: the law's loss.
+
+    Examples
+    --------
+    >>> theta = np.array([1000.0, 1.0, np.log(0.5), 70.0, 0.3])  # A = e^1000 overflows float64
+    >>> float(law_terms(theta, 1e8, 1e6)) > 0.5
+    True
+    """
+    theta = np.asarray(theta, float)
+    la, lb, le, al, be = (theta[..., i] for i in range(5))
+    log_n = np.log(np.asarray(n_params, float))
+    log_d = np.log(np.asarray(n_tokens, float))
+    return np.exp(le) + np.exp(la - al * log_n) + np.exp(lb - be * log_d)
 
 
 def derived(theta: np.ndarray) -> dict:

@@ -107,3 +107,18 @@ def test_non_converged_fit_reports_no_numbers():
     assert not fit.converged
     s = summary_dict(fit)
     assert s["objective"] is None and "alpha" not in s and s["message"]
+
+
+def test_allocation_loss_is_finite_when_the_n_term_vanishes():
+    """A fit like the cpu study's GemNet-OC one: α ≈ 70, log A in the hundreds or more (A overflows, N^(−α) underflows).
+
+    The loss along the compute-optimal path must be the finite limit E + B·D^(−β) (+ a vanishing
+    N-term), not inf·0 = NaN, in the point estimate and in every bootstrap row.
+    """
+    th = np.array([[1580.0, 2.2, np.log(0.02), 70.7, 0.283], [1200.0, 2.0, np.log(0.03), 55.0, 0.25]])
+    res = optimal_allocation(th, [2.4e10, 2.1e11], 139.4)
+    assert np.all(np.isfinite(res["L_opt"])), res["L_opt"]
+    e, b, beta = np.exp(th[:, 2:3]), np.exp(th[:, 1:2]), th[:, 4:5]
+    n_term = np.exp(th[:, 0:1] - th[:, 3:4] * np.log(res["N_opt"]))
+    np.testing.assert_allclose(res["L_opt"], e + n_term + b * res["D_opt"] ** (-beta), rtol=1e-12)
+    assert np.all(res["L_opt"] > e)
