@@ -114,7 +114,9 @@ def check_owner(run_dir: str | os.PathLike, config: dict, ignore=()) -> None:
     except (OSError, ValueError) as error:
         raise UserError(f"--run-dir {run_dir}: its {CONFIG_NAME} is unreadable ({error}); it is not this run's "
                         "directory: give this run another --run-dir") from None
-    differ = sorted(k for k in set(saved) | set(config) if k not in ignore and saved.get(k) != config.get(k))
+    first = ("model", "width", "model_overrides", "train")  # what names a run, shown first
+    differ = sorted((k for k in set(saved) | set(config) if k not in ignore and saved.get(k) != config.get(k)),
+                    key=lambda k: (first.index(k) if k in first else len(first), k))
     if not differ:
         return
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))

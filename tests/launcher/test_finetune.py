@@ -97,11 +97,11 @@ def test_a_fresh_run_in_another_runs_directory_is_refused(data, pretrained):
     another width is refused at start naming the run that owns it; its config is left as it was
     (continuing a run goes through --resume, tested in test_resume.py and test_faults.py)."""
     run_dir = pretrained.parent.parent
-    config = (run_dir / "config.json").read_text()
+    config, listing = (run_dir / "config.json").read_text(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     result = run([PYTHON, "launcher/train.py", "--model", "mpnn", "--width", "16", *common(data, run_dir)])
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert f"--run-dir {run_dir}: it holds another run, mpnn width 8" in last, last
     assert "width 8 there, 16 now" in last and f"--resume {run_dir}" in last, last
     assert (run_dir / "config.json").read_text() == config
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [pretrained.name]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == listing
