@@ -29,11 +29,14 @@ train: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/deepspeed --log_level warning --num_gpus $(RANKS) launcher/train.py --model $(MODEL) --width $(WIDTH)
 
 # tests and the docstring examples of the four rooms (pyproject.toml: testpaths, --doctest-modules)
+# Both end with the tests that took longest in wall time and in CPU time (tests/cputime.py: a busy
+# machine stretches the first, hardly the second); PYTEST_ARGS=... adds options.
+PYTEST_REPORT ?= --durations=30 --cpu-durations=30
 test: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(PYTEST_REPORT) $(PYTEST_ARGS)
 
 test-fast: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -m "not slow"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -m "not slow" $(PYTEST_REPORT) $(PYTEST_ARGS)
 
 # fairchem (the reference eSEN, eSCN-MD) in its own virtual environment beside the project's: it pins
 # its own torch. Git-ignored; `make clean` leaves it (a slow install).

@@ -25,10 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from datapipe.convert import cached, convert
 from datapipe.index import INDEX_NAME, ShardIndex
 from datapipe.remote import is_remote, join
-from datapipe.sources import expand_inputs
 from launcher.config import REPO, TrainConfig
 from launcher.engine import Runtime, barrier
 from launcher.errors import UserError
@@ -56,6 +54,8 @@ def cache_root() -> Path:
 
 def input_key(split: str | os.PathLike, shard_size: int = SHARD_SIZE) -> str:
     """Hash (hex, 16 characters) of the identity of raw inputs: resolved paths, sizes, mtimes, shard size."""
+    from datapipe.sources import expand_inputs  # reads ASE databases: imported only for raw inputs
+
     files = expand_inputs([split])
     identity = [[os.fspath(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     return hashlib.sha256(json.dumps([identity, shard_size]).encode()).hexdigest()[:16]
@@ -76,6 +76,9 @@ def shard_dir(split: str, name: str, cfg: TrainConfig) -> tuple[Path, bool]:
 
 def _convert(split: str, directory: Path, name: str, workers: int) -> None:
     """Convert one raw split into ``directory`` (rank 0) with a progress bar over its input files."""
+    from datapipe.convert import cached, convert  # ASE and SciPy (~2 s of imports): only for raw inputs
+    from datapipe.sources import expand_inputs
+
     if cached([split], directory, SHARD_SIZE) is not None:
         return
     files = expand_inputs([split])

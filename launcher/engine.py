@@ -33,6 +33,7 @@ What DeepSpeed and PyTorch print on a CPU machine, and what this module does abo
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -264,9 +265,40 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, optimizer, runtime: R
         # default 5e8: 1 GB bf16 / 2 GB fp32 per rank); one larger than the model is never filled
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         zero["reduce_bucket_size"] = int(min(BUCKET_ELEMENTS, n_params))
+    import_muon_uncompiled()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            model_parameters=None)
     return engine, ds_config
+
+
+#: DeepSpeed's Muon optimizer module, imported by its ZeRO optimizers and sanity checks (to ask
+#: ``isinstance(optimizer, MuonWithAuxAdam)``) even when the optimizer is another one
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon module with TorchDynamo off, once, before DeepSpeed imports it.
+
+    The module wraps three of its functions in ``torch.compile`` as it is imported, which imports
+    TorchInductor: ≈2 CPU-seconds per rank on a 2-core machine, at every start. The launcher's
+    optimizer is schedule-free AdamW, never Muon, so those functions never run; with
+    ``TORCHDYNAMO_DISABLE=1`` (read by ``torch.compile`` when it wraps a function) they stay plain
+    functions and Inductor is not imported. The variable is restored at once: ``--compile`` and
+    everything else compile as before. A DeepSpeed without the module is left as it is.
+    """
+    if MUON_MODULE in sys.modules:
+        return
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        importlib.import_module(MUON_MODULE)
+    except ImportError:
+        pass
+    finally:
+        if before is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
 
 
 def barrier() -> None:

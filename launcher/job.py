@@ -36,7 +36,7 @@ from launcher.health import GradientWatch
 from launcher.materialise import counting_model, materialised_counting_model
 from launcher.progress import Phase, RunLog
 from launcher.retention import check_disk, disk_plan, gb
-from launcher.runlock import RunDirectoryLocked, RunLock
+from launcher.runlock import RunDirectoryLocked, RunLock, check_owner
 from launcher.throughput import device_peak
 from zoo.flops.counter import StepFlopCounter
 from zoo.hub.checkpoint import read_metadata
@@ -136,17 +136,25 @@ def checkpoint_steps_at(total: int, fractions) -> set[int]:
     return {min(total, max(1, round(f * total))) for f in fractions} | {total}
 
 
-def lock_run_dir(run_dir: Path, runtime: Runtime) -> RunLock | None:
-    """Rank 0 locks ``run_dir`` (:mod:`launcher.runlock`); every rank raises if another job holds it."""
-    lock, error = None, None
+def lock_run_dir(run_dir: Path, runtime: Runtime, config: dict | None = None) -> RunLock | None:
+    """Rank 0 locks ``run_dir`` (:mod:`launcher.runlock`); every rank raises if another job holds it.
+    With the ``config`` of a fresh start, every rank also raises a ``UserError`` if the directory
+    holds another run (:func:`launcher.runlock.check_owner`)."""
+    lock, error, taken = None, None, None
     if runtime.is_main:
         try:
             lock = RunLock.acquire(run_dir)
+            if config is not None:
+                check_owner(run_dir, config, ignore=(*OPERATIONAL, "run_dir", "resume"))
         except RunDirectoryLocked as exc:
             error = str(exc)
-    error = broadcast_object(error)
+        except UserError as exc:
+            taken = str(exc)
+    error, taken = broadcast_object((error, taken))
     if error:
         raise RunDirectoryLocked(error)
+    if taken:
+        raise UserError(taken)
     return lock
 
 
@@ -231,7 +239,7 @@ def set_up(cfg: TrainConfig) -> Job:
     runtime = init_distributed(cfg.dist_timeout_s, cfg.engine)
     start_time = time.time()
     cfg, run_dir, resume_from = nodes.together(runtime, resolve_run, resolve_init(cfg, runtime))
-    lock = lock_run_dir(run_dir, runtime)
+    lock = lock_run_dir(run_dir, runtime, cfg.to_json() if resume_from is None else None)
     nodes.check_run_dir(run_dir, runtime)  # every node must see it: each rank writes its checkpoint parts there
     # refuse a bad engine configuration before any work
     planned_config = nodes.together(runtime, sharding.engine_config, cfg, runtime.bf16_supported)

@@ -24,8 +24,12 @@ import socket
 import time
 from pathlib import Path
 
+from launcher.errors import UserError
+
 #: the lock file inside a run directory
 LOCK_NAME = "run.lock"
+#: a run's configuration inside its run directory (written at its first start)
+CONFIG_NAME = "config.json"
 
 
 class RunDirectoryLocked(RuntimeError):
@@ -74,3 +78,51 @@ class RunLock:
             fcntl.lockf(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+
+def check_owner(run_dir: str | os.PathLike, config: dict, ignore=()) -> None:
+    """Refuse a fresh start in a run directory that holds another run's ``config.json``.
+
+    A fresh start writes its configuration and checkpoints into ``run_dir``; where another run
+    (another model, width, data or any other option) lives there, its ``config.json`` would be
+    overwritten and the two runs' checkpoints and metric lines mixed. The same run started again
+    (an identical configuration, apart from the options in ``ignore``) may reuse its directory;
+    continuing a run goes through ``--resume``, which does not come here.
+
+    Raises
+    ------
+    UserError
+        naming the run that owns ``run_dir`` (model, width, when its config was written) and the
+        options that differ, with what to do instead.
+
+    >>> import json, tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / CONFIG_NAME).write_text(json.dumps({"model": "some-model", "width": 8, "seed": 0}))
+    >>> check_owner(folder, {"model": "some-model", "width": 8, "seed": 0})   # the same run: allowed
+    >>> check_owner(folder, {"model": "some-model", "width": 16, "seed": 0})
+    Traceback (most recent call last):
+    ...
+    launcher.errors.UserError: --run-dir ...: it holds another run, some-model width 8 (...): width 8 there, 16 now; ...
+    """
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise UserError(f"--run-dir {run_dir}: its {CONFIG_NAME} is unreadable ({error}); it is not this run's "
+                        "directory: give this run another --run-dir") from None
+    first = ("model", "width", "model_overrides", "train")  # what names a run, shown first
+    differ = sorted((k for k in set(saved) | set(config) if k not in ignore and saved.get(k) != config.get(k)),
+                    key=lambda k: (first.index(k) if k in first else len(first), k))
+    if not differ:
+        return
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    shown = "; ".join(f"{k} {saved.get(k)!r} there, {config.get(k)!r} now" for k in differ[:4])
+    more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+    raise UserError(f"--run-dir {run_dir}: it holds another run, {saved.get('model')} width {saved.get('width')} "
+                    f"({path}, written {when}): {shown}{more}; starting here would overwrite its config and mix the "
+                    f"two runs' checkpoints. Give this run another --run-dir, or continue that one with "
+                    f"--resume {run_dir}")

@@ -18,10 +18,17 @@ All counts are global (summed over ranks); times are the rank-0 wall time spent 
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
+import socket
+import time
+from pathlib import Path
 
 import torch
 
+from launcher.config import REPO
 from launcher.engine import broadcast_object
 
 
@@ -35,13 +42,67 @@ def device_peak(device: torch.device, bf16: bool, world_size: int, is_main: bool
     if is_main:
         from zoo.flops.peaks import peak_flops
 
-        peak, source = peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+        if device.type == "cpu":
+            peak, source = cached_cpu_peak(lambda: peak_flops(device, torch.float32))
+        else:
+            peak, source = peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
         if device.type == "cpu":
             answer = (peak, f"{peak:.4g} FLOP per CPU-second ({source}); MFU = training FLOPs / (CPU seconds of "
                             "the ranks × that), which other load on the machine cannot push up", True)
         else:
             answer = (peak * world_size, f"{world_size} × {peak:.4g} FLOP/s per device ({source})", False)
     return broadcast_object(answer)
+
+
+def cpu_identity() -> str:
+    """What a CPU's matmul rate per CPU-second depends on: host, CPU model, torch version, threads."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{socket.gethostname()} | {model} | {os.cpu_count()} cpus | torch {torch.__version__} | " \
+           f"{torch.get_num_threads()} thread(s)"
+
+
+def cached_cpu_peak(measure, path: Path | None = None) -> tuple[float, str]:
+    """``measure()`` (a CPU's fp32 matmul FLOP per CPU-second and its source), once per machine.
+
+    The rate is measured per CPU-second (:func:`zoo.flops.peaks.measure_peak`: best of a few 2048²
+    matmuls, ≈1-3 CPU-seconds), so other load does not change it; every later start on the same
+    host, CPU model, torch version and thread count (:func:`cpu_identity`) reads it from ``path``
+    (default ``$SYMSCALE_CACHE/cpu_peaks.json``, else ``<repository>/.cache/cpu_peaks.json``) and its
+    source says so. Delete the file to measure again. An unreadable or unwritable cache is measured
+    around, never an error.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "cpu_peaks.json"
+    >>> cached_cpu_peak(lambda: (2.0e10, "measured: a matmul"), path)
+    (20000000000.0, 'measured: a matmul')
+    >>> cached_cpu_peak(lambda: (1.0, "not called"), path)[0]
+    20000000000.0
+    """
+    from launcher.data import CACHE_ENV
+
+    path = Path(path or Path(os.environ.get(CACHE_ENV) or REPO / ".cache") / "cpu_peaks.json")
+    key, table = cpu_identity(), {}
+    try:
+        table = json.loads(path.read_text())
+        entry = table[key]
+        return float(entry["peak"]), f"{entry['source']} (cached in {path}, {entry['when']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        table = table if isinstance(table, dict) else {}
+    peak, source = measure()
+    table[key] = {"peak": peak, "source": source, "when": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(table, indent=1) + "\n")
+        os.replace(scratch, path)
+    except OSError:
+        pass
+    return peak, source
 
 
 def rates(seconds: float, atoms: float, structures: float, flops: float | None, peak: float,

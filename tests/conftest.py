@@ -10,6 +10,11 @@ from processes import (  # noqa: F401  (fixtures and hooks are registered by nam
     pytest_configure,
     pytest_sessionfinish,
 )
+from cputime import (  # noqa: F401  (`pytest --cpu-durations=N`: CPU seconds per test)
+    pytest_addoption,
+    pytest_runtest_protocol,
+    pytest_terminal_summary,
+)
 
 
 def pytest_ignore_collect(collection_path, config):

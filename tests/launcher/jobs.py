@@ -21,7 +21,7 @@ from ase import Atoms
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from processes import TaggedProcess, with_environment
+from processes import TaggedProcess
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -55,51 +55,21 @@ def write_split(path: Path, n: int, seed: int) -> None:
 
 #: DeepSpeed's ops are built per virtual environment: the build command names the venv's include
 #: paths, so clones sharing ``~/.cache/torch_extensions`` would rebuild over each other's build
-#: (and wait on each other's lock). A ``TORCH_EXTENSIONS_DIR`` set by the user is kept.
+#: (and wait on each other's lock). A ``TORCH_EXTENSIONS_DIR`` set by the user is kept. The
+#: launcher builds none (it marks DeepSpeed's CPU shared-memory op, the one its communication
+#: backend would build, unavailable: :func:`launcher.engine.init_distributed`), so no test waits on a
+#: build; test_distributed.py checks that its ZeRO-1/2/3 launch leaves an empty extensions folder.
 if sys.prefix != sys.base_prefix:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
-def build_deepspeed_ops(budget: float = 1800) -> None:
-    """Build (or load from the torch-extensions cache) the op DeepSpeed's communication backend
-    compiles on first use — the CPU accelerator's shared-memory all-reduce — once per session.
-
-    Without this, the first multi-process test pays a build of a minute or more (over ten on a
-    loaded 2-core machine) inside its own time limit. ``budget`` is far above any build seen. A
-    ``lock`` left in the build directory by a killed build (torch waits on it forever) is removed
-    first when no process of this environment's extension directory is running.
-    """
-    if _built:
-        return
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if extensions:
-        lock = Path(extensions) / "deepspeed_shm_comm" / "lock"
-        if lock.exists() and not with_environment("TORCH_EXTENSIONS_DIR", extensions):
-            lock.unlink(missing_ok=True)
-    result = run([PYTHON, "-c", BUILD_OPS], timeout=budget, build=False)
-    assert result.returncode == 0, "building DeepSpeed's communication op failed:\n" + result.stderr[-3000:]
-    _built.append(result.stdout.strip())
-
-
-_built: list[str] = []
-BUILD_OPS = """
-from launcher.engine import setup_environment
-setup_environment()  # the accelerator the launcher will use (DS_ACCELERATOR=cpu without CUDA)
-from deepspeed.comm.torch import build_shm_op
-print(build_shm_op())
-"""
-
-
-def run(args: list[str], timeout: float = 600, env: dict | None = None, build: bool = True) -> subprocess.CompletedProcess:
+def run(args: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command from the repository root with one intra-op thread per process.
 
-    DeepSpeed's communication op is built first (:func:`build_deepspeed_ops`, not counted in
-    ``timeout``). The command and every process it starts carry a tag of their own
+    The command and every process it starts carry a tag of their own
     (:class:`processes.TaggedProcess`): on timeout, on any exception while waiting, and after it
     returns, all of them — launcher and ranks, whatever session they are in — are killed at once.
     """
-    if build:
-        build_deepspeed_ops()
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     with TaggedProcess(args, cwd=REPO, env=full_env) as job:
         return job.wait(timeout)

@@ -89,3 +89,19 @@ def test_keep_normalization_keeps_the_pretrained_references(data, pretrained, tm
     refit = torch.tensor(ShardIndex.load(data["val"]).element_references, dtype=torch.float64)
     assert not torch.allclose(refit, pre)
     assert read_metadata(final)["init_from"]["normalization"] == "kept from the checkpoint"
+
+
+@pytest.mark.slow  # a job of its own (refused at start), after the pretraining job of `pretrained`
+def test_a_fresh_run_in_another_runs_directory_is_refused(data, pretrained):
+    """``--run-dir`` of an existing run (here the pretraining run, mpnn width 8 with one layer) for a run of
+    another width is refused at start naming the run that owns it; its config is left as it was
+    (continuing a run goes through --resume, tested in test_resume.py and test_faults.py)."""
+    run_dir = pretrained.parent.parent
+    config, listing = (run_dir / "config.json").read_text(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    result = run([PYTHON, "launcher/train.py", "--model", "mpnn", "--width", "16", *common(data, run_dir)])
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"--run-dir {run_dir}: it holds another run, mpnn width 8" in last, last
+    assert "width 8 there, 16 now" in last and f"--resume {run_dir}" in last, last
+    assert (run_dir / "config.json").read_text() == config
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == listing

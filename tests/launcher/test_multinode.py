@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from jobs import PYTHON, REPO, TINY, build_deepspeed_ops, free_port, run
+from jobs import PYTHON, REPO, TINY, free_port, run
 from processes import TaggedProcess
 from safetensors.torch import load_file
 
@@ -47,7 +47,6 @@ def env(**extra):
 
 def together(commands, timeout=LIMIT):
     """Start every command at once (one per emulated node); wait for all; their results."""
-    build_deepspeed_ops()
     jobs = [TaggedProcess(args, cwd=REPO, env=environment) for args, environment in commands]
     try:
         return [job.wait(timeout) for job in jobs]

@@ -122,7 +122,7 @@ def _wait_for_checkpoint(runs_dir: Path, process: subprocess.Popen, timeout: flo
 def test_quick_study_interrupted_resumed_fitted_and_refitted(tmp_path):
     out = tmp_path / "quick"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
-    cmd = [*ZOO, "study", "--preset", "quick", "--out", str(out), "--bootstrap", "50"]
+    cmd = [*ZOO, "study", "--preset", "quick", "--out", str(out), "--bootstrap", "10"]
     # Ctrl-C reaches the study as it does from a terminal, even where the suite itself was started with
     # SIGINT ignored (a non-interactive shell's `make test &`), which the study would inherit
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -167,7 +167,7 @@ def test_quick_study_interrupted_resumed_fitted_and_refitted(tmp_path):
     assert "order" in report and (out / "learning_curves.png").stat().st_size > 10_000
 
     refit = subprocess.run([*ZOO, "fit", "runs.csv", "--out", "refit", "--loss-col", "L", "--group-col", "architecture",
-                            "--data-unit", "atoms", "--bootstrap", "50", "--seed", "0"],
+                            "--data-unit", "atoms", "--bootstrap", "10", "--seed", "0"],
                            cwd=out, env=env, capture_output=True, text=True, timeout=1800)
     assert refit.returncode == 0, refit.stdout[-3000:] + refit.stderr[-3000:]
     again = json.loads((out / "refit" / "fit.json").read_text())

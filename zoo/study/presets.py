@@ -10,7 +10,7 @@ Presets
 -------
 ``quick``
     minutes on 2 CPU cores: three tiny widths of each architecture (fewer layers; three, so that
-    L(N, D) has its 3 distinct N), 1,000 atoms from the
+    L(N, D) has its 3 distinct N), 500 atoms (about ten steps of 64 atoms) from the
     first file of the embedded train split, four checkpoints per run, 16 validation structures. A
     smoke test of the whole pipeline (its fits are noise), run end to end by the test suite.
 ``cpu``
@@ -122,9 +122,9 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             name="quick",
-            description="smoke test of the whole pipeline: 3 tiny widths × 4 architectures, 1,000 atoms",
+            description="smoke test of the whole pipeline: 3 tiny widths × 4 architectures, 500 atoms",
             widths={"mpnn": (8, 16, 32), "mc-egnn": (8, 16, 32), "gemnet-oc": (4, 8, 16), "esen": (4, 8, 16)},
-            max_atoms=1_000,
+            max_atoms=500,
             checkpoint_at=(0.125, 0.25, 0.5, 1.0),
             atoms_per_batch=64,
             val_structures=16,

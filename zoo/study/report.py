@@ -141,7 +141,7 @@ def write_report(out: Path, preset: Preset, rows: list[dict], fit: dict, ladder:
            "(`fit/report.md` lists every fitted parameter with its interval.) `runs.csv` has one row per checkpoint;"
            " `checkpoint` is each checkpoint's directory (weights + metadata) relative to this folder.", ""]
     if preset.name == "quick":
-        md += ["_The quick preset is a smoke test: a thousand atoms and tiny widths. Its exponents are noise and"
+        md += ["_The quick preset is a smoke test: 500 atoms and tiny widths. Its exponents are noise and"
                " say nothing about the paper's claims._", ""]
     path = out / "report.md"
     path.write_text("\n".join(md))
