@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from datapipe import keys
+from zoo.models.common import ChargeSpinEmbedding
 from zoo.models.precision import compute_dtype, geometry_dtype
 
 
@@ -198,6 +199,10 @@ class ForceField(nn.Module):
                 f"structure {_structure_name(batch, atom)}: unsupported element Z={int(z[atom])} "
                 f"(this model embeds Z = 1..{self.max_atomic_number})"
             )
+        if self.compiled:  # the compiled region skips the embedding's own data-dependent check
+            for module in self.modules():
+                if isinstance(module, ChargeSpinEmbedding):
+                    module.check(batch[keys.CHARGE], batch[keys.SPIN])
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         """Energy ``[B]`` (eV) and forces ``[N, 3]`` (eV/Å) of every structure in ``batch``."""
