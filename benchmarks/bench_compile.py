@@ -15,8 +15,8 @@ edges changes from one batch to the next as it does in training — and the scri
   process's CPU time (``--clock wall`` for elapsed time) over ``--repeats`` passes over the batches,
   and the ratio eager / compiled (> 1: compiled is faster).
 
-Training conservative forces compiled is refused by the model (a double backward through compiled
-graphs); the row says so and times inference only.
+Conservative forces: the compiled program returns the energy gradient (``torch.func.grad`` inside
+it), so the training step's backward is first order (``ForceField.enable_compile``).
 
 Run (CPU, fp32, one thread; ``TORCHINDUCTOR_COMPILE_THREADS=1`` keeps inductor's C++ builds in one
 process)::
@@ -103,7 +103,7 @@ def bench(arch: str, direct: bool, a, data: list) -> dict:
         overrides = {"num_blocks": a.layers}
     eager = build(arch, a.width or WIDTHS[arch], direct_forces=direct, **overrides).to(a.device)
     compiled = copy.deepcopy(eager).enable_compile(backend=a.backend)
-    modes = ["train", "infer"] if direct else ["infer"]  # conservative training compiled is refused
+    modes = ["train", "infer"]
     row = {"arch": arch, "forces": "direct" if direct else "conservative", "compile_s": 0.0, "err": {}}
     torch._dynamo.utils.counters.clear()
     for mode in modes:
@@ -130,8 +130,6 @@ def bench(arch: str, direct: bool, a, data: list) -> dict:
                 times["compiled"].append(step(compiled, batch, mode, a.clock, a.device)[0])
         e, c = statistics.median(times["eager"]), statistics.median(times["compiled"])
         row[mode] = (e, c, e / c)
-    if not direct:
-        row["train"] = None
     return row
 
 
@@ -163,11 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cells = [f"{arch:9s} {forces:12s} atoms/edges {shapes}", f"compile {row['compile_s']:.1f} s",
                      f"graphs {row['graphs']} breaks {row['breaks']} recompiles {row['recompiles']}"]
             for mode in ("train", "infer"):
-                if row.get(mode) is None:
-                    cells.append(f"{mode}: refused (double backward)" if mode == "train" else f"{mode}: -")
-                else:
-                    e, c, r = row[mode]
-                    cells.append(f"{mode} eager {e * 1e3:.1f} ms compiled {c * 1e3:.1f} ms ratio {r:.2f}")
+                e, c, r = row[mode]
+                cells.append(f"{mode} eager {e * 1e3:.1f} ms compiled {c * 1e3:.1f} ms ratio {r:.2f}")
             cells.append("max rel. diff " + ", ".join(f"{k} {v:.1e}" for k, v in row["err"].items()))
             print(" | ".join(cells), flush=True)
     return rows
