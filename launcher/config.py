@@ -54,7 +54,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
     direct_forces: bool = True
     symmetry_loss: int = 0  # M Haar-random rotated copies per batch (arXiv 2510.09768's ablation)
-    compile: bool = False  # the training model's interact() through torch.compile (direct forces only)
+    compile: bool = False  # the model's tensor program through torch.compile (ForceField.enable_compile)
     # data
     train: str = str(DEFAULT_DATA / "train")
     val: str = str(DEFAULT_DATA / "val")
@@ -181,8 +181,8 @@ def parser() -> argparse.ArgumentParser:
                    help="constructor override (VALUE parsed as JSON), repeatable")
     p.add_argument("--conservative", action="store_true", help="forces as -dE/dpositions (default: direct head)")
     p.add_argument("--compile", action="store_true",
-                   help="run the training model through torch.compile (ForceField.enable_compile); "
-                        "direct forces only (conservative training needs a double backward)")
+                   help="run the training model through torch.compile (ForceField.enable_compile), both "
+                        "force modes; refused for an architecture that does not compile (docs/compile.md)")
     p.add_argument("--symmetry-loss", type=int, default=d.symmetry_loss, metavar="M",
                    help="add M Haar-random rotated copies of every batch; loss averaged over the M+1 copies "
                         "(FLOPs counted x(M+1); atoms seen count the original batch only)")
@@ -277,9 +277,13 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         p.error("--max-consecutive-skips must be >= 0")
     if not a.dist_timeout > 0:
         p.error("--dist-timeout must be > 0 seconds")
-    if a.compile and a.conservative:
-        p.error("--compile cannot train conservative forces: their loss needs a double backward, which "
-                "torch.compile'd graphs (AOTAutograd) do not support; drop --compile or --conservative")
+    refusal = get_spec(a.model or DEFAULT_MODEL).model_class.compile_refusal if a.compile else None
+    if refusal is not None:
+        p.error(f"--compile is not offered for --model {a.model or DEFAULT_MODEL}: {refusal}; drop --compile")
+    if a.compile and a.engine == "fsdp":
+        p.error("--compile is offered with --engine deepspeed only (FSDP builds its model on the meta device "
+                "inside the engine, after the point where the model is compiled); drop --compile or use "
+                "--engine deepspeed")
     explicit = {}
     if a.zero_stage is not None:
         explicit["zero_stage"] = a.zero_stage

@@ -285,11 +285,14 @@ def set_up(cfg: TrainConfig) -> Job:
     if cfg.init_record is None:
         pretrain = run_pretrain_hook(spec.pretrain, cfg, model, splits, runtime, resume_from)
     lr = cfg.learning_rate(cfg.width)
-    if cfg.compile:  # after the pre-training hook, before the engine wraps it; checked by parse()
+    if cfg.compile:  # after the pre-training hook, before the engine wraps it; parse() checks the named model
         if model is None:
             raise UserError("--compile is offered with --engine deepspeed (FSDP builds its model on the meta "
                             "device inside the engine); drop --compile or use --engine deepspeed")
-        model.enable_compile()
+        try:
+            model.enable_compile()
+        except RuntimeError as error:  # an architecture that does not compile (its compile_refusal)
+            raise UserError(f"--compile: {error}") from None
     with Phase(f"building the {ENGINE_NAMES[cfg.engine]} engine", enabled=runtime.is_main):
         engine, ds_config = sharding.build(cfg, model, runtime, lr, round(cfg.warmup_fraction * total),
                                            normalisation)

@@ -10,7 +10,6 @@ and gradients must agree to float64 round-off. Speed is measured in benchmarks/,
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -141,56 +140,3 @@ def test_gemnet_gather_and_aggregate_match_indexing_reference():
     for a, b in zip(grads([new], [basis, rows]), grads([ref], [basis, rows])):
         torch.testing.assert_close(a, b, **TOL)
     assert math.isfinite(float(new.sum()))
-
-
-#: inductor generates and compiles C++ on the CPU: minutes idle, over 20 minutes on a loaded 2-core
-#: machine (measured), so it runs only when asked for (and on GPU machines, by benchmarks/gpu_check.sh)
-INDUCTOR = pytest.mark.skipif(os.environ.get("SYMSCALE_TEST_INDUCTOR") != "1",
-                              reason="set SYMSCALE_TEST_INDUCTOR=1 to compile with inductor (slow on CPU)")
-
-
-@pytest.mark.slow  # dynamo's capture alone is ~45 s per case on a loaded 2-core machine: `make test` runs it
-@pytest.mark.parametrize(
-    "backend", ["aot_eager", pytest.param("inductor", marks=INDUCTOR)]
-)  # aot_eager: dynamo's capture and AOTAutograd as inductor sees them, without code generation
-@pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
-def test_compiled_esen_equals_eager(direct, backend):
-    """``enable_compile`` (torch.compile): energies and forces equal to eager within fp32
-    round-off, in evaluation and (direct forces) in a training step with its parameter gradients;
-    training conservative forces compiled is refused with a clear message."""
-    from ase.build import molecule
-
-    from datapipe import keys
-    from datapipe.graph import batch_from_atoms
-    from zoo.registry import build
-    from zoo.testing import assert_close_scaled, perturbed
-
-    torch.manual_seed(0)
-    model = build("esen", 8, direct_forces=direct, num_layers=2).eval()
-    batch = batch_from_atoms([perturbed(molecule("CH3CH2OH"), 1), perturbed(molecule("C6H6"), 2)])
-    eager = model(batch)
-    model.enable_compile(backend=backend)
-    assert model.compiled
-    compiled = model(batch)
-    assert bool(compiled[keys.FORCES].abs().max() > 0)  # not the silent zero forces of a None gradient
-    for key in (keys.ENERGY, keys.FORCES):
-        assert_close_scaled(compiled[key], eager[key], rtol=1e-5, what=f"compiled {key}")
-
-    model.train()
-    if not direct:
-        with pytest.raises(RuntimeError, match="double backward"):
-            model(batch)
-        return
-    grads = {}
-    for mode in ("compiled", "eager"):
-        if mode == "eager":
-            model.disable_compile()
-        out = model(batch)
-        (out[keys.ENERGY].abs().mean() + out[keys.FORCES].norm(dim=-1).mean()).backward()
-        grads[mode] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        grads[mode + "_forces"] = out[keys.FORCES].detach()
-        model.zero_grad(set_to_none=True)
-    assert_close_scaled(grads["compiled_forces"], grads["eager_forces"], rtol=1e-5, what="training forces")
-    assert len(grads["compiled"]) == len(grads["eager"])
-    for a, b in zip(grads["compiled"], grads["eager"]):
-        assert_close_scaled(a, b, rtol=1e-4, what="parameter gradient")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from datapipe import keys
+from zoo.models.common import ChargeSpinEmbedding
 from zoo.models.precision import compute_dtype, geometry_dtype
 
 
@@ -93,19 +94,50 @@ class ForceField(nn.Module):
         self.force_rms = 1.0
         self._compiled_interact: Callable | None = None
 
-    def enable_compile(self, **options) -> ForceField:
-        """Run :meth:`interact` through ``torch.compile`` (``dynamic=True`` unless ``options`` say).
+    #: why :meth:`enable_compile` is refused for this architecture (None: compile is offered)
+    compile_refusal: str | None = None
 
-        Only the architecture's tensor program is compiled; the input checks, the energy sum and
-        ``F = −∂E/∂positions`` stay eager, so conservative forces are exact ``autograd.grad``
-        results (under dynamo, ``autograd.grad`` inside the compiled region returns None).
-        Training conservative forces needs a double backward, which compiled graphs
-        (AOTAutograd) do not support: :meth:`forward` refuses it (``RuntimeError``) in training
-        mode; evaluation (energy and forces) works. Returns ``self``.
+    def enable_compile(self, **options) -> ForceField:
+        """Run the architecture's tensor program through ``torch.compile`` (``dynamic=True``
+        unless ``options`` say otherwise: atoms and edges change from batch to batch).
+
+        Direct forces: :meth:`interact` is compiled. Conservative forces: :meth:`interact` and
+        the gradient of the energy with respect to the edge vectors (and positions) are compiled
+        as one function, the gradient taken with ``torch.func.grad`` inside it, so the compiled
+        graph returns forces as an ordinary output: training then needs only a first-order
+        backward through that graph, which AOTAutograd supports (``torch.autograd.grad`` with
+        ``create_graph`` on a compiled graph does not: "double backward"). The input checks, the
+        energy sum and the de-normalisation stay eager. Returns ``self``.
+
+        Raises
+        ------
+        RuntimeError
+            if the architecture does not compile (:attr:`compile_refusal` says why).
         """
+        if self.compile_refusal is not None:
+            raise RuntimeError(f"torch.compile is not offered for {type(self).__name__}: {self.compile_refusal}")
         options.setdefault("dynamic", True)
-        self._compiled_interact = torch.compile(self.interact, **options)
+        program = self.interact if self.direct_forces else self._energy_and_gradient
+        self._compiled_interact = torch.compile(program, **options)
         return self
+
+    def _energy_and_gradient(self, atomic_numbers, positions, edge_index, edge_vectors, batch, charge, spin,
+                             num_graphs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom energies ``[N]`` (normalised) and ``∂(Σ_i E_i)/∂positions`` ``[N, 3]``, in one
+        function for ``torch.compile``: the gradient through the edge vectors
+        ``r_ij = x_source − x_target`` (and any direct use of positions) by ``torch.func.grad``.
+        Forces of each structure are the gradient of its own energy, as every atom belongs to one."""
+
+        def total(positions, edge_vectors):
+            node_energy, _ = self.interact(atomic_numbers, positions, edge_index, edge_vectors, batch, charge, spin,
+                                           num_graphs)  # [N]
+            node_energy = node_energy.to(positions.dtype)  # the fp32 island of the energy sum
+            return node_energy.sum(), node_energy
+
+        (d_positions, d_vectors), node_energy = torch.func.grad(total, argnums=(0, 1), has_aux=True)(
+            positions, edge_vectors)  # [N, 3], [E, 3], [N]
+        gradient = d_positions.index_add(0, edge_index[0], d_vectors).index_add(0, edge_index[1], -d_vectors)
+        return node_energy, gradient  # [N], [N, 3]
 
     def disable_compile(self) -> ForceField:
         """Back to the eager :meth:`interact`. Returns ``self``."""
@@ -198,6 +230,10 @@ class ForceField(nn.Module):
                 f"structure {_structure_name(batch, atom)}: unsupported element Z={int(z[atom])} "
                 f"(this model embeds Z = 1..{self.max_atomic_number})"
             )
+        if self.compiled:  # the compiled region skips the embedding's own data-dependent check
+            for module in self.modules():
+                if isinstance(module, ChargeSpinEmbedding):
+                    module.check(batch[keys.CHARGE], batch[keys.SPIN])
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         """Energy ``[B]`` (eV) and forces ``[N, 3]`` (eV/Å) of every structure in ``batch``."""
@@ -208,7 +244,7 @@ class ForceField(nn.Module):
         # geometry in at least fp32 (zoo.models.precision): bf16 would hold a 10 Å coordinate to ±0.03 Å
         geometry = geometry_dtype(self.compute_dtype(batch[keys.POSITIONS].device))
         positions = batch[keys.POSITIONS].to(geometry)  # [N, 3]
-        if not self.direct_forces:
+        if not self.direct_forces and not self.compiled:  # compiled: the gradient is taken inside (torch.func)
             # a non-leaf view: autograd.grad w.r.t. it works under engines and flop counters
             positions = positions.detach().requires_grad_(True).view_as(positions)
         edge_index = batch[keys.EDGE_INDEX]  # [2, E]
@@ -225,17 +261,8 @@ class ForceField(nn.Module):
         if not bool(keep.all()):
             edge_index, edge_vectors = edge_index[:, keep], edge_vectors[keep]
 
-        interact = self.interact
-        if self._compiled_interact is not None:
-            if self.training and not self.direct_forces and torch.is_grad_enabled():
-                raise RuntimeError(
-                    "torch.compile cannot train conservative forces: the loss needs a double backward "
-                    "(forces are -dE/dpositions), which compiled graphs (AOTAutograd) do not support. "
-                    "Train conservative models eagerly (no --compile), or compile direct-force models; "
-                    "evaluation (model.eval()) of a compiled conservative model is supported."
-                )
-            interact = self._compiled_interact
-        node_energy, direct = interact(
+        program = self.interact if self._compiled_interact is None else self._compiled_interact
+        node_energy, direct = program(
             atomic_numbers,
             positions,
             edge_index,
@@ -244,7 +271,7 @@ class ForceField(nn.Module):
             batch[keys.CHARGE],
             batch[keys.SPIN],
             num_graphs,
-        )  # [N], [N, 3] | None
+        )  # [N], [N, 3] | None (compiled conservative: [N], ∂(ΣE)/∂positions [N, 3])
         # the energy sum and the force output are fp32 islands (a bf16 running sum rounds at every atom)
         node_energy = node_energy.to(geometry)  # [N]
         normalised = torch.zeros(num_graphs, dtype=geometry, device=node_energy.device)
@@ -257,6 +284,8 @@ class ForceField(nn.Module):
 
         if self.direct_forces:
             forces = self.force_rms * direct.to(geometry)  # [N, 3] eV/Å
+        elif self.compiled:
+            forces = -self.force_rms * direct.to(geometry)  # [N, 3] eV/Å, the gradient from the compiled program
         else:
             forces = -self.force_rms * self.energy_gradient(normalised, positions, edge_index)  # [N, 3] eV/Å
         return {keys.ENERGY: energy, keys.FORCES: forces}

@@ -107,13 +107,20 @@ class ChargeSpinEmbedding(nn.Module):
         self.charge = nn.Embedding(2 * self.max_charge + 1, channels)
         self.spin = nn.Embedding(self.max_spin + 1, channels)
 
-    def forward(self, charge: torch.Tensor, spin: torch.Tensor) -> torch.Tensor:
+    def check(self, charge: torch.Tensor, spin: torch.Tensor) -> None:
+        """Raise ``ValueError`` if a charge or multiplicity is outside the embedded range."""
         if charge.is_meta:  # a shape-only trace (zoo.flops.trace): no values to check
-            return self.charge(charge + self.max_charge) + self.spin(spin)  # [B, C]
+            return
         if bool(((charge < -self.max_charge) | (charge > self.max_charge)).any()):
             raise ValueError(f"charge {charge.tolist()} outside ±{self.max_charge} e")
         if bool(((spin < 1) | (spin > self.max_spin)).any()):
             raise ValueError(f"spin multiplicity {spin.tolist()} outside 1..{self.max_spin}")
+
+    def forward(self, charge: torch.Tensor, spin: torch.Tensor) -> torch.Tensor:
+        # under torch.compile a data-dependent check is a graph break: ForceField.check_input runs
+        # it eagerly before the compiled region instead
+        if not torch.compiler.is_compiling():
+            self.check(charge, spin)
         return self.charge(charge + self.max_charge) + self.spin(spin)  # [B, C]
 
 

@@ -79,6 +79,9 @@ class DeviceCache:
 
     def get(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
         key = (like.device, like.dtype)
+        if key not in self._copies and torch.compiler.is_compiling():  # no cache write from a trace
+            return {name: t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
+                    for name, t in self._cpu.items()}  # (inside torch.func.grad it would leak a wrapper)
         if key not in self._copies:
             self._copies[key] = {
                 name: t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)

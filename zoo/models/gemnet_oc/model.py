@@ -139,6 +139,14 @@ class GemNetOC(ForceField):
         for non-positive sizes or cutoffs, or a main cutoff above the other graphs' cutoffs.
     """
 
+    #: read by ForceField.enable_compile and the launcher's --compile (docs/compile.md)
+    compile_refusal = (
+        "its forward builds the interaction graphs (a radius graph through vesin/NumPy, triplets and "
+        "quadruplets whose sizes depend on the data), which dynamo cannot trace: 83 graph breaks in one "
+        "forward (torch._dynamo.explain, torch 2.13), so the compiled model would run as ~84 small graphs, "
+        "recompiled as sizes change; train GemNet-OC eagerly"
+    )
+
     def __init__(
         self,
         width: int,
