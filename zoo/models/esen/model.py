@@ -68,7 +68,8 @@ from torch import nn
 
 from datapipe import keys
 from zoo.models.base import ForceField
-from zoo.models.common import ChargeSpinEmbedding, GaussianBasis, PolynomialEnvelope, gather, scatter_sum
+from zoo.models.common import ChargeSpinEmbedding, GaussianBasis, PolynomialEnvelope, scatter_sum
+from zoo.models.esen.edges import gather_pair
 from zoo.models.esen.so2 import DeviceCache, EdgeFrame, EquivariantRMSNorm, SO2Convolution, SO3Linear, gate, num_coefficients
 from zoo.models.precision import to_compute
 
@@ -124,7 +125,7 @@ class MessageBlock(nn.Module):
         self.radial = radial_mlp(edge_features, edge_channels, self.conv1.radial_size)
 
     def forward(self, x, edge_features, wigner, wigner_back, source, target):
-        pair = torch.cat([gather(x, source), gather(x, target)], dim=-1)  # [E, (lmax+1)², 2C]
+        pair = gather_pair(x, source, target)  # [E, (lmax+1)², 2C]  [x_j ‖ x_i]
         framed = wigner @ pair  # [E, K, 2C]
         hidden, gates = self.conv1(framed, radial=self.radial(edge_features), blocks_out=True)  # per |m|, [E, lmax·H]
         framed, _ = self.conv2(hidden, gates=gates)  # [E, K, C]  (gate fused into conv2's input)

@@ -222,7 +222,11 @@ class SO2Convolution(nn.Module):
         x0 = x0.reshape(e, n0 * self.cin)  # [E, (lmax+1)·in]
         if radial is not None:
             x0 = x0 * radial[0]
-        y0, extra = self.fc_m0(x0).split([n0 * self.cout, self.extra], dim=1)  # [E, (lmax+1)·out], [E, extra]
+        y0 = self.fc_m0(x0)  # [E, (lmax+1)·out + extra]
+        if self.extra:  # (no split of nothing: its backward would cat an empty gradient)
+            y0, extra = y0.split([n0 * self.cout, self.extra], dim=1)  # [E, (lmax+1)·out], [E, extra]
+        else:
+            extra = y0.new_zeros(e, 0)  # [E, 0]
         outputs = [y0.reshape(e, n0, self.cout)]
         for index, n in enumerate(self.sizes[1:]):
             m = index + 1
