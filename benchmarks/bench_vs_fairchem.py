@@ -90,9 +90,10 @@ def write_npz(batch, path: Path) -> None:
 class Ours:
     """symscale's eSEN on one batch: timed training and inference steps."""
 
-    def __init__(self, batch, channels, lmax, direct, device, dtype, compile_model=False):
+    def __init__(self, batch, channels, lmax, direct, device, dtype, compile_model=False, gauss_products=False):
         torch.manual_seed(0)
-        self.model = build("esen", width=channels, lmax=lmax, direct_forces=direct).to(device, dtype)
+        self.model = build("esen", width=channels, lmax=lmax, direct_forces=direct,
+                           gauss_products=gauss_products).to(device, dtype)
         if compile_model:
             self.model.enable_compile()
         self.batch, self.device = batch.to(device), device
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="wall: elapsed time; cpu: the process's CPU time (robust on a shared, loaded "
                         "machine with one thread). Default: cpu on CPU, wall on CUDA")
     p.add_argument("--compile", action="store_true", help="symscale through torch.compile (zoo.compile)")
+    p.add_argument("--gauss-products", action="store_true",
+                   help="symscale with Gauss's 3-matmul complex products (an option that rounds differently; "
+                        "off by default, as in the model)")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ):
                 direct = forces == "direct"
                 dtype = getattr(torch, dtype_name)
-                ours = Ours(batch, channels, lmax, direct, a.device, dtype, a.compile)
+                ours = Ours(batch, channels, lmax, direct, a.device, dtype, a.compile, a.gauss_products)
                 info = theirs.ask(cmd="build", channels=channels, lmax=lmax, direct=direct, layers=4,
                                   cutoff=keys.DEFAULT_CUTOFF, num_radial=64, seed=0, device=a.device, dtype=dtype_name)
                 diff = abs(ours.params - info["params"]) / info["params"]
