@@ -68,7 +68,8 @@ from torch import nn
 
 from datapipe import keys
 from zoo.models.base import ForceField
-from zoo.models.common import ChargeSpinEmbedding, GaussianBasis, PolynomialEnvelope, gather, scatter_sum
+from zoo.models.common import ChargeSpinEmbedding, GaussianBasis, PolynomialEnvelope, scatter_sum
+from zoo.models.esen.edges import gather_pair
 from zoo.models.esen.so2 import DeviceCache, EdgeFrame, EquivariantRMSNorm, SO2Convolution, SO3Linear, gate, num_coefficients
 from zoo.models.precision import to_compute
 
@@ -116,15 +117,17 @@ class MessageBlock(nn.Module):
     """
 
     def __init__(
-        self, channels: int, hidden: int, edge_features: int, edge_channels: int, lmax: int, mmax: int
+        self, channels: int, hidden: int, edge_features: int, edge_channels: int, lmax: int, mmax: int,
+        gauss_products: bool = False,
     ) -> None:
         super().__init__()
-        self.conv1 = SO2Convolution(2 * channels, hidden, lmax, mmax, extra_scalars=lmax * hidden)
-        self.conv2 = SO2Convolution(hidden, channels, lmax, mmax)
+        self.conv1 = SO2Convolution(2 * channels, hidden, lmax, mmax, extra_scalars=lmax * hidden,
+                                    gauss_products=gauss_products)
+        self.conv2 = SO2Convolution(hidden, channels, lmax, mmax, gauss_products=gauss_products)
         self.radial = radial_mlp(edge_features, edge_channels, self.conv1.radial_size)
 
     def forward(self, x, edge_features, wigner, wigner_back, source, target):
-        pair = torch.cat([gather(x, source), gather(x, target)], dim=-1)  # [E, (lmax+1)², 2C]
+        pair = gather_pair(x, source, target)  # [E, (lmax+1)², 2C]  [x_j ‖ x_i]
         framed = wigner @ pair  # [E, K, 2C]
         hidden, gates = self.conv1(framed, radial=self.radial(edge_features), blocks_out=True)  # per |m|, [E, lmax·H]
         framed, _ = self.conv2(hidden, gates=gates)  # [E, K, C]  (gate fused into conv2's input)
@@ -157,10 +160,10 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """One eSEN layer: ``x += Message(norm(x)); x += FeedForward(norm(x))``."""
 
-    def __init__(self, channels, hidden, edge_features, edge_channels, lmax, mmax) -> None:
+    def __init__(self, channels, hidden, edge_features, edge_channels, lmax, mmax, gauss_products=False) -> None:
         super().__init__()
         self.norm_message = EquivariantRMSNorm(lmax, channels)
-        self.message = MessageBlock(channels, hidden, edge_features, edge_channels, lmax, mmax)
+        self.message = MessageBlock(channels, hidden, edge_features, edge_channels, lmax, mmax, gauss_products)
         self.norm_feed_forward = EquivariantRMSNorm(lmax, channels)
         self.feed_forward = FeedForward(channels, hidden, lmax)
 
@@ -191,6 +194,9 @@ class ESEN(ForceField):
     direct_forces : bool, default True
         Direct ``l = 1`` force head (True) or ``−∂E/∂positions`` (False).
     max_atomic_number : int, default 100
+    gauss_products : bool, default False
+        Gauss's three-multiplication complex products in the SO(2) convolutions (fewer
+        multiply-adds, different fp32 rounding; see :class:`zoo.models.esen.so2.SO2Convolution`).
 
     Raises
     ------
@@ -210,6 +216,7 @@ class ESEN(ForceField):
         cutoff: float = keys.DEFAULT_CUTOFF,
         direct_forces: bool = True,
         max_atomic_number: int = keys.MAX_ATOMIC_NUMBER,
+        gauss_products: bool = False,
     ) -> None:
         super().__init__(cutoff=cutoff, direct_forces=direct_forces, max_atomic_number=max_atomic_number)
         mmax = lmax if mmax is None else int(mmax)
@@ -232,7 +239,8 @@ class ESEN(ForceField):
         self.frame = EdgeFrame(self.lmax, mmax)
         self.edge_degree = EdgeDegreeEmbedding(edge_features, edge_channels, channels, self.lmax)
         self.blocks = nn.ModuleList(
-            Block(channels, hidden, edge_features, edge_channels, self.lmax, mmax) for _ in range(num_layers)
+            Block(channels, hidden, edge_features, edge_channels, self.lmax, mmax, gauss_products)
+            for _ in range(num_layers)
         )
         self.norm_out = EquivariantRMSNorm(self.lmax, channels)
         self.energy_head = nn.Sequential(

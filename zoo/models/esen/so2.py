@@ -174,6 +174,12 @@ class SO2Convolution(nn.Module):
     lmax, mmax : int
     extra_scalars : int
         Extra invariant outputs from the ``m = 0`` map (e.g. gate values), returned separately.
+    gauss_products : bool, default False
+        For ``m > 0``, Gauss's three-multiplication complex product, ``k = W₁(x₊ + x₋)``,
+        ``y₊ = k − (W₁ + W₂)x₋``, ``y₋ = k + (W₂ − W₁)x₊``: 3 matmuls instead of the 4 of the
+        block matrix (25 % fewer multiply-adds there, forward and backward). Equal in exact
+        arithmetic; rounds differently (measured 6e-7 relative in fp32, 3e-15 in float64), so
+        it is an option, off by default.
 
     Forward: ``x`` ``[E, K, in]`` in :func:`frame_layout` order (or its blocks per ``|m|``,
     ``[E, lmax+1, in]`` then ``[E, 2(lmax+1−m), in]``), ``radial`` ``[E, radial_size]`` or None,
@@ -182,9 +188,11 @@ class SO2Convolution(nn.Module):
     SO2Convolution takes without a copy.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, lmax: int, mmax: int, extra_scalars: int = 0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, lmax: int, mmax: int, extra_scalars: int = 0,
+                 gauss_products: bool = False) -> None:
         super().__init__()
         self.cin, self.cout, self.lmax, self.mmax, self.extra = in_channels, out_channels, lmax, mmax, extra_scalars
+        self.gauss_products = bool(gauss_products)
         self.sizes = [lmax + 1] + [lmax + 1 - m for m in range(1, mmax + 1)]  # l's per |m|
         self.radial_size = sum(n * in_channels for n in self.sizes)
         self.fc_m0 = nn.Linear(self.sizes[0] * in_channels, self.sizes[0] * out_channels + extra_scalars)
@@ -225,7 +233,11 @@ class SO2Convolution(nn.Module):
         x0 = x0.reshape(e, n0 * self.cin)  # [E, (lmax+1)·in]
         if radial is not None:
             x0 = x0 * radial[0]
-        y0, extra = self.fc_m0(x0).split([n0 * self.cout, self.extra], dim=1)  # [E, (lmax+1)·out], [E, extra]
+        y0 = self.fc_m0(x0)  # [E, (lmax+1)·out + extra]
+        if self.extra:  # (no split of nothing: its backward would cat an empty gradient)
+            y0, extra = y0.split([n0 * self.cout, self.extra], dim=1)  # [E, (lmax+1)·out], [E, extra]
+        else:
+            extra = y0.new_zeros(e, 0)  # [E, 0]
         outputs = [y0.reshape(e, n0, self.cout)]
         for index, n in enumerate(self.sizes[1:]):
             m = index + 1
@@ -237,6 +249,13 @@ class SO2Convolution(nn.Module):
             if radial is not None:
                 pair = pair * radial[m][:, None]
             w1, w2 = self.weight_m[index]  # [n·out, n·in] each
+            if self.gauss_products:
+                plus, minus = pair.unbind(1)  # [E, n·in] each (strided rows: fine for the matmul)
+                k = (plus + minus) @ w1.T  # [E, n·out]
+                y_plus = torch.addmm(k, minus, (w1 + w2).T, alpha=-1)  # W₁x₊ − W₂x₋
+                y_minus = torch.addmm(k, plus, (w2 - w1).T)  # W₂x₊ + W₁x₋
+                outputs.append(torch.stack([y_plus, y_minus], dim=1).reshape(e, 2 * n, self.cout))
+                continue
             weight = torch.cat([torch.cat([w1, -w2], 1), torch.cat([w2, w1], 1)], 0)  # [2n·out, 2n·in]
             # y₊ = W₁x₊ − W₂x₋, y₋ = W₂x₊ + W₁x₋
             outputs.append((pair.reshape(e, 2 * n * self.cin) @ weight.T).reshape(e, 2 * n, self.cout))
