@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -94,9 +94,12 @@ class ScaleFactor(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self._stats: list[float] | None = None  # [Σ x², n_x, Σ ref², n_ref] while fitting
 
-    def forward(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ref: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """``s · x``; while fitting, the second moments of ``x`` and ``ref`` are recorded (``ref`` may be
+        a function returning it, called only then, for a reference that is not otherwise built)."""
         if self._stats is not None:
             with torch.no_grad():
+                ref = ref() if callable(ref) else ref
                 self._stats[0] += float(x.detach().double().pow(2).sum())
                 self._stats[1] += x.numel()
                 if ref is not None:

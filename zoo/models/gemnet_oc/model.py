@@ -86,6 +86,7 @@ from zoo.models.gemnet_oc.graph import (
     triplets,
 )
 from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock
+from zoo.models.gemnet_oc.sparse import OuterPlan
 from zoo.models.precision import to_compute
 
 #: size of each embedding as a fraction of the width (emb_size_atom); fairchem OC20 ratios at 256
@@ -215,7 +216,7 @@ class GemNetOC(ForceField):
         qint = subgraph(big, self.cutoff_qint, self.max_neighbors_qint, n)
         aeaint = subgraph(big, self.cutoff_aeaint, self.max_neighbors_aeaint, n)
         aint = subgraph(big, self.cutoff_aint, self.max_neighbors_aint, n)
-        return {
+        g = {
             "main": main,
             "qint": qint,
             "aeaint": aeaint,
@@ -226,6 +227,19 @@ class GemNetOC(ForceField):
             "trip_e2a": triplets(main, aeaint, n),
             "quad": quadruplets(main, qint, n),
         }
+        # the sums Σ basis ⊗ message of every block, indexed once per batch (zoo.models.gemnet_oc.sparse)
+        S, quad, t_out = self.num_spherical, g["quad"], g["quad"]["trip_out"]
+        g["plans"] = {
+            "e2e": OuterPlan(g["trip_e2e"]["out"], g["trip_e2e"]["in"], S, main.num_edges, main.num_edges),
+            "a2e": OuterPlan(g["trip_a2e"]["out"], g["trip_a2e"]["in"], S, main.num_edges, aeaint.num_edges),
+            "e2a": OuterPlan(g["trip_e2a"]["out"], g["trip_e2a"]["in"], S, aeaint.num_edges, main.num_edges),
+            "quad": OuterPlan(quad["quad_out"], quad["quad_in"], S, t_out["out"].numel(),
+                              quad["trip_in"]["in"].numel()),
+            "cab": OuterPlan(t_out["out"], torch.arange(t_out["out"].numel(), device=positions.device), S,
+                             main.num_edges, t_out["out"].numel()),
+            "aint": OuterPlan(aint.target, aint.source, self.sizes["rbf"], n, n),
+        }
+        return g
 
     def bases(self, g: dict) -> dict:
         """Radial, circular and spherical bases, projected by the shared layers."""

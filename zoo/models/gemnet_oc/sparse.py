@@ -1,0 +1,147 @@
+"""``y[o] = Σ_{t: out[t] = o} basis[t] ⊗ x[in[t]]`` as one sparse × dense product per block.
+
+Every bilinear layer of GemNet-OC (Gasteiger et al. 2022, arXiv 2204.02782, Sec. 3 "Efficient
+basis calculation") sums outer products of a geometric basis (per triplet or quadruplet) with a
+message gathered from its in-edge. The sum is a sparse matrix ``A`` ``[O·K, I]`` with
+``A[o·K + k, in[t]] = basis[t, k]`` applied to the messages ``x`` ``[I, C]``: the gather, the outer
+product and the sum in one CSR product (``torch.sparse.mm``), with neither the ``[T, K, C]``
+outer products nor zero-padded blocks (the previous formulation, :func:`blocks.aggregate_outer`,
+ran tiny batched matmuls, slow on CPU).
+
+The index bookkeeping (:class:`OuterPlan`: row pointers, columns, where each basis entry goes, and
+the same for ``Aᵀ``) depends only on the graph, so it is built once per batch and shared by all
+interaction blocks. Gradients: ``∂/∂x = Aᵀ·g`` (the same product with the transposed plan) and
+``∂/∂basis[t, k] = g[o·K + k] · x[in[t]]``, both written with differentiable operations, so the
+double backward of conservative-force training works.
+
+Where a sparse product cannot run — under ``torch.jit.trace`` and ``TorchDispatchMode`` (the FLOP
+counters, fake/meta tensors), ``torch.compile``, dtypes other than float32/float64 — the same sum
+runs as gather × outer product + ``index_add`` (:func:`outer_sum_dense`), which counts the same
+multiply-adds.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+
+@dataclass
+class OuterPlan:
+    """Index maps of ``A`` ``[num_out·K, num_in]`` (see the module docstring) and of ``Aᵀ``.
+
+    Attributes
+    ----------
+    out, inp : ``[T]`` int64, the output row group and the input row of each basis row.
+    k, num_out, num_in : basis width and the two sizes.
+    csr : built on first sparse use and kept (every block reuses it): CSR row pointers
+        ``[num_out·K + 1]``, columns ``[T·K]`` and, for each stored entry, its index in
+        ``basis.reshape(-1)`` ``[T·K]``; then the same three for ``Aᵀ`` ``[num_in, num_out·K]``.
+    """
+
+    out: torch.Tensor
+    inp: torch.Tensor
+    k: int
+    num_out: int
+    num_in: int
+    csr: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+
+    def maps(self) -> tuple[torch.Tensor, ...]:
+        """``(crow, col, take, crow_t, col_t, take_t)``, built once."""
+        if self.csr is None:
+            self.csr = _csr_maps(self.out, self.inp, self.k, self.num_out, self.num_in)
+        return self.csr
+
+
+def _csr_maps(out: torch.Tensor, inp: torch.Tensor, k: int, num_out: int, num_in: int) -> tuple[torch.Tensor, ...]:
+    """The CSR maps of :class:`OuterPlan`. Raises ``ValueError`` if ``out`` is not sorted."""
+    with torch.no_grad():
+        t = out.numel()
+        device = out.device
+        if t and bool((out[1:] < out[:-1]).any()):
+            raise ValueError("OuterPlan: the output index must be sorted (grouped by output row)")
+        ks = torch.arange(k, device=device)
+        # A: row o·K + k holds the rows t of group o, in order; group o starts at start[o]·K
+        counts = torch.bincount(out, minlength=num_out)  # [O]
+        start = torch.cumsum(counts, 0) - counts  # [O]
+        rank = torch.arange(t, device=device) - start[out]  # [T] position inside the group
+        pos = (start[out] * k + rank).unsqueeze(1) + ks * counts[out].unsqueeze(1)  # [T, K]
+        flat = torch.arange(t * k, device=device).view(t, k)  # [T, K] index into basis.reshape(-1)
+        take = torch.empty(t * k, dtype=torch.long, device=device)
+        take[pos.reshape(-1)] = flat.reshape(-1)
+        col = torch.empty(t * k, dtype=torch.long, device=device)
+        col[pos.reshape(-1)] = inp.repeat_interleave(k)
+        crow = torch.zeros(num_out * k + 1, dtype=torch.long, device=device)
+        crow[1:] = torch.cumsum(counts.repeat_interleave(k), 0)
+        # Aᵀ: row i holds (t, k) for every t with inp[t] = i, k inner
+        order = torch.argsort(inp, stable=True)  # [T]
+        counts_t = torch.bincount(inp, minlength=num_in)  # [I]
+        take_t = flat.index_select(0, order).reshape(-1)  # [T·K]
+        col_t = (out.index_select(0, order).unsqueeze(1) * k + ks).reshape(-1)  # [T·K]
+        crow_t = torch.zeros(num_in + 1, dtype=torch.long, device=device)
+        crow_t[1:] = torch.cumsum(counts_t * k, 0)
+        return crow, col, take, crow_t, col_t, take_t
+
+
+def sparse_capable(*tensors: torch.Tensor) -> bool:
+    """Whether the CSR product can run here (see the module docstring for when it cannot)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return all(t.dtype in (torch.float32, torch.float64) and not t.is_meta for t in tensors)
+
+
+def outer_sum(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
+    """``y[o, k, c] = Σ_{t: out[t] = o} basis[t, k] · x[in[t], c]``: ``[T, K], [I, C] → [O, K, C]``."""
+    if basis.shape != (plan.out.numel(), plan.k) or x.shape[0] != plan.num_in:
+        raise ValueError(f"outer_sum: basis {tuple(basis.shape)} / x {tuple(x.shape)} do not fit the plan "
+                         f"(T={plan.out.numel()}, K={plan.k}, I={plan.num_in})")
+    if plan.out.numel() == 0 or not sparse_capable(basis, x):
+        return outer_sum_dense(basis, x, plan)
+    y = _OuterSum.apply(basis, x, plan, False)  # [O·K, C]
+    return y.view(plan.num_out, plan.k, x.shape[1])
+
+
+def outer_sum_dense(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
+    """The reference formulation of :func:`outer_sum`: gather, outer product, ``index_add``."""
+    outer = basis.unsqueeze(2) * x.index_select(0, plan.inp).unsqueeze(1)  # [T, K, C]
+    y = x.new_zeros(plan.num_out, plan.k, x.shape[1])
+    return y.index_add(0, plan.out, outer)  # [O, K, C]
+
+
+class _OuterSum(torch.autograd.Function):
+    """``A·x`` (``transpose=False``, ``[O·K, C]``) or ``Aᵀ·x`` (``[I, C]``) with ``A`` from ``basis``."""
+
+    @staticmethod
+    def forward(ctx, basis, x, plan: OuterPlan, transpose: bool):
+        ctx.save_for_backward(basis, x)
+        ctx.plan, ctx.transpose = plan, transpose
+        crow, col, take, crow_t, col_t, take_t = plan.maps()
+        flat = basis.reshape(-1)
+        if transpose:
+            shape = (plan.num_in, plan.num_out * plan.k)
+            matrix = torch.sparse_csr_tensor(crow_t, col_t, flat.index_select(0, take_t), shape, check_invariants=False)
+        else:
+            shape = (plan.num_out * plan.k, plan.num_in)
+            matrix = torch.sparse_csr_tensor(crow, col, flat.index_select(0, take), shape, check_invariants=False)
+        return torch.sparse.mm(matrix, x.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad):
+        basis, x = ctx.saved_tensors
+        plan, transpose = ctx.plan, ctx.transpose
+        grad_basis = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = _OuterSum.apply(basis, grad, plan, not transpose)
+        if ctx.needs_input_grad[0]:
+            c = x.shape[1]
+            # ∂/∂basis[t, k] = (output grad at o·K + k) · (input at in[t]), or the roles swapped for Aᵀ
+            rows, cols = (x, grad) if transpose else (grad, x)
+            per_out = rows.view(plan.num_out, plan.k, c).index_select(0, plan.out)  # [T, K, C]
+            per_in = cols.index_select(0, plan.inp).unsqueeze(2)  # [T, C, 1]
+            grad_basis = torch.bmm(per_out, per_in).squeeze(2)  # [T, K]
+        return grad_basis, grad_x, None, None
