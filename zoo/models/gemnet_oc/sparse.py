@@ -33,15 +33,18 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 @dataclass
 class OuterPlan:
-    """Index maps of ``A`` ``[num_out·K, num_in]`` (see the module docstring) and of ``Aᵀ``.
+    """Index maps of ``A`` ``[num_out·K, num_in]`` (see the module docstring) and of the per-row
+    matrix ``B`` ``[T, num_out·K]``, ``B[t, out[t]·K + k] = basis[t, k]``, whose product with an
+    output gradient gives each basis row's share of ``Aᵀ·g`` (then summed onto ``in`` rows).
 
     Attributes
     ----------
-    out, inp : ``[T]`` int64, the output row group and the input row of each basis row.
+    out, inp : ``[T]`` int64, the output row (sorted) and the input row of each basis row.
     k, num_out, num_in : basis width and the two sizes.
-    csr : built on first sparse use and kept (every block reuses it): CSR row pointers
-        ``[num_out·K + 1]``, columns ``[T·K]`` and, for each stored entry, its index in
-        ``basis.reshape(-1)`` ``[T·K]``; then the same three for ``Aᵀ`` ``[num_in, num_out·K]``.
+    csr : built on first sparse use and kept (every block reuses it): ``A``'s row pointers
+        ``[num_out·K + 1]``, columns ``[T·K]`` and, per stored entry, its index in
+        ``basis.reshape(-1)`` ``[T·K]``; then ``B``'s row pointers ``[T + 1]`` and columns ``[T·K]``
+        (``B``'s values are ``basis.reshape(-1)`` as it is).
     """
 
     out: torch.Tensor
@@ -52,40 +55,31 @@ class OuterPlan:
     csr: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     def maps(self) -> tuple[torch.Tensor, ...]:
-        """``(crow, col, take, crow_t, col_t, take_t)``, built once."""
+        """``(crow, col, take, crow_b, col_b)``, built once."""
         if self.csr is None:
-            self.csr = _csr_maps(self.out, self.inp, self.k, self.num_out, self.num_in)
+            with torch.no_grad():
+                self.csr = _csr_maps(self.out, self.inp, self.k, self.num_out)
         return self.csr
 
 
-def _csr_maps(out: torch.Tensor, inp: torch.Tensor, k: int, num_out: int, num_in: int) -> tuple[torch.Tensor, ...]:
-    """The CSR maps of :class:`OuterPlan`. Raises ``ValueError`` if ``out`` is not sorted."""
-    with torch.no_grad():
-        t = out.numel()
-        device = out.device
-        if t and bool((out[1:] < out[:-1]).any()):
-            raise ValueError("OuterPlan: the output index must be sorted (grouped by output row)")
-        ks = torch.arange(k, device=device)
-        # A: row o·K + k holds the rows t of group o, in order; group o starts at start[o]·K
-        counts = torch.bincount(out, minlength=num_out)  # [O]
-        start = torch.cumsum(counts, 0) - counts  # [O]
-        rank = torch.arange(t, device=device) - start[out]  # [T] position inside the group
-        pos = (start[out] * k + rank).unsqueeze(1) + ks * counts[out].unsqueeze(1)  # [T, K]
-        flat = torch.arange(t * k, device=device).view(t, k)  # [T, K] index into basis.reshape(-1)
-        take = torch.empty(t * k, dtype=torch.long, device=device)
-        take[pos.reshape(-1)] = flat.reshape(-1)
-        col = torch.empty(t * k, dtype=torch.long, device=device)
-        col[pos.reshape(-1)] = inp.repeat_interleave(k)
-        crow = torch.zeros(num_out * k + 1, dtype=torch.long, device=device)
-        crow[1:] = torch.cumsum(counts.repeat_interleave(k), 0)
-        # Aᵀ: row i holds (t, k) for every t with inp[t] = i, k inner
-        order = torch.argsort(inp, stable=True)  # [T]
-        counts_t = torch.bincount(inp, minlength=num_in)  # [I]
-        take_t = flat.index_select(0, order).reshape(-1)  # [T·K]
-        col_t = (out.index_select(0, order).unsqueeze(1) * k + ks).reshape(-1)  # [T·K]
-        crow_t = torch.zeros(num_in + 1, dtype=torch.long, device=device)
-        crow_t[1:] = torch.cumsum(counts_t * k, 0)
-        return crow, col, take, crow_t, col_t, take_t
+def _csr_maps(out: torch.Tensor, inp: torch.Tensor, k: int, num_out: int) -> tuple[torch.Tensor, ...]:
+    t, device = out.numel(), out.device
+    if t > 1 and bool((out[1:] < out[:-1]).any()):
+        raise ValueError("OuterPlan: the output index must be sorted (grouped by output row)")
+    ks = torch.arange(k, device=device)
+    # A: row o·K + k holds the basis rows t of group o in order; group o's rows start at start[o]·K
+    counts = torch.bincount(out, minlength=num_out)  # [O]
+    start = torch.cumsum(counts, 0) - counts  # [O]
+    first = start.index_select(0, out)  # [T]
+    rank = torch.arange(t, device=device) - first  # [T] place inside the group
+    pos = ((first * k + rank).unsqueeze(1) + ks * counts.index_select(0, out).unsqueeze(1)).reshape(-1)  # [T·K]
+    take = torch.empty(t * k, dtype=torch.long, device=device).scatter_(0, pos, torch.arange(t * k, device=device))
+    col = inp.index_select(0, torch.div(take, k, rounding_mode="floor"))  # [T·K]
+    crow = out.new_zeros(num_out * k + 1)
+    crow[1:] = torch.cumsum(counts.repeat_interleave(k), 0)
+    crow_b = torch.arange(0, t * k + 1, k, device=device)  # [T + 1]
+    col_b = (out.unsqueeze(1) * k + ks).reshape(-1)  # [T·K]
+    return crow, col, take, crow_b, col_b
 
 
 def sparse_capable(*tensors: torch.Tensor) -> bool:
@@ -102,8 +96,7 @@ def outer_sum(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Te
                          f"(T={plan.out.numel()}, K={plan.k}, I={plan.num_in})")
     if plan.out.numel() == 0 or not sparse_capable(basis, x):
         return outer_sum_dense(basis, x, plan)
-    y = _OuterSum.apply(basis, x, plan, False)  # [O·K, C]
-    return y.view(plan.num_out, plan.k, x.shape[1])
+    return _OuterSum.apply(basis, x, plan, False)  # [O, K, C]
 
 
 def outer_sum_dense(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
@@ -114,22 +107,24 @@ def outer_sum_dense(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> to
 
 
 class _OuterSum(torch.autograd.Function):
-    """``A·x`` (``transpose=False``, ``[O·K, C]``) or ``Aᵀ·x`` (``[I, C]``) with ``A`` from ``basis``."""
+    """``A·x`` (``transpose=False``: ``x [I, C] → [O, K, C]``) or ``Aᵀ·x`` (``transpose=True``:
+    ``x [O, K, C] → [I, C]``, as ``B·x`` summed onto the ``in`` rows)."""
 
     @staticmethod
     def forward(ctx, basis, x, plan: OuterPlan, transpose: bool):
         ctx.save_for_backward(basis, x)
         ctx.plan, ctx.transpose = plan, transpose
-        crow, col, take, crow_t, col_t, take_t = plan.maps()
-        flat = basis.reshape(-1)
+        crow, col, take, crow_b, col_b = plan.maps()
+        flat = basis.reshape(-1)  # [T·K]
+        c = x.shape[-1]
         if transpose:
-            shape = (plan.num_in, plan.num_out * plan.k)
-            matrix = torch.sparse_csr_tensor(crow_t, col_t, flat.index_select(0, take_t), shape, check_invariants=False)
-        else:
-            shape = (plan.num_out * plan.k, plan.num_in)
-            matrix = torch.sparse_csr_tensor(crow, col, flat.index_select(0, take), shape, check_invariants=False)
-        return torch.sparse.mm(matrix, x.contiguous())
-
+            matrix = torch.sparse_csr_tensor(crow_b, col_b, flat.contiguous(), (plan.out.numel(), plan.num_out * plan.k),
+                                             check_invariants=False)
+            per_row = torch.sparse.mm(matrix, x.reshape(plan.num_out * plan.k, c))  # [T, C]
+            return per_row.new_zeros(plan.num_in, c).index_add_(0, plan.inp, per_row)  # [I, C]
+        matrix = torch.sparse_csr_tensor(crow, col, flat.index_select(0, take), (plan.num_out * plan.k, plan.num_in),
+                                         check_invariants=False)
+        return torch.sparse.mm(matrix, x.contiguous()).view(plan.num_out, plan.k, c)  # [O, K, C]
     @staticmethod
     def backward(ctx, grad):
         basis, x = ctx.saved_tensors
@@ -138,10 +133,9 @@ class _OuterSum(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x = _OuterSum.apply(basis, grad, plan, not transpose)
         if ctx.needs_input_grad[0]:
-            c = x.shape[1]
-            # ∂/∂basis[t, k] = (output grad at o·K + k) · (input at in[t]), or the roles swapped for Aᵀ
-            rows, cols = (x, grad) if transpose else (grad, x)
-            per_out = rows.view(plan.num_out, plan.k, c).index_select(0, plan.out)  # [T, K, C]
+            # ∂/∂basis[t, k] = (output grad at [out[t], k]) · (input at in[t]), or the roles swapped for Aᵀ
+            rows, cols = (x, grad) if transpose else (grad, x)  # [O, K, C], [I, C]
+            per_out = rows.index_select(0, plan.out)  # [T, K, C]
             per_in = cols.index_select(0, plan.inp).unsqueeze(2)  # [T, C, 1]
             grad_basis = torch.bmm(per_out, per_in).squeeze(2)  # [T, K]
         return grad_basis, grad_x, None, None
