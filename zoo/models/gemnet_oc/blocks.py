@@ -63,14 +63,22 @@ class Dense(nn.Module):
 
 
 class ResidualLayer(nn.Module):
-    """``(x + Dense(Dense(x))) / √2`` (GemNet Fig. 3 "Residual")."""
+    """``(x + Dense(Dense(x))) / √2`` (GemNet Fig. 3 "Residual").
+
+    Computed as ``(x + silu(W₂' silu(W₁ x)) / 0.6) / √2`` with ``W₂' = W₂ / 0.6``: the first layer's
+    1/0.6 is moved onto the (small) second weight and the second one into the sum, two fewer
+    passes over the ``[rows, units]`` activations, the same function.
+    """
 
     def __init__(self, units: int) -> None:
         super().__init__()
         self.dense = nn.Sequential(Dense(units, units), Dense(units, units))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + self.dense(x)) * (1.0 / math.sqrt(2.0))
+        first, second = self.dense[0].linear.weight, self.dense[1].linear.weight
+        y = nn.functional.silu(nn.functional.linear(x, first))  # [rows, units], 0.6 · Dense₁(x)
+        y = nn.functional.silu(nn.functional.linear(y, second * (1.0 / 0.6)))  # 0.6 · Dense₂(Dense₁(x))
+        return torch.add(x, y, alpha=1.0 / 0.6).mul_(1.0 / math.sqrt(2.0))
 
 
 def dense_stack(units_in: int, units: int, num_residual: int) -> nn.Sequential:

@@ -148,14 +148,25 @@ class PairInteraction(nn.Module):
 
 
 class EdgeEmbedding(nn.Module):
-    """``m_ca = Dense([h_c, h_a, x_ca])`` (GemNet eq. 5): atom pair plus an edge feature."""
+    """``m_ca = Dense([h_c, h_a, x_ca])`` (GemNet eq. 5): atom pair plus an edge feature.
+
+    The weight acting on ``[h_c, h_a, x_ca]`` is applied in three parts: the two atom parts on the
+    atoms (``N ≪ E`` rows) and then gathered onto the edges, the edge part on the edges — the same
+    sum without the ``[E, 2A + C]`` concatenation (and its gradient).
+    """
 
     def __init__(self, emb_atom: int, emb_in: int, emb_out: int) -> None:
         super().__init__()
         self.dense = Dense(2 * emb_atom + emb_in, emb_out)
+        self.emb_atom = emb_atom
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        return self.dense(torch.cat([gather(h, edge_index[0]), gather(h, edge_index[1]), x], dim=-1))  # [E, emb_out]
+        a, weight = self.emb_atom, self.dense.linear.weight  # [out, 2A + C]
+        source = nn.functional.linear(h, weight[:, :a])  # [N, out]
+        target = nn.functional.linear(h, weight[:, a : 2 * a])  # [N, out]
+        y = nn.functional.linear(x, weight[:, 2 * a :])  # [E, out]
+        y = y + gather(source, edge_index[0]) + gather(target, edge_index[1])  # [E, out]
+        return self.dense.activation(y)  # [E, emb_out]
 
 
 class AtomUpdate(nn.Module):

@@ -33,9 +33,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 @dataclass
 class OuterPlan:
-    """Index maps of ``A`` ``[num_out·K, num_in]`` (see the module docstring) and of the per-row
-    matrix ``B`` ``[T, num_out·K]``, ``B[t, out[t]·K + k] = basis[t, k]``, whose product with an
-    output gradient gives each basis row's share of ``Aᵀ·g`` (then summed onto ``in`` rows).
+    """Index maps of ``A`` ``[num_out·K, num_in]`` (see the module docstring) and of ``Aᵀ``.
 
     Attributes
     ----------
@@ -43,8 +41,7 @@ class OuterPlan:
     k, num_out, num_in : basis width and the two sizes.
     csr : built on first sparse use and kept (every block reuses it): ``A``'s row pointers
         ``[num_out·K + 1]``, columns ``[T·K]`` and, per stored entry, its index in
-        ``basis.reshape(-1)`` ``[T·K]``; then ``B``'s row pointers ``[T + 1]`` and columns ``[T·K]``
-        (``B``'s values are ``basis.reshape(-1)`` as it is).
+        ``basis.reshape(-1)`` ``[T·K]``; then the same three for ``Aᵀ`` ``[num_in, num_out·K]``.
     """
 
     out: torch.Tensor
@@ -55,14 +52,14 @@ class OuterPlan:
     csr: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     def maps(self) -> tuple[torch.Tensor, ...]:
-        """``(crow, col, take, crow_b, col_b)``, built once."""
+        """``(crow, col, take, crow_t, col_t, take_t)``, built once."""
         if self.csr is None:
             with torch.no_grad():
-                self.csr = _csr_maps(self.out, self.inp, self.k, self.num_out)
+                self.csr = _csr_maps(self.out, self.inp, self.k, self.num_out, self.num_in)
         return self.csr
 
 
-def _csr_maps(out: torch.Tensor, inp: torch.Tensor, k: int, num_out: int) -> tuple[torch.Tensor, ...]:
+def _csr_maps(out: torch.Tensor, inp: torch.Tensor, k: int, num_out: int, num_in: int) -> tuple[torch.Tensor, ...]:
     t, device = out.numel(), out.device
     if t > 1 and bool((out[1:] < out[:-1]).any()):
         raise ValueError("OuterPlan: the output index must be sorted (grouped by output row)")
@@ -77,9 +74,13 @@ def _csr_maps(out: torch.Tensor, inp: torch.Tensor, k: int, num_out: int) -> tup
     col = inp.index_select(0, torch.div(take, k, rounding_mode="floor"))  # [T·K]
     crow = out.new_zeros(num_out * k + 1)
     crow[1:] = torch.cumsum(counts.repeat_interleave(k), 0)
-    crow_b = torch.arange(0, t * k + 1, k, device=device)  # [T + 1]
-    col_b = (out.unsqueeze(1) * k + ks).reshape(-1)  # [T·K]
-    return crow, col, take, crow_b, col_b
+    # Aᵀ: row i holds (t, k) for the basis rows t with inp[t] = i (in order), k inner
+    order = torch.argsort(inp, stable=True)  # [T]
+    take_t = (order.unsqueeze(1) * k + ks).reshape(-1)  # [T·K]
+    col_t = (out.index_select(0, order).unsqueeze(1) * k + ks).reshape(-1)  # [T·K]
+    crow_t = out.new_zeros(num_in + 1)
+    crow_t[1:] = torch.cumsum(torch.bincount(inp, minlength=num_in) * k, 0)
+    return crow, col, take, crow_t, col_t, take_t
 
 
 def sparse_capable(*tensors: torch.Tensor) -> bool:
@@ -108,23 +109,23 @@ def outer_sum_dense(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> to
 
 class _OuterSum(torch.autograd.Function):
     """``A·x`` (``transpose=False``: ``x [I, C] → [O, K, C]``) or ``Aᵀ·x`` (``transpose=True``:
-    ``x [O, K, C] → [I, C]``, as ``B·x`` summed onto the ``in`` rows)."""
+    ``x [O, K, C] → [I, C]``)."""
 
     @staticmethod
     def forward(ctx, basis, x, plan: OuterPlan, transpose: bool):
         ctx.save_for_backward(basis, x)
         ctx.plan, ctx.transpose = plan, transpose
-        crow, col, take, crow_b, col_b = plan.maps()
-        flat = basis.reshape(-1)  # [T·K]
-        c = x.shape[-1]
+        crow, col, take, crow_t, col_t, take_t = plan.maps()
+        flat, rows, c = basis.reshape(-1), plan.num_out * plan.k, x.shape[-1]  # [T·K]
         if transpose:
-            matrix = torch.sparse_csr_tensor(crow_b, col_b, flat.contiguous(), (plan.out.numel(), plan.num_out * plan.k),
+            matrix = torch.sparse_csr_tensor(crow_t, col_t, flat.index_select(0, take_t), (plan.num_in, rows),
                                              check_invariants=False)
-            per_row = torch.sparse.mm(matrix, x.reshape(plan.num_out * plan.k, c))  # [T, C]
-            return per_row.new_zeros(plan.num_in, c).index_add_(0, plan.inp, per_row)  # [I, C]
-        matrix = torch.sparse_csr_tensor(crow, col, flat.index_select(0, take), (plan.num_out * plan.k, plan.num_in),
+            # beta=0: the uninitialised output is ignored, not added (no zero fill, no copy)
+            return torch.addmm(x.new_empty(plan.num_in, c), matrix, x.reshape(rows, c), beta=0)  # [I, C]
+        matrix = torch.sparse_csr_tensor(crow, col, flat.index_select(0, take), (rows, plan.num_in),
                                          check_invariants=False)
-        return torch.sparse.mm(matrix, x.contiguous()).view(plan.num_out, plan.k, c)  # [O, K, C]
+        return torch.addmm(x.new_empty(rows, c), matrix, x.contiguous(), beta=0).view(plan.num_out, plan.k, c)
+
     @staticmethod
     def backward(ctx, grad):
         basis, x = ctx.saved_tensors
