@@ -33,15 +33,19 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 @dataclass
 class OuterPlan:
-    """Index maps of ``A`` ``[num_out·K, num_in]`` (see the module docstring) and of ``Aᵀ``.
+    """Index maps of ``A`` and ``Aᵀ`` (see the module docstring), ``A``'s rows ordered ``k·O + o``.
+
+    With that order each ``k`` is one block of rows with the natural pattern (row ``o`` holds the
+    basis rows of group ``o``, columns ``inp``), so ``A``'s values are ``basisᵀ`` as it lies and
+    its maps cost no sort; ``Aᵀ`` (row ``i``: the basis rows with ``inp = i``) needs one argsort.
 
     Attributes
     ----------
     out, inp : ``[T]`` int64, the output row (sorted) and the input row of each basis row.
     k, num_out, num_in : basis width and the two sizes.
     csr : built on first sparse use and kept (every block reuses it): ``A``'s row pointers
-        ``[num_out·K + 1]``, columns ``[T·K]`` and, per stored entry, its index in
-        ``basis.reshape(-1)`` ``[T·K]``; then the same three for ``Aᵀ`` ``[num_in, num_out·K]``.
+        ``[K·O + 1]`` and columns ``[K·T]``; ``Aᵀ``'s row pointers ``[I + 1]``, columns ``[T·K]``
+        and the order of the basis rows in it ``[T]``.
     """
 
     out: torch.Tensor
@@ -52,7 +56,7 @@ class OuterPlan:
     csr: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     def maps(self) -> tuple[torch.Tensor, ...]:
-        """``(crow, col, take, crow_t, col_t, take_t)``, built once."""
+        """``(crow, col, crow_t, col_t, order_t)``, built once."""
         if self.csr is None:
             with torch.no_grad():
                 self.csr = _csr_maps(self.out, self.inp, self.k, self.num_out, self.num_in)
@@ -64,23 +68,14 @@ def _csr_maps(out: torch.Tensor, inp: torch.Tensor, k: int, num_out: int, num_in
     if t > 1 and bool((out[1:] < out[:-1]).any()):
         raise ValueError("OuterPlan: the output index must be sorted (grouped by output row)")
     ks = torch.arange(k, device=device)
-    # A: row o·K + k holds the basis rows t of group o in order; group o's rows start at start[o]·K
-    counts = torch.bincount(out, minlength=num_out)  # [O]
-    start = torch.cumsum(counts, 0) - counts  # [O]
-    first = start.index_select(0, out)  # [T]
-    rank = torch.arange(t, device=device) - first  # [T] place inside the group
-    pos = ((first * k + rank).unsqueeze(1) + ks * counts.index_select(0, out).unsqueeze(1)).reshape(-1)  # [T·K]
-    take = torch.empty(t * k, dtype=torch.long, device=device).scatter_(0, pos, torch.arange(t * k, device=device))
-    col = inp.index_select(0, torch.div(take, k, rounding_mode="floor"))  # [T·K]
-    crow = out.new_zeros(num_out * k + 1)
-    crow[1:] = torch.cumsum(counts.repeat_interleave(k), 0)
-    # Aᵀ: row i holds (t, k) for the basis rows t with inp[t] = i (in order), k inner
+    counts = torch.cumsum(torch.bincount(out, minlength=num_out), 0)  # [O] end of each group
+    crow = torch.cat([out.new_zeros(1), (counts.unsqueeze(0) + (ks * t).unsqueeze(1)).reshape(-1)])  # [K·O + 1]
+    col = inp.repeat(k)  # [K·T]
     order = torch.argsort(inp, stable=True)  # [T]
-    take_t = (order.unsqueeze(1) * k + ks).reshape(-1)  # [T·K]
-    col_t = (out.index_select(0, order).unsqueeze(1) * k + ks).reshape(-1)  # [T·K]
+    col_t = (ks * num_out + out.index_select(0, order).unsqueeze(1)).reshape(-1)  # [T·K]
     crow_t = out.new_zeros(num_in + 1)
     crow_t[1:] = torch.cumsum(torch.bincount(inp, minlength=num_in) * k, 0)
-    return crow, col, take, crow_t, col_t, take_t
+    return crow, col, crow_t, col_t, order
 
 
 def sparse_capable(*tensors: torch.Tensor) -> bool:
@@ -97,7 +92,7 @@ def outer_sum(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Te
                          f"(T={plan.out.numel()}, K={plan.k}, I={plan.num_in})")
     if plan.out.numel() == 0 or not sparse_capable(basis, x):
         return outer_sum_dense(basis, x, plan)
-    return _OuterSum.apply(basis, x, plan, False)  # [O, K, C]
+    return _OuterSum.apply(basis, x, plan, False).transpose(0, 1)  # [O, K, C] (a view of [K, O, C])
 
 
 def outer_sum_dense(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
@@ -108,23 +103,23 @@ def outer_sum_dense(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> to
 
 
 class _OuterSum(torch.autograd.Function):
-    """``A·x`` (``transpose=False``: ``x [I, C] → [O, K, C]``) or ``Aᵀ·x`` (``transpose=True``:
-    ``x [O, K, C] → [I, C]``)."""
+    """``A·x`` (``transpose=False``: ``x [I, C] → [K, O, C]``) or ``Aᵀ·x`` (``transpose=True``:
+    ``x [K, O, C] → [I, C]``)."""
 
     @staticmethod
     def forward(ctx, basis, x, plan: OuterPlan, transpose: bool):
         ctx.save_for_backward(basis, x)
         ctx.plan, ctx.transpose = plan, transpose
-        crow, col, take, crow_t, col_t, take_t = plan.maps()
-        flat, rows, c = basis.reshape(-1), plan.num_out * plan.k, x.shape[-1]  # [T·K]
+        crow, col, crow_t, col_t, order_t = plan.maps()
+        rows, c = plan.num_out * plan.k, x.shape[-1]
+        # addmm with beta=0: the uninitialised output is ignored, not added (no zero fill, no copy)
         if transpose:
-            matrix = torch.sparse_csr_tensor(crow_t, col_t, flat.index_select(0, take_t), (plan.num_in, rows),
-                                             check_invariants=False)
-            # beta=0: the uninitialised output is ignored, not added (no zero fill, no copy)
+            values = basis.index_select(0, order_t).reshape(-1)  # [T·K] in Aᵀ's order
+            matrix = torch.sparse_csr_tensor(crow_t, col_t, values, (plan.num_in, rows), check_invariants=False)
             return torch.addmm(x.new_empty(plan.num_in, c), matrix, x.reshape(rows, c), beta=0)  # [I, C]
-        matrix = torch.sparse_csr_tensor(crow, col, flat.index_select(0, take), (rows, plan.num_in),
-                                         check_invariants=False)
-        return torch.addmm(x.new_empty(rows, c), matrix, x.contiguous(), beta=0).view(plan.num_out, plan.k, c)
+        values = basis.t().reshape(-1)  # [K·T]
+        matrix = torch.sparse_csr_tensor(crow, col, values, (rows, plan.num_in), check_invariants=False)
+        return torch.addmm(x.new_empty(rows, c), matrix, x.contiguous(), beta=0).view(plan.k, plan.num_out, c)
 
     @staticmethod
     def backward(ctx, grad):
@@ -134,9 +129,10 @@ class _OuterSum(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x = _OuterSum.apply(basis, grad, plan, not transpose)
         if ctx.needs_input_grad[0]:
-            # ∂/∂basis[t, k] = (output grad at [out[t], k]) · (input at in[t]), or the roles swapped for Aᵀ
-            rows, cols = (x, grad) if transpose else (grad, x)  # [O, K, C], [I, C]
-            per_out = rows.index_select(0, plan.out)  # [T, K, C]
-            per_in = cols.index_select(0, plan.inp).unsqueeze(2)  # [T, C, 1]
-            grad_basis = torch.bmm(per_out, per_in).squeeze(2)  # [T, K]
+            # ∂/∂basis[t, k] = (output-side value at [k, out[t]]) · (input-side value at in[t]):
+            # the output gradient and x for A·x, x and the output gradient for Aᵀ·x
+            per_out, per_in = (x, grad) if transpose else (grad, x)  # [K, O, C], [I, C]
+            per_out = per_out.index_select(1, plan.out)  # [K, T, C]
+            per_in = per_in.index_select(0, plan.inp)  # [T, C]
+            grad_basis = (per_out * per_in).sum(-1).t()  # [T, K]
         return grad_basis, grad_x, None, None
