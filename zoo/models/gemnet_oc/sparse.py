@@ -2,17 +2,17 @@
 
 Every bilinear layer of GemNet-OC (Gasteiger et al. 2022, arXiv 2204.02782, Sec. 3 "Efficient
 basis calculation") sums outer products of a geometric basis (per triplet or quadruplet) with a
-message gathered from its in-edge. The sum is a sparse matrix ``A`` ``[O·K, I]`` with
-``A[o·K + k, in[t]] = basis[t, k]`` applied to the messages ``x`` ``[I, C]``: the gather, the outer
-product and the sum in one CSR product (``torch.sparse.mm``), with neither the ``[T, K, C]``
-outer products nor zero-padded blocks (the previous formulation, :func:`blocks.aggregate_outer`,
-ran tiny batched matmuls, slow on CPU).
+message gathered from its in-edge. The sum is a sparse matrix ``A`` ``[K·O, I]`` with
+``A[k·O + o, in[t]] = basis[t, k]`` applied to the messages ``x`` ``[I, C]``: the gather, the outer
+product and the sum in one CSR product (``torch.addmm`` with a CSR matrix, MKL on CPU), with
+neither the ``[T, K, C]`` outer products nor zero-padded blocks (the previous formulation,
+:func:`zoo.models.gemnet_oc.blocks.aggregate_outer`, ran tiny batched matmuls, slow on CPU).
 
-The index bookkeeping (:class:`OuterPlan`: row pointers, columns, where each basis entry goes, and
-the same for ``Aᵀ``) depends only on the graph, so it is built once per batch and shared by all
-interaction blocks. Gradients: ``∂/∂x = Aᵀ·g`` (the same product with the transposed plan) and
-``∂/∂basis[t, k] = g[o·K + k] · x[in[t]]``, both written with differentiable operations, so the
-double backward of conservative-force training works.
+The index bookkeeping (:class:`OuterPlan`) depends only on the graph, so it is built once per
+batch and shared by all interaction blocks. Gradients: ``∂/∂x = Aᵀ·g`` (a CSR product with
+``Aᵀ``'s own maps) and ``∂/∂basis[t, k] = g[k, out[t]] · x[in[t]]``, both written with
+differentiable operations, so the double backward of conservative-force training works. The sums
+are the same as before; only the order of the additions differs (float round-off).
 
 Where a sparse product cannot run — under ``torch.jit.trace`` and ``TorchDispatchMode`` (the FLOP
 counters, fake/meta tensors), ``torch.compile``, dtypes other than float32/float64 — the same sum
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from zoo.models.gemnet_oc.blocks import aggregate_outer
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
@@ -44,8 +46,9 @@ class OuterPlan:
     out, inp : ``[T]`` int64, the output row (sorted) and the input row of each basis row.
     k, num_out, num_in : basis width and the two sizes.
     csr : built on first sparse use and kept (every block reuses it): ``A``'s row pointers
-        ``[K·O + 1]`` and columns ``[K·T]``; ``Aᵀ``'s row pointers ``[I + 1]``, columns ``[T·K]``
-        and the order of the basis rows in it ``[T]``.
+        ``[K·O + 1]`` and columns ``[K·T]``.
+    csr_t : built on first backward and kept: ``Aᵀ``'s row pointers ``[I + 1]``, columns
+        ``[T·K]`` and the order of the basis rows in it ``[T]``.
     """
 
     out: torch.Tensor
@@ -54,28 +57,36 @@ class OuterPlan:
     num_out: int
     num_in: int
     csr: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    csr_t: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     def maps(self) -> tuple[torch.Tensor, ...]:
-        """``(crow, col, crow_t, col_t, order_t)``, built once."""
+        """``(crow, col)`` of ``A``, built once (on the first sparse product)."""
         if self.csr is None:
             with torch.no_grad():
-                self.csr = _csr_maps(self.out, self.inp, self.k, self.num_out, self.num_in)
+                self.csr = _csr_maps(self.out, self.inp, self.k, self.num_out)
         return self.csr
 
+    def maps_t(self) -> tuple[torch.Tensor, ...]:
+        """``(crow_t, col_t, order_t)`` of ``Aᵀ``, built once (on the first backward: inference needs none)."""
+        if self.csr_t is None:
+            with torch.no_grad():
+                order = torch.argsort(self.inp, stable=True)  # [T]
+                ks = torch.arange(self.k, device=self.out.device)
+                col_t = (ks * self.num_out + self.out.index_select(0, order).unsqueeze(1)).reshape(-1)  # [T·K]
+                crow_t = self.out.new_zeros(self.num_in + 1)
+                crow_t[1:] = torch.cumsum(torch.bincount(self.inp, minlength=self.num_in) * self.k, 0)
+                self.csr_t = (crow_t, col_t, order)
+        return self.csr_t
 
-def _csr_maps(out: torch.Tensor, inp: torch.Tensor, k: int, num_out: int, num_in: int) -> tuple[torch.Tensor, ...]:
+
+def _csr_maps(out: torch.Tensor, inp: torch.Tensor, k: int, num_out: int) -> tuple[torch.Tensor, ...]:
     t, device = out.numel(), out.device
     if t > 1 and bool((out[1:] < out[:-1]).any()):
         raise ValueError("OuterPlan: the output index must be sorted (grouped by output row)")
     ks = torch.arange(k, device=device)
     counts = torch.cumsum(torch.bincount(out, minlength=num_out), 0)  # [O] end of each group
     crow = torch.cat([out.new_zeros(1), (counts.unsqueeze(0) + (ks * t).unsqueeze(1)).reshape(-1)])  # [K·O + 1]
-    col = inp.repeat(k)  # [K·T]
-    order = torch.argsort(inp, stable=True)  # [T]
-    col_t = (ks * num_out + out.index_select(0, order).unsqueeze(1)).reshape(-1)  # [T·K]
-    crow_t = out.new_zeros(num_in + 1)
-    crow_t[1:] = torch.cumsum(torch.bincount(inp, minlength=num_in) * k, 0)
-    return crow, col, crow_t, col_t, order
+    return crow, inp.repeat(k)  # columns [K·T]
 
 
 def sparse_capable(*tensors: torch.Tensor) -> bool:
@@ -90,6 +101,11 @@ def outer_sum(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Te
     if basis.shape != (plan.out.numel(), plan.k) or x.shape[0] != plan.num_in:
         raise ValueError(f"outer_sum: basis {tuple(basis.shape)} / x {tuple(x.shape)} do not fit the plan "
                          f"(T={plan.out.numel()}, K={plan.k}, I={plan.num_in})")
+    if basis.requires_grad and torch.is_grad_enabled():
+        # a basis that needs its own gradient (conservative forces: it depends on positions; the
+        # learned pair basis): the zero-padded batched matmul gives ∂/∂basis faster than the
+        # sampled products of _OuterSum.backward on CPU (measured, benchmarks/bench_gemnet.py)
+        return aggregate_outer(basis, x.index_select(0, plan.inp), plan.out, plan.num_out)
     if plan.out.numel() == 0 or not sparse_capable(basis, x):
         return outer_sum_dense(basis, x, plan)
     return _OuterSum.apply(basis, x, plan, False).transpose(0, 1)  # [O, K, C] (a view of [K, O, C])
@@ -110,13 +126,14 @@ class _OuterSum(torch.autograd.Function):
     def forward(ctx, basis, x, plan: OuterPlan, transpose: bool):
         ctx.save_for_backward(basis, x)
         ctx.plan, ctx.transpose = plan, transpose
-        crow, col, crow_t, col_t, order_t = plan.maps()
         rows, c = plan.num_out * plan.k, x.shape[-1]
         # addmm with beta=0: the uninitialised output is ignored, not added (no zero fill, no copy)
         if transpose:
+            crow_t, col_t, order_t = plan.maps_t()
             values = basis.index_select(0, order_t).reshape(-1)  # [T·K] in Aᵀ's order
             matrix = torch.sparse_csr_tensor(crow_t, col_t, values, (plan.num_in, rows), check_invariants=False)
             return torch.addmm(x.new_empty(plan.num_in, c), matrix, x.reshape(rows, c), beta=0)  # [I, C]
+        crow, col = plan.maps()
         values = basis.t().reshape(-1)  # [K·T]
         matrix = torch.sparse_csr_tensor(crow, col, values, (rows, plan.num_in), check_invariants=False)
         return torch.addmm(x.new_empty(rows, c), matrix, x.contiguous(), beta=0).view(plan.k, plan.num_out, c)
