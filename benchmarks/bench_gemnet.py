@@ -12,7 +12,8 @@ that, side by side:
   both hold the same parameter values; both read the same pickled batch (the same molecules and
   graph: the first structures of ``data/omol25_sample/val`` up to ``--atoms`` atoms);
 - outputs are compared before timing: energy, forces and the parameter gradients of the loss, in
-  float32 (max differences, relative to the largest value; must be fp32 round-off) and in float64
+  float32 (max differences, relative to the largest value, printed beside the baseline's own
+  float32-vs-float64 difference, the scale of fp32 round-off) and in float64
   (the formulations themselves: must agree to float64 round-off);
 - A, B, A, B, … alternate step by step, each process timing its own step with its CPU clock by
   default (one thread: the work done, not the waits for a core on a shared machine); medians.
@@ -320,7 +321,7 @@ def compare(a, batch, base: Baseline, tmp: Path, state: dict, direct: bool, n_at
     import torch
 
     forces = "direct" if direct else "conservative"
-    rows = []
+    rows, exact = [], {}
     for dtype in ("float64", "float32"):
         ours = Runner(a.width, direct, dtype, batch)
         typed = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()}
@@ -332,9 +333,16 @@ def compare(a, batch, base: Baseline, tmp: Path, state: dict, direct: bool, n_at
         for mode in a.modes.split(","):
             _, _, mine = ours.step(mode, keep=True)
             base.ask(cmd="step", mode=mode, save=str(tmp / "out.pt"))
-            diff = max_difference(torch.load(tmp / "out.pt"), mine)
+            theirs = torch.load(tmp / "out.pt")
+            diff = max_difference(theirs, mine)
             text = ", ".join(f"{k} {d:.2e} (rel {r:.1e})" for k, (d, r) in diff.items())
             print(f"  {forces} {mode} {dtype}: max |baseline − HEAD|: {text}", flush=True)
+            if dtype == "float64":
+                exact[mode] = theirs
+            else:  # the scale of fp32 round-off: the baseline's own float32 result against its float64 one
+                own = max_difference(exact[mode], theirs)
+                text = ", ".join(f"{k} {d:.2e} (rel {r:.1e})" for k, (d, r) in own.items())
+                print(f"  {forces} {mode} round-off scale, max |baseline fp32 − baseline fp64|: {text}", flush=True)
             if dtype == "float32":
                 ta, tb = [], []
                 for i in range(a.warmup + a.repeats):
