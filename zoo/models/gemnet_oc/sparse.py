@@ -15,9 +15,11 @@ differentiable operations, so the double backward of conservative-force training
 are the same as before; only the order of the additions differs (float round-off).
 
 Where a sparse product cannot run — under ``torch.jit.trace`` and ``TorchDispatchMode`` (the FLOP
-counters, fake/meta tensors), ``torch.compile``, dtypes other than float32/float64 — the same sum
-runs as gather × outer product + ``index_add`` (:func:`outer_sum_dense`), which counts the same
-multiply-adds.
+counters, fake/meta tensors), ``torch.compile``, dtypes other than float32/float64 — and for a
+basis that needs its own gradient (conservative forces), the sum runs as before, a zero-padded
+batched matmul (:func:`~zoo.models.gemnet_oc.blocks.aggregate_outer`); so the FLOP counters see
+the formulation they counted before, and both their counts agree.
+:func:`outer_sum_dense` is the plain gather × outer product + ``index_add`` reference (tests).
 """
 
 from __future__ import annotations
@@ -101,13 +103,12 @@ def outer_sum(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Te
     if basis.shape != (plan.out.numel(), plan.k) or x.shape[0] != plan.num_in:
         raise ValueError(f"outer_sum: basis {tuple(basis.shape)} / x {tuple(x.shape)} do not fit the plan "
                          f"(T={plan.out.numel()}, K={plan.k}, I={plan.num_in})")
-    if basis.requires_grad and torch.is_grad_enabled():
-        # a basis that needs its own gradient (conservative forces: it depends on positions; the
-        # learned pair basis): the zero-padded batched matmul gives ∂/∂basis faster than the
-        # sampled products of _OuterSum.backward on CPU (measured, benchmarks/bench_gemnet.py)
+    if (basis.requires_grad and torch.is_grad_enabled()) or plan.out.numel() == 0 or not sparse_capable(basis, x):
+        # the zero-padded batched matmul of before: for a basis that needs its own gradient
+        # (conservative forces; the learned pair basis) it gives ∂/∂basis faster than the sampled
+        # products of _OuterSum.backward on CPU (measured, benchmarks/bench_gemnet.py), and where the
+        # CSR product cannot run it keeps what the FLOP counters see as it was
         return aggregate_outer(basis, x.index_select(0, plan.inp), plan.out, plan.num_out)
-    if plan.out.numel() == 0 or not sparse_capable(basis, x):
-        return outer_sum_dense(basis, x, plan)
     return _OuterSum.apply(basis, x, plan, False).transpose(0, 1)  # [O, K, C] (a view of [K, O, C])
 
 
