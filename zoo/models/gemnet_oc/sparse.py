@@ -60,6 +60,25 @@ class OuterPlan:
     num_in: int
     csr: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
     csr_t: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    cache: dict = field(default_factory=dict, repr=False)
+
+    def values(self, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``basis`` laid out as ``A``'s (``[K·T]``) or ``Aᵀ``'s values (``[T·K]``).
+
+        Kept for the last basis seen when it needs no gradient (a geometric basis is the same
+        for every block: it is laid out once per batch, not once per block).
+        """
+        key = "t" if transpose else "a"
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] is basis:
+            return hit[1]
+        if transpose:
+            values = basis.index_select(0, self.maps_t()[2]).reshape(-1)  # [T·K] in Aᵀ's order
+        else:
+            values = basis.t().reshape(-1)  # [K·T]
+        if not basis.requires_grad:
+            self.cache[key] = (basis, values)
+        return values
 
     def maps(self) -> tuple[torch.Tensor, ...]:
         """``(crow, col)`` of ``A``, built once (on the first sparse product)."""
@@ -130,12 +149,12 @@ class _OuterSum(torch.autograd.Function):
         rows, c = plan.num_out * plan.k, x.shape[-1]
         # addmm with beta=0: the uninitialised output is ignored, not added (no zero fill, no copy)
         if transpose:
-            crow_t, col_t, order_t = plan.maps_t()
-            values = basis.index_select(0, order_t).reshape(-1)  # [T·K] in Aᵀ's order
+            crow_t, col_t, _ = plan.maps_t()
+            values = plan.values(basis, transpose=True)  # [T·K]
             matrix = torch.sparse_csr_tensor(crow_t, col_t, values, (plan.num_in, rows), check_invariants=False)
             return torch.addmm(x.new_empty(plan.num_in, c), matrix, x.reshape(rows, c), beta=0)  # [I, C]
         crow, col = plan.maps()
-        values = basis.t().reshape(-1)  # [K·T]
+        values = plan.values(basis, transpose=False)  # [K·T]
         matrix = torch.sparse_csr_tensor(crow, col, values, (rows, plan.num_in), check_invariants=False)
         return torch.addmm(x.new_empty(rows, c), matrix, x.contiguous(), beta=0).view(plan.k, plan.num_out, c)
 
