@@ -9,7 +9,9 @@ An interaction block updates the edge embeddings ``m_ca`` (main graph) and atom 
 - edge-to-atom (main edge ``c → a`` → atom ``b`` via ``∠cba``) and atom-to-atom (radial).
 
 Every bilinear layer sums ``basis ⊗ message`` over a neighbourhood with
-:func:`zoo.models.gemnet_oc.blocks.aggregate_outer` and is followed by a fitted :class:`ScaleFactor`.
+:func:`zoo.models.gemnet_oc.sparse.outer_sum` (one sparse × dense product per block; the index
+plans are built once per batch, :class:`~zoo.models.gemnet_oc.sparse.OuterPlan`) and is followed by
+a fitted :class:`ScaleFactor`.
 Shapes: ``N`` atoms, ``E`` main edges, ``T`` triplets, ``Q`` quadruplets.
 """
 
@@ -21,7 +23,8 @@ import torch
 from torch import nn
 
 from zoo.models.common import gather, scatter_sum
-from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, ScaleFactor, aggregate_outer, dense_stack
+from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, ScaleFactor, dense_stack
+from zoo.models.gemnet_oc.sparse import OuterPlan, outer_sum
 
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
@@ -49,13 +52,14 @@ class TripletInteraction(nn.Module):
         self.up_projection_ac = Dense(trip_out, emb_out) if symmetric else None
 
     def forward(self, m: torch.Tensor, rad: torch.Tensor, cir: tuple[torch.Tensor, torch.Tensor],
-                trip: dict[str, torch.Tensor], reverse: torch.Tensor | None, expand: torch.Tensor | None = None,
+                trip: OuterPlan, reverse: torch.Tensor | None, expand: torch.Tensor | None = None,
                 to_atoms: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:  # fmt: skip
         """
         m : ``[E_in', C_in]`` input embeddings (edges, or atoms gathered by ``expand``).
         rad : ``[E_in, emb_rbf]`` radial embedding of the in-edges.
         cir : (``[E_out, emb_cbf, S]`` radial weights of the out-edges, ``[T, S]`` angular basis).
-        trip : ``{"in": [T], "out": [T]}``, grouped by out-edge. reverse : ``[E_out]`` counter-edges.
+        trip : the triplets' plan (``out`` the out-edge, ``inp`` the in-edge of each triplet).
+        reverse : ``[E_out]`` counter-edges.
         Returns ``[E_out, emb_out]`` (or ``[N, emb_out]`` with ``to_atoms``).
         """
         rad_w, sph = cir
@@ -63,12 +67,12 @@ class TripletInteraction(nn.Module):
         if expand is not None:
             x = gather(x, expand)  # [E_in, C_in]
         x = self.scale_rbf(x * self.mlp_rbf(rad), ref=x)  # [E_in, C_in]
-        x_t = gather(self.down_projection(x), trip["in"])  # [T, trip_in]
-        y = aggregate_outer(sph, x_t, trip["out"], rad_w.shape[0])  # [E_out, S, trip_in]
+        x_in = self.down_projection(x)  # [E_in, trip_in]
+        y = outer_sum(sph, x_in, trip)  # [E_out, S, trip_in]  (Σ over triplets of sph ⊗ x_in[in])
         z = rad_w @ y  # [E_out, emb_cbf, trip_in]
         if to_atoms is not None:
             z = scatter_sum(z, to_atoms[0], to_atoms[1])  # [N, emb_cbf, trip_in]
-        x = self.scale_cbf_sum(self.bilinear(z.flatten(1)), ref=x_t)  # [E_out or N, trip_out]
+        x = self.scale_cbf_sum(self.bilinear(z.flatten(1)), ref=lambda: gather(x_in, trip.inp))  # [E_out or N, trip_out]
         if self.symmetric:
             return (self.up_projection_ca(x) + gather(self.up_projection_ac(x), reverse)) * INV_SQRT_2
         if self.swap_output:
@@ -102,11 +106,12 @@ class QuadrupletInteraction(nn.Module):
         self.num_spherical = num_spherical
 
     def forward(self, m: torch.Tensor, rad: torch.Tensor, cbf: torch.Tensor, sbf: tuple[torch.Tensor, ...],
-                quad: dict, reverse: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                quad: dict, plans: tuple[OuterPlan, OuterPlan], reverse: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """
         m : ``[E, C]``. rad : ``[E, emb_rbf]`` (of d_db). cbf : ``[T_in, emb_cbf]`` (d_ba, ∠abd).
         sbf : (``[E, emb_sbf, S²]`` radial weights of d_ca, ``[T_out, S]`` of ∠cab, ``[Q, S]`` of the
-        dihedral). quad : indices from :func:`zoo.models.gemnet_oc.graph.quadruplets`. Returns ``[E, C]``.
+        dihedral). quad : indices from :func:`zoo.models.gemnet_oc.graph.quadruplets`. plans : of the
+        sum over quadruplets per trip_out and of the sum over trip_out per edge. Returns ``[E, C]``.
         """
         rad_w, sph_cab, sph_dihedral = sbf
         s = self.num_spherical
@@ -114,12 +119,12 @@ class QuadrupletInteraction(nn.Module):
         x = self.scale_rbf(x * self.mlp_rbf(rad), ref=x)  # [E, C]
         x = gather(self.down_projection(x), quad["trip_in"]["in"])  # [T_in, quad_in]
         x = self.scale_cbf(x * self.mlp_cbf(cbf), ref=x)  # [T_in, quad_in]
-        x_q = gather(x, quad["quad_in"])  # [Q, quad_in]
-        num_trip_out = quad["trip_out"]["out"].shape[0]
-        z = aggregate_outer(sph_dihedral, x_q, quad["quad_out"], num_trip_out)  # [T_out, S, quad_in]
-        y = aggregate_outer(sph_cab, z.flatten(1), quad["trip_out"]["out"], rad_w.shape[0])  # [E, S, S*quad_in]
-        y = y.reshape(rad_w.shape[0], s * s, x_q.shape[-1])  # [E, S², quad_in]  (∠cab-major, as the outer product)
-        x = self.scale_sbf_sum(self.bilinear((rad_w @ y).flatten(1)), ref=x_q)  # [E, quad_out]
+        plan_quad, plan_cab = plans
+        z = outer_sum(sph_dihedral, x, plan_quad)  # [T_out, S, quad_in]  (Σ over d)
+        y = outer_sum(sph_cab, z.flatten(1), plan_cab)  # [E, S, S*quad_in]  (Σ over b)
+        y = y.reshape(rad_w.shape[0], s * s, x.shape[-1])  # [E, S², quad_in]  (∠cab-major, as the outer product)
+        ref = lambda: gather(x, plan_quad.inp)  # noqa: E731  [Q, quad_in], built only while fitting
+        x = self.scale_sbf_sum(self.bilinear((rad_w @ y).flatten(1)), ref=ref)  # [E, quad_out]
         return (self.up_projection_ca(x) + gather(self.up_projection_ac(x), reverse)) * INV_SQRT_2  # [E, C]
 
 
@@ -133,23 +138,35 @@ class PairInteraction(nn.Module):
         self.down_projection = Dense(emb_atom, pair_in)
         self.up_projection = Dense(pair_out, emb_atom)
 
-    def forward(self, h: torch.Tensor, rad: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        """h : ``[N, A]``; rad : ``[E_aint, emb_rbf]``; edge_index sorted by target. Returns ``[N, A]``."""
-        x_ba = gather(self.down_projection(h), edge_index[0])  # [E_aint, pair_in]
-        y = aggregate_outer(rad, x_ba, edge_index[1], h.shape[0])  # [N, emb_rbf, pair_in]
-        x = self.scale_rbf_sum(self.bilinear(y.flatten(1)), ref=x_ba)  # [N, pair_out]
+    def forward(self, h: torch.Tensor, rad: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
+        """h : ``[N, A]``; rad : ``[E_aint, emb_rbf]``; plan : of the aint edges (out = target,
+        inp = source). Returns ``[N, A]``."""
+        x_b = self.down_projection(h)  # [N, pair_in]
+        y = outer_sum(rad, x_b, plan)  # [N, emb_rbf, pair_in]
+        x = self.scale_rbf_sum(self.bilinear(y.flatten(1)), ref=lambda: gather(x_b, plan.inp))  # [N, pair_out]
         return self.up_projection(x)  # [N, A]
 
 
 class EdgeEmbedding(nn.Module):
-    """``m_ca = Dense([h_c, h_a, x_ca])`` (GemNet eq. 5): atom pair plus an edge feature."""
+    """``m_ca = Dense([h_c, h_a, x_ca])`` (GemNet eq. 5): atom pair plus an edge feature.
+
+    The weight acting on ``[h_c, h_a, x_ca]`` is applied in three parts: the two atom parts on the
+    atoms (``N ≪ E`` rows) and then gathered onto the edges, the edge part on the edges — the same
+    sum without the ``[E, 2A + C]`` concatenation (and its gradient).
+    """
 
     def __init__(self, emb_atom: int, emb_in: int, emb_out: int) -> None:
         super().__init__()
         self.dense = Dense(2 * emb_atom + emb_in, emb_out)
+        self.emb_atom = emb_atom
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        return self.dense(torch.cat([gather(h, edge_index[0]), gather(h, edge_index[1]), x], dim=-1))  # [E, emb_out]
+        a, weight = self.emb_atom, self.dense.linear.weight  # [out, 2A + C]
+        source = nn.functional.linear(h, weight[:, :a])  # [N, out]
+        target = nn.functional.linear(h, weight[:, a : 2 * a])  # [N, out]
+        y = nn.functional.linear(x, weight[:, 2 * a :])  # [E, out]
+        y = y + gather(source, edge_index[0]) + gather(target, edge_index[1])  # [E, out]
+        return self.dense.activation(y)  # [E, emb_out]
 
 
 class AtomUpdate(nn.Module):
@@ -218,18 +235,20 @@ class InteractionBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, m: torch.Tensor, bases: dict, graphs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """h ``[N, A]``, m ``[E, C]`` → updated (h, m). ``bases``/``graphs`` from GemNetOC.interact."""
-        main, aeaint, aint = graphs["main"], graphs["aeaint"], graphs["aint"]
+        main, aeaint = graphs["main"], graphs["aeaint"]
         reverse, num_atoms = graphs["reverse"], h.shape[0]
         x_skip = self.dense_ca(m)  # [E, C]
-        x_e2e = self.trip_interaction(m, bases["e2e_rad"], bases["e2e_cir"], graphs["trip_e2e"], reverse)
-        x_qint = self.quad_interaction(m, bases["q_rad"], bases["q_cbf"], bases["q_sbf"], graphs["quad"], reverse)
+        plans = graphs["plans"]
+        x_e2e = self.trip_interaction(m, bases["e2e_rad"], bases["e2e_cir"], plans["e2e"], reverse)
+        x_qint = self.quad_interaction(m, bases["q_rad"], bases["q_cbf"], bases["q_sbf"], graphs["quad"],
+                                       (plans["quad"], plans["cab"]), reverse)
         x_a2e = self.atom_edge_interaction(
-            h, bases["a2e_rad"], bases["a2e_cir"], graphs["trip_a2e"], reverse, expand=aeaint.source
+            h, bases["a2e_rad"], bases["a2e_cir"], plans["a2e"], reverse, expand=aeaint.source
         )
         h_e2a = self.edge_atom_interaction(
-            m, bases["e2a_rad"], bases["e2a_cir"], graphs["trip_e2a"], None, to_atoms=(aeaint.target, num_atoms)
+            m, bases["e2a_rad"], bases["e2a_cir"], plans["e2a"], None, to_atoms=(aeaint.target, num_atoms)
         )
-        h_a2a = self.atom_interaction(h, bases["a2a_rad"], aint.edge_index)
+        h_a2a = self.atom_interaction(h, bases["a2a_rad"], plans["aint"])
 
         x = (x_skip + x_e2e + x_qint + x_a2e) * 0.5  # [E, C]; 1/sqrt(4 summands)
         h = (h + h_e2a + h_a2a) * (1.0 / math.sqrt(3.0))  # [N, A]

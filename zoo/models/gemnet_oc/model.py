@@ -80,12 +80,13 @@ from zoo.models.gemnet_oc.graph import (
     graph_from_edges,
     quadruplets,
     reverse_edges,
-    safe_cosine,
+    scaled_normals,
     subgraph,
     symmetric_knn_mask,
     triplets,
 )
 from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock
+from zoo.models.gemnet_oc.sparse import OuterPlan
 from zoo.models.precision import to_compute
 
 #: size of each embedding as a fraction of the width (emb_size_atom); fairchem OC20 ratios at 256
@@ -223,7 +224,8 @@ class GemNetOC(ForceField):
         qint = subgraph(big, self.cutoff_qint, self.max_neighbors_qint, n)
         aeaint = subgraph(big, self.cutoff_aeaint, self.max_neighbors_aeaint, n)
         aint = subgraph(big, self.cutoff_aint, self.max_neighbors_aint, n)
-        return {
+        g = {
+            "big": big,
             "main": main,
             "qint": qint,
             "aeaint": aeaint,
@@ -234,6 +236,19 @@ class GemNetOC(ForceField):
             "trip_e2a": triplets(main, aeaint, n),
             "quad": quadruplets(main, qint, n),
         }
+        # the sums Σ basis ⊗ message of every block, indexed once per batch (zoo.models.gemnet_oc.sparse)
+        S, quad, t_out = self.num_spherical, g["quad"], g["quad"]["trip_out"]
+        g["plans"] = {
+            "e2e": OuterPlan(g["trip_e2e"]["out"], g["trip_e2e"]["in"], S, main.num_edges, main.num_edges),
+            "a2e": OuterPlan(g["trip_a2e"]["out"], g["trip_a2e"]["in"], S, main.num_edges, aeaint.num_edges),
+            "e2a": OuterPlan(g["trip_e2a"]["out"], g["trip_e2a"]["in"], S, aeaint.num_edges, main.num_edges),
+            "quad": OuterPlan(quad["quad_out"], quad["quad_in"], S, t_out["out"].numel(),
+                              quad["trip_in"]["in"].numel()),
+            "cab": OuterPlan(t_out["out"], torch.arange(t_out["out"].numel(), device=positions.device), S,
+                             main.num_edges, t_out["out"].numel()),
+            "aint": OuterPlan(aint.target, aint.source, self.sizes["rbf"], n, n),
+        }
+        return g
 
     def bases(self, g: dict) -> dict:
         """Radial, circular and spherical bases, projected by the shared layers."""
@@ -243,7 +258,14 @@ class GemNetOC(ForceField):
         # bases; each is cast to the compute dtype where a learned projection takes it
         c = self.compute_dtype(main.distance.device)
         rbf_main = to_compute(self.radial_main(main.distance), c)  # [E, R]
-        rbf_aeaint = to_compute(self.radial_aeaint(aeaint.distance), c)  # [E_ae, R]
+        if self.cutoff_qint == self.cutoff_aeaint == self.cutoff_aint:
+            # one radial basis of the big graph, rows picked for each sub-graph (the same function)
+            rbf_big = self.radial_aint(g["big"].distance)  # [E_big, R]
+            rbf_qint, rbf_aeaint, rbf_aint = (rbf_big.index_select(0, sub.origin) for sub in (qint, aeaint, aint))
+        else:
+            rbf_qint, rbf_aeaint = self.radial_qint(qint.distance), self.radial_aeaint(aeaint.distance)
+            rbf_aint = self.radial_aint(aint.distance)
+        rbf_qint, rbf_aeaint, rbf_aint = (to_compute(r, c) for r in (rbf_qint, rbf_aeaint, rbf_aint))
 
         def circular(trip, u_in, u_out):  # cosine of the angle at the shared atom a
             cosine = (gather(u_in, trip["in"]) * gather(u_out, trip["out"])).sum(-1)  # [T]
@@ -256,7 +278,7 @@ class GemNetOC(ForceField):
             "a2e_cir": (self.mlp_cbf_aeint(rbf_main), circular(g["trip_a2e"], aeaint.unit, main.unit)),
             "e2a_rad": self.mlp_rbf_eaint(rbf_main),  # [E, r]
             "e2a_cir": (self.mlp_cbf_eaint(rbf_aeaint), circular(g["trip_e2a"], main.unit, aeaint.unit)),
-            "a2a_rad": self.mlp_rbf_aint(to_compute(self.radial_aint(aint.distance), c)),  # [E_aint, r]
+            "a2a_rad": self.mlp_rbf_aint(rbf_aint),  # [E_aint, r]
             "atom_rad": self.mlp_rbf_h(rbf_main),  # [E, r]
             "out_rad": self.mlp_rbf_out(rbf_main),  # [E, r]
             "rbf_main": rbf_main,  # [E, R], also the edge embedding's input
@@ -266,14 +288,16 @@ class GemNetOC(ForceField):
         u_ba = gather(qint.unit, t_in["out"])  # [T_in, 3] (pos_b − pos_a)/d
         u_db = gather(main.unit, t_in["in"])  # [T_in, 3] (pos_d − pos_b)/d
         cos_abd = -(u_ba * u_db).sum(-1)  # [T_in] angle at b between a and d
-        rad_ba = gather(self.mlp_cbf_qint(to_compute(self.radial_qint(qint.distance), c)), t_in["out"])  # [T_in, cbf, S]
+        rad_ba = gather(self.mlp_cbf_qint(rbf_qint), t_in["out"])  # [T_in, cbf, S]
         out["q_cbf"] = (rad_ba @ to_compute(legendre_basis(cos_abd, S), c).unsqueeze(-1)).squeeze(-1)  # [T_in, cbf]
         out["q_rad"] = self.mlp_rbf_qint(rbf_main)  # [E, r] of d_db
         u_ca, u_ab = gather(main.unit, t_out["out"]), gather(qint.unit, t_out["in"])  # [T_out, 3] from a to c, a to b
         cos_cab = (u_ca * u_ab).sum(-1)  # [T_out]
         normal_cab = torch.cross(-u_ca, u_ab, dim=-1)  # [T_out, 3] (a − c) × (b − a)
         normal_abd = torch.cross(u_ba, u_db, dim=-1)  # [T_in, 3]  (b − a) × (d − b)
-        cos_dihedral = safe_cosine(gather(normal_cab, quad["quad_out"]), gather(normal_abd, quad["quad_in"]))  # [Q]
+        # safe_cosine of the normals, each normal scaled once per triplet rather than once per quadruplet
+        n_cab, n_abd = scaled_normals(normal_cab), scaled_normals(normal_abd)  # [T_out, 3], [T_in, 3]
+        cos_dihedral = (gather(n_cab, quad["quad_out"]) * gather(n_abd, quad["quad_in"])).sum(-1).clamp(-1.0, 1.0)  # [Q]
         out["q_sbf"] = (
             self.mlp_sbf_qint(rbf_main),  # [E, sbf, S²]
             to_compute(legendre_basis(cos_cab, S), c),  # [T_out, S]
