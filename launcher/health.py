@@ -33,6 +33,7 @@ import torch
 from datapipe.shards import ShardError
 from launcher import checkpoint as ckpt
 from launcher.engine import RankLost, all_gather_objects, all_reduce_sum, lost_ranks, report_stop
+from launcher.errors import UserError
 
 #: structure ids kept per skip record (the counts are always exact)
 MAX_IDS_PER_RECORD = 64
@@ -61,10 +62,19 @@ def batches(loader):
 
 
 def resume_hint(run_dir: Path) -> str:
-    """Where to continue from: the last complete checkpoint of ``run_dir`` and the command."""
+    """Where to continue from: the last complete checkpoint of ``run_dir`` and the command.
+
+    A run that stops before its first checkpoint is told to start again (the error that stopped it
+    stays the message; ``--resume`` has nothing to continue from):
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as run_dir:
+    ...     resume_hint(Path(run_dir)).startswith("no checkpoint of")
+    True
+    """
     try:
         checkpoint = ckpt.find(run_dir)
-    except FileNotFoundError:
+    except (FileNotFoundError, UserError):  # find's UserError names --resume: not what stopped this run
         return f"no checkpoint of {run_dir} is complete yet: start the run again"
     return f"its last complete checkpoint is {checkpoint}: continue with `--resume {run_dir}`"
 
