@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from json_worker import JsonWorker  # benchmarks/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 2.0
 
@@ -133,7 +135,7 @@ def worker(root: str) -> None:
         print(json.dumps(reply), flush=True)
 
 
-class Baseline:
+class Baseline(JsonWorker):
     """The baseline revision in a child process."""
 
     def __init__(self, rev: str, tmp: Path, threads: int) -> None:
@@ -145,26 +147,8 @@ class Baseline:
         self.sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True,
                                   capture_output=True, text=True).stdout.strip()
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(self.root))
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(self.root)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     cwd=str(self.root))
-
-    def ask(self, **msg) -> dict:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"baseline worker exited (code {self.proc.wait()}) on {msg}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"baseline worker failed on {msg}: {reply['error']}\n{reply.get('traceback', '')}")
-        return reply
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
+        super().__init__([sys.executable, str(Path(__file__).resolve()), "--worker", str(self.root)], env,
+                         "baseline worker", cwd=str(self.root))
 
 
 def max_difference(a: dict, b: dict) -> dict:

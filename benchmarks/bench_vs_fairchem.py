@@ -40,7 +40,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +55,8 @@ from datapipe import keys  # noqa: E402
 from datapipe.graph import batch_from_atoms  # noqa: E402
 from datapipe.sources import expand_inputs, iter_atoms  # noqa: E402
 from zoo.registry import build  # noqa: E402
+
+from json_worker import JsonWorker  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 PARAM_TOLERANCE = 0.005
 
@@ -119,32 +120,13 @@ class Ours:
         return seconds, cpu
 
 
-class Fairchem:
-    """The fairchem worker process: one JSON line per command and per answer."""
+class Fairchem(JsonWorker):
+    """fairchem's eSCN-MD in its own virtual environment (:mod:`fairchem_worker`)."""
 
     def __init__(self, python: str, threads: int) -> None:
         worker = Path(__file__).with_name("fairchem_worker.py")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH="")
-        self.proc = subprocess.Popen(
-            [python, str(worker), str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
-
-    def ask(self, **msg) -> dict:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"fairchem worker exited (code {self.proc.wait()}) on {msg}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"fairchem worker failed on {msg}: {reply['error']}\n{reply.get('traceback', '')}")
-        return reply
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
+        super().__init__([python, str(worker), str(threads)], env, "fairchem worker")
 
 
 def interleaved(ours: Ours, theirs: Fairchem, mode: str, warmup: int, repeats: int, clock: str,
