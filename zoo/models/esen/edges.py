@@ -19,6 +19,7 @@ backward).
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 #: bytes of edge rows copied at a time in the backward (below glibc's largest mmap threshold)
 _CHUNK_BYTES = 8 << 20
@@ -74,6 +75,12 @@ class _ScatterPair(torch.autograd.Function):
         return _GatherPair.apply(grad_grad, source, target), None, None, None
 
 
+def _traced(x: torch.Tensor) -> bool:
+    """Whether a tracer, compiler, torch.func transform or dispatch mode (the FLOP counters) sees the ops."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or _get_current_dispatch_mode() is not None or x.is_meta)
+
+
 def gather_pair(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``[x[source] ‖ x[target]]``: node features ``[N, K, C]`` → edge pairs ``[E, K, 2C]``.
 
@@ -87,9 +94,10 @@ def gather_pair(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> 
     """
     if x.dim() != 3:
         raise ValueError(f"gather_pair takes node features [N, K, C], got shape {tuple(x.shape)}")
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        # the plain formulation where a compiler or torch.func traces it: the Functions' hand-written
-        # double backward gave wrong conservative-force gradients under torch.compile + torch.func.grad
-        # (float64: 9 % off in an SO(2) weight; tests/zoo/test_compile.py)
+    if _traced(x):
+        # the plain formulation, where something records or transforms the ops: the FLOP counters (a
+        # jit trace or a dispatch mode) count these ops, not an opaque Function, and under torch.compile
+        # + torch.func.grad the Functions' hand-written double backward gave wrong conservative-force
+        # gradients (float64: 9 % off in an SO(2) weight; tests/zoo/test_compile.py)
         return torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=-1)  # [E, K, 2C]
     return _GatherPair.apply(x, source, target)
