@@ -84,3 +84,29 @@ def test_gauss_products_model_equivariant_and_close_to_default(direct):
     plain, gauss = evaluate(models[0], [atoms]), evaluate(models[1], [atoms])
     for key in (keys.ENERGY, keys.FORCES):
         torch.testing.assert_close(gauss[key], plain[key], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
+def test_flop_counters_see_the_plain_gather(direct):
+    """The launcher counts every step's FLOPs (a jit trace and a dispatch mode): both must see
+    index_select + cat, not the opaque Function (``make train`` once stopped at its first step with
+    'operators without a FLOP handle: prim::PythonOp._GatherPair'). A fast-lane guard for the slow
+    FLOP agreement tests of tests/zoo/test_flops.py."""
+    from ase.build import molecule
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from datapipe.graph import batch_from_atoms
+    from zoo.flops.trace import count_step
+    from zoo.registry import build
+
+    torch.manual_seed(0)
+    model = build("esen", 8, direct_forces=direct, num_layers=1)
+    batch = batch_from_atoms([molecule("CH3CH2OH"), molecule("C6H6")], cutoff=model.data_cutoff)
+    flops = count_step(model, batch, direct)
+    assert flops.unsupported == {}, flops.unsupported
+    assert flops.total > flops.forward > 0
+    with FlopCounterMode(display=False) as mode:
+        x = torch.randn(5, 4, 3, requires_grad=True)
+        pair = gather_pair(x, torch.tensor([0, 1]), torch.tensor([2, 3]))
+    assert pair.grad_fn.name() == "CatBackward0"  # plain ops under a dispatch mode
+    assert mode.get_total_flops() == 0
