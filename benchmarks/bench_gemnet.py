@@ -44,23 +44,10 @@ import time
 from pathlib import Path
 
 from json_worker import JsonWorker  # benchmarks/ is on sys.path when run as a script
+from sample import molecules
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 2.0
-
-
-def molecules(split: Path, atoms: int) -> list:
-    """The first structures of ``split`` in file and row order, as many as fit in ``atoms`` atoms."""
-    from datapipe.sources import expand_inputs, iter_atoms
-
-    chosen, total = [], 0
-    for path in expand_inputs(split):
-        for mol in iter_atoms(path):
-            if total + len(mol) > atoms:
-                return chosen
-            chosen.append(mol)
-            total += len(mol)
-    return chosen
 
 
 class Runner:
@@ -119,8 +106,8 @@ def worker(root: str) -> None:
             if msg["cmd"] == "quit":
                 return
             if msg["cmd"] == "build":
-                batch = torch.load(msg["batch"], weights_only=False)
-                state = torch.load(msg["state"])
+                batch = torch.load(msg["batch"], weights_only=False)  # a Batch object, written by the parent into its own temp dir
+                state = torch.load(msg["state"], weights_only=True)
                 runner = Runner(msg["width"], msg["direct"], msg["dtype"], batch, state)
                 reply = {"ok": True}
             elif msg["cmd"] == "step":
@@ -317,7 +304,7 @@ def compare(a, batch, base: Baseline, tmp: Path, state: dict, direct: bool, n_at
         for mode in a.modes.split(","):
             _, _, mine = ours.step(mode, keep=True)
             base.ask(cmd="step", mode=mode, save=str(tmp / "out.pt"))
-            theirs = torch.load(tmp / "out.pt")
+            theirs = torch.load(tmp / "out.pt", weights_only=True)
             diff = max_difference(theirs, mine)
             text = ", ".join(f"{k} {d:.2e} (rel {r:.1e})" for k, (d, r) in diff.items())
             print(f"  {forces} {mode} {dtype}: max |baseline − HEAD|: {text}", flush=True)

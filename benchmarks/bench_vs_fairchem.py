@@ -53,24 +53,12 @@ sys.path.insert(0, str(REPO))
 
 from datapipe import keys  # noqa: E402
 from datapipe.graph import batch_from_atoms  # noqa: E402
-from datapipe.sources import expand_inputs, iter_atoms  # noqa: E402
 from zoo.registry import build  # noqa: E402
 
-from json_worker import JsonWorker  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from json_worker import JsonWorker  # noqa: E402
+from sample import molecules  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 PARAM_TOLERANCE = 0.005
-
-
-def molecules(split: Path, atoms: int) -> list:
-    """The first structures of ``split`` in file and row order, as many as fit in ``atoms`` atoms."""
-    chosen, total = [], 0
-    for path in expand_inputs(split):
-        for mol in iter_atoms(path):
-            if total + len(mol) > atoms:
-                return chosen
-            chosen.append(mol)
-            total += len(mol)
-    return chosen
 
 
 def write_npz(batch, path: Path) -> None:
