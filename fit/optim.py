@@ -8,7 +8,13 @@ stopping state, and one call of the user's objective evaluates all active proble
 The algorithm is the standard limited-memory BFGS two-loop recursion with a backtracking Armijo
 line search (Nocedal & Wright, *Numerical Optimization*, 2nd ed., Algorithms 7.4 and 3.1), applied
 row-wise. Problems do not interact: row ``s`` of the result is what a sequential L-BFGS with the
-same settings would give from row ``s`` of ``x0``.
+same settings would give from row ``s`` of ``x0`` (bit for bit where the objective's row ``s`` does
+not depend on the other rows it is evaluated with).
+
+Speed: the problems still running are kept compacted (finished ones are written back and dropped),
+and each one's history is stored newest first, so an iteration reads contiguous [k, P] blocks rather
+than gathering every history slot of every running problem. Typically hundreds of the 4,500
+sum-law starts run to the iteration limit, so the late iterations, over few problems, dominate.
 """
 
 from __future__ import annotations
@@ -120,110 +126,139 @@ def batched_lbfgs(
         return _run(fun, x0, memory, max_iter, gtol, ftol, patience, max_backtracks, c1)
 
 
+class _Active:
+    """The state of the problems still running, compacted: row i of every array is problem ``rows[i]``.
+
+    The L-BFGS history is stored newest first (``s[0]`` is the latest pair) rather than in a ring
+    indexed per problem, so that the two-loop recursion reads contiguous [k, P] blocks instead of
+    gathering them; retiring finished problems copies the arrays once, when some finish.
+    """
+
+    def __init__(self, rows, x, f, g, memory):
+        k, n_par = len(rows), x.shape[1]
+        self.rows = rows  # [k] indices into the S problems
+        self.x, self.f, self.g = x, f, g  # [k, P], [k], [k, P]
+        self.s = np.zeros((memory, k, n_par))  # [m, k, P] steps, newest first
+        self.y = np.zeros((memory, k, n_par))  # [m, k, P] gradient changes, newest first
+        self.rho = np.zeros((memory, k))  # [m, k] 1 / (s·y)
+        self.n_pairs = np.zeros(k, dtype=int)  # pairs stored since the last restart
+        self.small_steps = np.zeros(k, dtype=int)
+
+    def keep(self, mask):
+        """Drop the rows where ``mask`` is False."""
+        for name in ("rows", "x", "f", "g", "n_pairs", "small_steps"):
+            setattr(self, name, getattr(self, name)[mask])
+        for name in ("s", "y", "rho"):
+            setattr(self, name, getattr(self, name)[:, mask])
+
+    def push(self, rows, s_new, y_new, rho_new):
+        """Store one new pair for the problems ``rows`` (compact indices); the oldest falls out."""
+        # Shift every problem's history (one contiguous copy), then put back the few that store
+        # nothing this iteration: cheaper than gathering the many that do.
+        unchanged = np.ones(self.rows.size, dtype=bool)
+        unchanged[rows] = False
+        for hist, new in ((self.s, s_new), (self.y, y_new), (self.rho, rho_new)):
+            before = hist[:, unchanged]
+            hist[1:] = hist[:-1]
+            hist[0, rows] = new
+            hist[:, unchanged] = before
+        self.n_pairs[rows] += 1
+
+
 def _run(fun, x0, memory, max_iter, gtol, ftol, patience, max_backtracks, c1) -> BatchResult:
     x = np.array(x0, dtype=float, copy=True)
     if x.ndim != 2 or not np.all(np.isfinite(x)):
         raise ValueError(f"x0 must be a finite [S, P] array, got shape {x.shape}")
     n_prob, n_par = x.shape
-    all_rows = np.arange(n_prob)
-    f, g = fun(x, all_rows)
+    f, g = fun(x, np.arange(n_prob))
     f = np.array(f, dtype=float)
     g = np.array(g, dtype=float)
     status = np.full(n_prob, -1, dtype=int)
     status[~(np.isfinite(f) & np.all(np.isfinite(g), axis=1))] = NON_FINITE
     n_iter = np.zeros(n_prob, dtype=int)
-    s_hist = np.zeros((memory, n_prob, n_par))  # [m, S, P]
-    y_hist = np.zeros((memory, n_prob, n_par))  # [m, S, P]
-    rho = np.zeros((memory, n_prob))  # [m, S]; 0 marks an empty slot
-    n_pairs = np.zeros(n_prob, dtype=int)  # pairs stored so far (ring position = n_pairs % m)
-    small_steps = np.zeros(n_prob, dtype=int)
+    live = np.flatnonzero(status < 0)
+    a = _Active(live, x[live], f[live], g[live], memory)
 
-    for _ in range(max_iter):
-        gmax = np.max(np.abs(g), axis=1)
-        done_g = (status < 0) & (gmax <= gtol * (1.0 + np.abs(f)))
-        status[done_g] = CONVERGED_GRAD
-        act = np.flatnonzero(status < 0)
-        if act.size == 0:
+    def retire(mask, code, iterations):
+        """Write the problems of compact rows ``mask`` back with their status; drop them."""
+        rows = a.rows[mask]
+        x[rows], f[rows], g[rows] = a.x[mask], a.f[mask], a.g[mask]
+        status[rows], n_iter[rows] = code, iterations
+        a.keep(~mask)
+
+    for it in range(max_iter):
+        done_g = np.max(np.abs(a.g), axis=1) <= gtol * (1.0 + np.abs(a.f))
+        if np.any(done_g):
+            retire(done_g, CONVERGED_GRAD, it)
+        k = a.rows.size
+        if k == 0:
             break
-        ga = g[act]  # [k, P]
-        # Two-loop recursion over the ring buffer, newest pair first.
+        ga = a.g  # [k, P]
+        # Two-loop recursion, newest pair first; pairs j >= n_pairs are weighted 0.
+        r_w = [a.rho[j] * (j < a.n_pairs) for j in range(memory)]  # m × [k]
         q = ga.copy()
-        alphas = np.zeros((memory, act.size))
-        newest = (n_pairs[act] - 1) % memory  # [k]
+        alphas = np.zeros((memory, k))
         for j in range(memory):
-            slot = (newest - j) % memory  # [k]
-            s_j = s_hist[slot, act]  # [k, P]
-            y_j = y_hist[slot, act]
-            r_j = rho[slot, act] * (j < n_pairs[act])  # [k]
-            a_j = r_j * np.einsum("kp,kp->k", s_j, q)
-            q -= a_j[:, None] * y_j
+            a_j = r_w[j] * np.einsum("kp,kp->k", a.s[j], q)
+            q -= a_j[:, None] * a.y[j]
             alphas[j] = a_j
-        has = n_pairs[act] > 0
-        last = newest
-        s_l = s_hist[last, act]
-        y_l = y_hist[last, act]
-        yy = np.einsum("kp,kp->k", y_l, y_l)
-        sy = np.einsum("kp,kp->k", s_l, y_l)
+        has = a.n_pairs > 0
+        yy = np.einsum("kp,kp->k", a.y[0], a.y[0])
+        sy = np.einsum("kp,kp->k", a.s[0], a.y[0])
         gamma = np.where(has & (yy > 0), sy / np.where(yy > 0, yy, 1.0), 0.0)
         first = ~has | (gamma <= 0)
         gnorm = np.linalg.norm(ga, axis=1)
         gamma = np.where(first, 1.0 / np.maximum(gnorm, 1e-300), gamma)
         r = gamma[:, None] * q
         for j in reversed(range(memory)):
-            slot = (newest - j) % memory
-            s_j = s_hist[slot, act]
-            y_j = y_hist[slot, act]
-            r_j = rho[slot, act] * (j < n_pairs[act])
-            b_j = r_j * np.einsum("kp,kp->k", y_j, r)
-            r += (alphas[j] - b_j)[:, None] * s_j
+            b_j = r_w[j] * np.einsum("kp,kp->k", a.y[j], r)
+            r += (alphas[j] - b_j)[:, None] * a.s[j]
         d = -r  # [k, P]
         slope = np.einsum("kp,kp->k", ga, d)
         bad = ~(slope < 0) | ~np.all(np.isfinite(d), axis=1)
         if np.any(bad):  # lost descent: restart from steepest descent with a fresh memory
             d[bad] = -ga[bad] / np.maximum(gnorm[bad], 1e-300)[:, None]
             slope[bad] = -gnorm[bad]
-            rho[:, act[bad]] = 0.0
-            n_pairs[act[bad]] = 0
+            a.rho[:, bad] = 0.0
+            a.n_pairs[bad] = 0
         # Backtracking Armijo line search, all problems in step.
-        step = np.ones(act.size)
-        accepted = np.zeros(act.size, dtype=bool)
-        f_new = np.empty(act.size)
-        g_new = np.empty((act.size, n_par))
+        step = np.ones(k)
+        accepted = np.zeros(k, dtype=bool)
+        f_new = np.empty(k)
+        g_new = np.empty((k, n_par))
         for _bt in range(max_backtracks):
             todo = np.flatnonzero(~accepted)
             if todo.size == 0:
                 break
-            rows = act[todo]
-            x_try = x[rows] + step[todo, None] * d[todo]
-            f_try, g_try = fun(x_try, rows)
+            if todo.size == k:  # the first try: every problem, no gathers
+                f_try, g_try = fun(a.x + step[:, None] * d, a.rows)
+                f_ref = a.f + c1 * step * slope
+            else:
+                f_try, g_try = fun(a.x[todo] + step[todo, None] * d[todo], a.rows[todo])
+                f_ref = a.f[todo] + c1 * step[todo] * slope[todo]
             ok = np.isfinite(f_try) & np.all(np.isfinite(g_try), axis=1)
-            ok &= f_try <= f[rows] + c1 * step[todo] * slope[todo]
+            ok &= f_try <= f_ref
             acc = todo[ok]
             f_new[acc] = f_try[ok]
             g_new[acc] = g_try[ok]
             accepted[acc] = True
             step[todo[~ok]] *= 0.5
-        failed = act[~accepted]
-        status[failed] = LINE_SEARCH_FAILED
         okrows = np.flatnonzero(accepted)
-        rows = act[okrows]
         s_new = step[okrows, None] * d[okrows]
-        y_new = g_new[okrows] - g[rows]
+        y_new = g_new[okrows] - ga[okrows]
         sy = np.einsum("kp,kp->k", s_new, y_new)
         keep = sy > 1e-12 * np.linalg.norm(s_new, axis=1) * np.linalg.norm(y_new, axis=1)
-        kr = rows[keep]
-        slot = n_pairs[kr] % memory
-        s_hist[slot, kr] = s_new[keep]
-        y_hist[slot, kr] = y_new[keep]
-        rho[slot, kr] = 1.0 / sy[keep]
-        n_pairs[kr] += 1
-        decrease = f[rows] - f_new[okrows]
-        tiny = decrease <= ftol * np.abs(f[rows])
-        small_steps[rows] = np.where(tiny, small_steps[rows] + 1, 0)
-        x[rows] = x[rows] + s_new
-        f[rows] = f_new[okrows]
-        g[rows] = g_new[okrows]
-        n_iter[act] += 1
-        status[rows[small_steps[rows] >= patience]] = CONVERGED_F
-    status[status < 0] = MAX_ITER
+        a.push(okrows[keep], s_new[keep], y_new[keep], 1.0 / sy[keep])
+        decrease = a.f[okrows] - f_new[okrows]
+        tiny = decrease <= ftol * np.abs(a.f[okrows])
+        a.small_steps[okrows] = np.where(tiny, a.small_steps[okrows] + 1, 0)
+        a.x[okrows] = a.x[okrows] + s_new
+        a.f[okrows] = f_new[okrows]
+        a.g[okrows] = g_new[okrows]
+        if okrows.size < k:
+            retire(~accepted, LINE_SEARCH_FAILED, it + 1)
+        done_f = a.small_steps >= patience
+        if np.any(done_f):
+            retire(done_f, CONVERGED_F, it + 1)
+    retire(np.ones(a.rows.size, dtype=bool), MAX_ITER, max_iter)
     return BatchResult(x=x, f=f, grad=g, status=status, n_iter=n_iter)

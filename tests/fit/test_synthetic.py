@@ -6,7 +6,7 @@ from scipy.optimize import minimize_scalar
 
 from fit.allocation import optimal_allocation
 from fit.frontier import fit_frontier, frontier_owners
-from fit.optim import batched_lbfgs
+from fit.optim import CONVERGED_GRAD, MAX_ITER, batched_lbfgs
 from fit.sumlaw import default_grid, derived, fit_sum_law, summary_dict
 
 TRUTH = {"E": 1.5, "A": 400.0, "B": 1500.0, "alpha": 0.35, "beta": 0.30}
@@ -97,6 +97,25 @@ def test_batched_lbfgs_matches_rosenbrock_minimum():
     r = batched_lbfgs(fun, x0, gtol=1e-10)
     assert np.all(r.converged)
     np.testing.assert_allclose(r.x, 1.0, atol=1e-5)
+
+
+def test_batched_lbfgs_rows_are_independent_problems():
+    """Each row ends where the same L-BFGS from that row alone ends, bit for bit, whichever other
+    problems share the batch and whenever they stop (the batch drops finished problems as it goes)."""
+    def fun(x, rows):  # Rosenbrock, elementwise: a row's value does not depend on the other rows
+        f = 100 * (x[:, 1] - x[:, 0] ** 2) ** 2 + (1 - x[:, 0]) ** 2
+        g = np.stack([-400 * x[:, 0] * (x[:, 1] - x[:, 0] ** 2) - 2 * (1 - x[:, 0]), 200 * (x[:, 1] - x[:, 0] ** 2)], 1)
+        return f, g
+
+    x0 = np.random.default_rng(5).uniform(-3, 3, (40, 2))
+    x0[0] = 1.0  # at the minimum: stops on the gradient before the first step
+    for settings in ({"gtol": 1e-10}, {"max_iter": 25, "memory": 3}):
+        together = batched_lbfgs(fun, x0, **settings)
+        alone = [batched_lbfgs(fun, x0[i:i + 1], **settings) for i in range(len(x0))]
+        for name in ("x", "f", "grad", "status", "n_iter"):
+            np.testing.assert_array_equal(getattr(together, name), np.concatenate([getattr(a, name) for a in alone]))
+        assert together.n_iter[0] == 0 and len(set(together.n_iter.tolist())) >= 4  # stops at many iterations
+    assert set(together.status.tolist()) == {CONVERGED_GRAD, MAX_ITER}  # the short runs: some stop, most run out
 
 
 def test_non_converged_fit_reports_no_numbers():
