@@ -49,9 +49,9 @@ def run_costs(preset: Preset, runs: list[RunSpec], d_max: int, max_traces: int =
     linearly in log N between traced widths and hold them constant beyond (``traced`` False).
     """
     from zoo.flops.report import model_report
-    from zoo.registry import count_parameters
+    from zoo.study.plan import parameters_of
 
-    sizes = {r.name: count_parameters(r.architecture, r.width, **r.model_args) for r in runs}
+    sizes = {r.name: parameters_of(r.architecture, r.width, **r.model_args) for r in runs}
     out = []
     for arch in dict.fromkeys(r.architecture for r in runs):
         ladder = sorted((r for r in runs if r.architecture == arch), key=lambda r: sizes[r.name])

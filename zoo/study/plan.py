@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from zoo.study.presets import PAPER_N, Preset
@@ -50,30 +51,76 @@ class RunSpec:
         return f"{self.architecture}-w{self.width}"
 
 
+def parameters_of(architecture: str, width: int, **overrides) -> int:
+    """Trainable parameters N of ``architecture`` at ``width`` (meta device), remembered: the paper
+    preset's width search and its dry run ask for the same widths (a GemNet-OC build takes ~0.1 s)."""
+    return _parameters(architecture, int(width), tuple(sorted(overrides.items())))
+
+
+@lru_cache(maxsize=None)
+def _parameters(architecture: str, width: int, overrides: tuple) -> int:
+    from zoo.registry import count_parameters
+
+    return count_parameters(architecture, width, **dict(overrides))
+
+
 def paper_widths(architecture: str, **overrides) -> tuple[int, ...]:
     """This zoo's widths whose parameter counts are nearest the paper's N ladder of ``architecture``.
 
-    N grows with width, so each target is found by bisection over widths 2…8192 (parameters
-    counted on the meta device, with the constructor ``overrides``); duplicates removed, order kept.
+    N grows with width, so each target's bracket ``N(w) < target <= N(w + 1)`` over widths 2…8192 is
+    unique (parameters counted on the meta device, with the constructor ``overrides``); the nearer end
+    is chosen; duplicates removed, order kept. The bracket is searched outward from the width that
+    log-log interpolation between the widths counted so far predicts: a few builds per target instead
+    of bisection's thirteen, and the same bracket as bisection over 2…8192.
     """
-    from functools import lru_cache
+    import numpy as np
 
-    from zoo.registry import count_parameters
+    seen: dict[int, int] = {}
 
-    size = lru_cache(maxsize=None)(lambda w: count_parameters(architecture, w, **overrides))
+    def size(w):
+        if w not in seen:
+            seen[w] = parameters_of(architecture, w, **overrides)
+        return seen[w]
+
+    for w in (8, 128, 2048):
+        size(w)
     chosen = []
     for target in PAPER_N[architecture]:
-        lo, hi = 2, 8192  # invariant: the best width lies in [lo, hi]
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if size(mid) < target:
-                lo = mid
-            else:
-                hi = mid
-        width = min((lo, hi), key=lambda w: abs(size(w) - target))
+        ws = sorted(seen)
+        guess = np.exp(np.interp(np.log(target), np.log([seen[w] for w in ws]), np.log(ws)))
+        lo = _last_below(size, target, int(guess), 2, 8191)
+        width = min((lo, lo + 1), key=lambda w: abs(size(w) - target))
         if width not in chosen:
             chosen.append(width)
     return tuple(chosen)
+
+
+def _last_below(size, target: float, guess: int, lo: int, hi: int) -> int:
+    """The largest ``w`` in ``[lo, hi]`` with ``size(w) < target`` (``lo`` if there is none), ``size``
+    increasing: galloping outward from ``guess`` to a bracket, then bisection inside it."""
+    below = above = min(max(guess, lo), hi)
+    step = 1
+    if size(below) < target:  # gallop up until size(above) >= target or past hi
+        while True:
+            above = below + step
+            if above > hi or size(above) >= target:
+                above = min(above, hi + 1)
+                break
+            below, step = above, step * 2
+    else:  # gallop down until size(below) < target or past lo
+        while True:
+            below = above - step
+            if below < lo or size(below) < target:
+                below = max(below, lo - 1)
+                break
+            above, step = below, step * 2
+    while above - below > 1:  # size(below) < target <= size(above); the ends may lie just outside [lo, hi]
+        mid = (below + above) // 2
+        if size(mid) < target:
+            below = mid
+        else:
+            above = mid
+    return max(below, lo)
 
 
 def widths_of(preset: Preset) -> dict[str, tuple[int, ...]]:
