@@ -9,14 +9,24 @@ Baseline, measured in the same run: ``scipy.optimize.minimize(method="L-BFGS-B")
 random subset of the grid (``--baseline-starts``, default 150) and extrapolated linearly to the
 4,500 grid starts plus 1,000 bootstrap refits × 5 starts; the extrapolation is printed as such.
 
-Run: ``.venv/bin/python benchmarks/bench_fit.py``
+Against an earlier version of the optimizer (``--baseline-rev``, a git revision; default the last
+one before the compacted ``fit.optim``), on Chinchilla and on the cpu study's four architectures
+(``docs/study/cpu/runs.csv``, 18–24 points each, where hundreds of starts run to the iteration
+limit: the case of the test suite's study fits): the same fits run with each ``batched_lbfgs`` in turn,
+interleaved, ``--repeats`` times, CPU seconds (``time.process_time``), medians; the fitted numbers must
+be identical (every bootstrap sample too), else the run says so and exits 1.
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fit.py``
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +34,12 @@ import numpy as np
 from scipy.optimize import minimize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fit.sumlaw  # noqa: E402
 from fit.sumlaw import default_grid, fit_sum_law  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+#: the last revision of fit/optim.py before the compacted batched L-BFGS
+BASELINE_REV = "07ae678"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chinchilla_svg_extracted_data.csv"
 
 
@@ -46,13 +60,70 @@ def baseline_objective(theta, ln, ld, ll, delta=1e-3):
     return float(np.sum(np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta))))
 
 
+def optimizer_at(rev: str):
+    """``batched_lbfgs`` of ``fit/optim.py`` at git revision ``rev`` (a module loaded from a temp file)."""
+    text = subprocess.run(["git", "show", f"{rev}:fit/optim.py"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(text)
+    spec = importlib.util.spec_from_file_location(f"optim_{rev}", f.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.batched_lbfgs
+
+
+def study_groups() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """The cpu study's L(N, D) data per architecture (docs/study/cpu/runs.csv: 18–24 points each)."""
+    rows = list(csv.DictReader((REPO / "docs" / "study" / "cpu" / "runs.csv").open()))
+    out = []
+    for arch in dict.fromkeys(r["architecture"] for r in rows):
+        mine = [r for r in rows if r["architecture"] == arch]
+        out.append((f"cpu study {arch}", *(np.array([float(r[k]) for r in mine]) for k in ("N", "D", "L"))))
+    return out
+
+
+def versus_baseline(datasets, rev: str, repeats: int, n_boot: int) -> bool:
+    """Interleaved CPU seconds of the same fits with today's optimizer and ``rev``'s; True if identical."""
+    versions = {"ours": fit.sumlaw.batched_lbfgs, rev: optimizer_at(rev)}
+    all_same = True
+    for label, n, d, lo in datasets:
+        seconds = {k: [] for k in versions}
+        results = {}
+        for _ in range(repeats):
+            for name, optimizer in versions.items():
+                fit.sumlaw.batched_lbfgs = optimizer
+                start = time.process_time()
+                results[name] = fit_sum_law(n, d, lo, n_bootstrap=n_boot)
+                seconds[name].append(time.process_time() - start)
+        fit.sumlaw.batched_lbfgs = versions["ours"]
+        a, b = results["ours"], results[rev]
+        same = (a.converged == b.converged and a.message == b.message and a.n_starts_converged == b.n_starts_converged
+                and (not a.converged or (np.array_equal(a.theta, b.theta) and a.objective == b.objective
+                                         and np.array_equal(a.bootstrap["samples"], b.bootstrap["samples"]))))
+        all_same &= same
+        med = {k: float(np.median(v)) for k, v in seconds.items()}
+        what = (f"{n_boot} bootstrap refits" if a.converged
+                else "no bootstrap: the fit is refused, " + a.message.split(":")[0])
+        print(f"{label} ({n.size} points; grid {a.n_starts} starts, {a.n_starts_converged} converged, {what}): "
+              f"CPU s, median of {repeats}, interleaved: ours {med['ours']:.2f}, {rev} {med[rev]:.2f}, "
+              f"ratio {med[rev] / med['ours']:.2f}x; fitted numbers {'identical' if same else 'DIFFERENT'}", flush=True)
+    return all_same
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--baseline-starts", type=int, default=150)
+    ap.add_argument("--baseline-rev", default=BASELINE_REV,
+                    help="git revision of fit/optim.py to compare with ('' to skip)")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     n, d, lo = load()
     print(f"data: {n.size} points ({DATA.name}, 5 outliers dropped)")
+    if args.baseline_rev:
+        datasets = [("chinchilla", n, d, lo), *study_groups()]
+        if not versus_baseline(datasets, args.baseline_rev, args.repeats, args.bootstrap):
+            sys.exit(1)
     t0 = time.perf_counter()
     fit = fit_sum_law(n, d, lo, n_bootstrap=args.bootstrap)
     ours = time.perf_counter() - t0
