@@ -97,6 +97,8 @@ def test_fall_backs_give_f_linear_exactly():
     with torch.backends.mkldnn.flags(enabled=False):  # the documented switch
         assert not takes_onednn(x, weight)
         assert torch.equal(linear(x, weight), F.linear(x, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 policy applies
+        assert not takes_onednn(x, weight) and linear(x, weight).dtype == torch.bfloat16
     with FlopCounterMode(display=False) as mode:  # dispatch modes (the FLOP counters) see aten ops
         linear(x, weight)
     assert mode.get_total_flops() == 2 * 7 * 5 * 4

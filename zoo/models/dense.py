@@ -20,9 +20,9 @@ no bf16/tf32 down-conversion). Results differ from ``F.linear`` by fp32 round-of
 ``torch.backends.mkldnn.enabled = False``) turns the path off and gives the BLAS results.
 
 Where it applies: fp32 tensors on the CPU (and on the meta device, so that the memory planner sees
-the path that trains), non-empty contractions. Everything else — other dtypes (bf16 already goes
-to oneDNN inside ``F.linear``), CUDA, tracers, compilers, torch.func transforms, dispatch modes
-(the FLOP counters) — takes ``F.linear``.
+the path that trains). Everything else — other dtypes (bf16 already goes to oneDNN inside
+``F.linear``), CPU autocast, CUDA, tracers, compilers, torch.func transforms, dispatch modes (the
+FLOP counters) — takes ``F.linear``.
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ def _wanted(ctx, index: int, tensor: torch.Tensor) -> bool:
 def takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`linear` of these operands runs in oneDNN (see the module docstring)."""
     if ops_recorded():  # first: dynamo refuses to trace torch.backends queries
+        return False
+    if torch.is_autocast_enabled("cpu"):  # autocast's policy (bf16 products) is F.linear's to apply
         return False
     return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type in ("cpu", "meta")
             and weight.device == x.device and weight.dim() == 2
