@@ -16,6 +16,11 @@ shared machine hits both alike; the table gives medians over the timed steps.
   conservative forces) + loss (mean |E| + mean |F|) + backward;
 - inference: energy + forces in eval mode (no autograd graph for direct forces).
 
+What differs on the CPU (issue 12): symscale's fp32 linear layers run in oneDNN
+(:mod:`zoo.models.dense`; ``torch.backends.mkldnn.flags(enabled=False)`` turns that off), fairchem's
+in ``torch.mm``, i.e. MKL, whose AVX2 kernels on AMD CPUs run at about half oneDNN's AVX-512 rate;
+both do the same multiply-adds per step (19.9 GMAC at C=64 lmax 2 conservative training, 105 atoms).
+
 ratio = fairchem time / symscale time (> 1: symscale is faster). The run ends with a table of every
 row's ratio beside its goal (``--goal``, 1.3 from issue 12) and PASS/FAIL. On CPU the default batch
 is 120 atoms and each row times 3-7 interleaved pairs (``--row-seconds``), so that the full run

@@ -110,3 +110,40 @@ def test_flop_counters_see_the_plain_gather(direct):
         pair = gather_pair(x, torch.tensor([0, 1]), torch.tensor([2, 3]))
     assert pair.grad_fn.name() == "CatBackward0"  # plain ops under a dispatch mode
     assert mode.get_total_flops() == 0
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
+def test_onednn_products_train_like_the_blas_to_fp32_round_off(direct):
+    """zoo.models.dense (fp32 products in oneDNN, not the BLAS): a fixed-seed fp32 training run of
+    five Adam steps gives the same losses, forces and parameter gradients to fp32 round-off."""
+    from ase.build import molecule
+
+    from datapipe import keys
+    from datapipe.graph import batch_from_atoms
+    from zoo.registry import build
+    from zoo.testing import perturbed
+
+    batch = batch_from_atoms([perturbed(molecule("CH3CH2OH"), 1), perturbed(molecule("C6H6"), 2)], cutoff=6.0)
+    runs = []
+    for onednn in (True, False):
+        torch.manual_seed(0)
+        model = build("esen", 16, direct_forces=direct, num_layers=2).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        losses = []
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            for _ in range(5):
+                out = model(batch)
+                loss = out[keys.ENERGY].abs().mean() + out[keys.FORCES].norm(dim=-1).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())
+        grads = [p.grad for p in model.parameters()]
+        runs.append((torch.stack(losses), out[keys.FORCES].detach(), grads))
+    (losses, forces, grads), (blas_losses, blas_forces, blas_grads) = runs
+    torch.testing.assert_close(losses, blas_losses, rtol=1e-5, atol=0)
+    torch.testing.assert_close(forces, blas_forces, rtol=0, atol=1e-4 * float(blas_forces.abs().max()))
+    for g, h in zip(grads, blas_grads):
+        assert (g is None) == (h is None)  # (the unused direct-force head of a conservative model)
+        if h is not None:
+            torch.testing.assert_close(g, h, rtol=0, atol=1e-4 * float(h.abs().max()) + 1e-12)

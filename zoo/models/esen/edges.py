@@ -19,7 +19,8 @@ backward).
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from zoo.models.dense import ops_recorded
 
 #: bytes of edge rows copied at a time in the backward (below glibc's largest mmap threshold)
 _CHUNK_BYTES = 8 << 20
@@ -75,15 +76,6 @@ class _ScatterPair(torch.autograd.Function):
         return _GatherPair.apply(grad_grad, source, target), None, None, None
 
 
-def _traced() -> bool:
-    """Whether a tracer, compiler, torch.func transform or dispatch mode (the FLOP counters) sees the ops.
-
-    Meta tensors take the Function like real ones: the memory planner measures the saved tensors of
-    the path that trains (``tests/zoo/test_plan.py``: the same on meta and on the CPU)."""
-    return (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or _get_current_dispatch_mode() is not None)
-
-
 def gather_pair(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``[x[source] ‖ x[target]]``: node features ``[N, K, C]`` → edge pairs ``[E, K, 2C]``.
 
@@ -97,7 +89,9 @@ def gather_pair(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> 
     """
     if x.dim() != 3:
         raise ValueError(f"gather_pair takes node features [N, K, C], got shape {tuple(x.shape)}")
-    if _traced():
+    # meta tensors take the Function like real ones: the memory planner measures the saved tensors of
+    # the path that trains (tests/zoo/test_plan.py: the same on meta and on the CPU)
+    if ops_recorded():
         # the plain formulation, where something records or transforms the ops: the FLOP counters (a
         # jit trace or a dispatch mode) count these ops, not an opaque Function, and under torch.compile
         # + torch.func.grad the Functions' hand-written double backward gave wrong conservative-force

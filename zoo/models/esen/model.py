@@ -69,6 +69,7 @@ from torch import nn
 from datapipe import keys
 from zoo.models.base import ForceField
 from zoo.models.common import ChargeSpinEmbedding, GaussianBasis, PolynomialEnvelope, scatter_sum
+from zoo.models.dense import Linear
 from zoo.models.esen.edges import gather_pair
 from zoo.models.esen.so2 import DeviceCache, EdgeFrame, EquivariantRMSNorm, SO2Convolution, SO3Linear, gate, num_coefficients
 from zoo.models.precision import to_compute
@@ -77,13 +78,13 @@ from zoo.models.precision import to_compute
 def radial_mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     """``Linear → LayerNorm → SiLU`` twice, then ``Linear``: edge features → per-edge weights."""
     return nn.Sequential(
-        nn.Linear(in_features, hidden),
+        Linear(in_features, hidden),
         nn.LayerNorm(hidden),
         nn.SiLU(),
-        nn.Linear(hidden, hidden),
+        Linear(hidden, hidden),
         nn.LayerNorm(hidden),
         nn.SiLU(),
-        nn.Linear(hidden, out_features),
+        Linear(hidden, out_features),
     )
 
 
@@ -142,7 +143,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.lmax, self.hidden = lmax, hidden
         self.up = SO3Linear(channels, hidden, lmax)
-        self.gates = nn.Linear(channels, lmax * hidden)
+        self.gates = Linear(channels, lmax * hidden)
         self.down = SO3Linear(hidden, channels, lmax)
         with torch.device("cpu"):
             self._const = DeviceCache(degrees=torch.tensor([l for l in range(lmax + 1) for _ in range(2 * l + 1)]))
@@ -244,9 +245,9 @@ class ESEN(ForceField):
         )
         self.norm_out = EquivariantRMSNorm(self.lmax, channels)
         self.energy_head = nn.Sequential(
-            nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, 1)
+            Linear(channels, channels), nn.SiLU(), Linear(channels, channels), nn.SiLU(), Linear(channels, 1)
         )
-        self.force_head = nn.Linear(channels, 1, bias=False)
+        self.force_head = Linear(channels, 1, bias=False)
 
     def interact(self, atomic_numbers, positions, edge_index, edge_vectors, batch, charge, spin, num_graphs):
         """Per-atom energies ``[N]`` and direct forces ``[N, 3]`` (or None), normalised units."""

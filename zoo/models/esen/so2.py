@@ -38,6 +38,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from zoo.models.dense import Linear, linear
 from zoo.models.precision import fp32_island
 
 
@@ -195,7 +196,7 @@ class SO2Convolution(nn.Module):
         self.gauss_products = bool(gauss_products)
         self.sizes = [lmax + 1] + [lmax + 1 - m for m in range(1, mmax + 1)]  # l's per |m|
         self.radial_size = sum(n * in_channels for n in self.sizes)
-        self.fc_m0 = nn.Linear(self.sizes[0] * in_channels, self.sizes[0] * out_channels + extra_scalars)
+        self.fc_m0 = Linear(self.sizes[0] * in_channels, self.sizes[0] * out_channels + extra_scalars)
         # per m > 0: W₁ and W₂ stacked, [2, n·out, n·in], init like nn.Linear scaled by 1/√2
         # (the complex product sums two maps)
         # (initialised before the ParameterList takes them: an engine that partitions parameters as
@@ -251,14 +252,14 @@ class SO2Convolution(nn.Module):
             w1, w2 = self.weight_m[index]  # [n·out, n·in] each
             if self.gauss_products:
                 plus, minus = pair.unbind(1)  # [E, n·in] each (strided rows: fine for the matmul)
-                k = (plus + minus) @ w1.T  # [E, n·out]
-                y_plus = torch.addmm(k, minus, (w1 + w2).T, alpha=-1)  # W₁x₊ − W₂x₋
-                y_minus = torch.addmm(k, plus, (w2 - w1).T)  # W₂x₊ + W₁x₋
+                k = linear(plus + minus, w1)  # [E, n·out]
+                y_plus = k - linear(minus, w1 + w2)  # W₁x₊ − W₂x₋
+                y_minus = k + linear(plus, w2 - w1)  # W₂x₊ + W₁x₋
                 outputs.append(torch.stack([y_plus, y_minus], dim=1).reshape(e, 2 * n, self.cout))
                 continue
             weight = torch.cat([torch.cat([w1, -w2], 1), torch.cat([w2, w1], 1)], 0)  # [2n·out, 2n·in]
             # y₊ = W₁x₊ − W₂x₋, y₋ = W₂x₊ + W₁x₋
-            outputs.append((pair.reshape(e, 2 * n * self.cin) @ weight.T).reshape(e, 2 * n, self.cout))
+            outputs.append(linear(pair.reshape(e, 2 * n * self.cin), weight).reshape(e, 2 * n, self.cout))
         if blocks_out:
             return outputs, extra  # per |m|: [E, n or 2n, out]; [E, extra]
         return torch.cat(outputs, dim=1), extra  # [E, K, out], [E, extra]
@@ -306,7 +307,7 @@ class SO3Linear(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, lmax: int) -> None:
         super().__init__()
         self.lmax = lmax
-        self.linears = nn.ModuleList(nn.Linear(in_channels, out_channels, bias=(l == 0)) for l in range(lmax + 1))
+        self.linears = nn.ModuleList(Linear(in_channels, out_channels, bias=(l == 0)) for l in range(lmax + 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = x.split([2 * l + 1 for l in range(self.lmax + 1)], dim=1)  # per l: [N, 2l+1, in]

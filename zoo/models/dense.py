@@ -1,0 +1,144 @@
+"""Dense layers whose fp32 CPU matrix multiplies run in oneDNN rather than the BLAS (issue 12).
+
+``torch.mm``/``addmm``/``F.linear`` on the CPU call the BLAS that PyTorch was built with, MKL in
+the PyPI wheels. MKL picks its kernels by CPU *vendor*: on AMD processors it runs its AVX2 code
+even where AVX-512 is there. oneDNN (bundled with PyTorch, ``torch.backends.mkldnn``) picks by
+instruction set. Measured on the project's machine (AMD EPYC with AVX-512, one thread, fp32,
+``torch.mm`` against :func:`linear`, shapes of eSEN's SO(2) convolutions at 1,632 edges)::
+
+    1632 x 768 x 640    MKL 49 GMAC/s   oneDNN 106 GMAC/s
+    1632 x 1024 x 512   MKL 49 GMAC/s   oneDNN 109 GMAC/s
+    1632 x 128 x 1536   MKL 49 GMAC/s   oneDNN 109 GMAC/s
+
+(``MKL_ENABLE_INSTRUCTIONS=AVX512`` does not change MKL's choice there.) On an Intel processor
+both libraries reach AVX-512 and the difference is expected to be small.
+
+Numerics: the same fp32 products and fp32 sums, accumulated in another order (as between two BLAS
+builds or thread counts); no reduced-precision mode (oneDNN's default fp32 math mode is strict:
+no bf16/tf32 down-conversion). Results differ from ``F.linear`` by fp32 round-off
+(``tests/zoo/test_dense.py``). ``torch.backends.mkldnn.flags(enabled=False)`` (or
+``torch.backends.mkldnn.enabled = False``) turns the path off and gives the BLAS results.
+
+Where it applies: fp32 tensors on the CPU (and on the meta device, so that the memory planner sees
+the path that trains). Everything else — other dtypes (bf16 already goes to oneDNN inside
+``F.linear``), CPU autocast, CUDA, tracers, compilers, torch.func transforms, dispatch modes (the
+FLOP counters) — takes ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+
+def ops_recorded() -> bool:
+    """Whether a tracer, compiler, torch.func transform or dispatch mode (the FLOP counters) sees the ops.
+
+    Fast paths written as ``autograd.Function`` step aside then: the FLOP counters count plain
+    ops, not an opaque Function, and under torch.compile + torch.func.grad a hand-written double
+    backward gave wrong conservative-force gradients (``tests/zoo/test_compile.py``).
+    """
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or _get_current_dispatch_mode() is not None)
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weightᵀ (+ bias)`` in oneDNN: ``[M, in]``, ``[out, in]`` (any strides) → ``[M, out]``."""
+    if min(weight.shape) == 0:  # an empty contraction or output (a structure without edges, in the backward)
+        return F.linear(x, weight, bias)  # oneDNN refuses these
+    if not (weight.is_contiguous() or weight.t().is_contiguous()):
+        # a weight with a leading dimension wider than its rows (the transpose of a block of a
+        # larger tensor, in the backward) sends oneDNN to its reference kernel: 41 ms instead of
+        # 0.04 ms for a [128, 105] @ [105, 128] product
+        weight = weight.contiguous()
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _Linear(torch.autograd.Function):
+    """``x @ weightᵀ + bias`` whose forward and backward products all run in oneDNN.
+
+    The backward is made of this Function again (and a sum), so it is itself differentiable: the
+    double backward of conservative forces goes through oneDNN too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # [M, in], [out, in], [out] or None
+        ctx.save_for_backward(x, weight, bias)
+        return _onednn(x, weight, bias)  # [M, out]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [M, out]
+        x, weight, bias = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if _wanted(ctx, 0, x):
+            grad_x = _Linear.apply(grad, weight.t(), None)  # [M, in] = grad @ weight
+        if _wanted(ctx, 1, weight):  # [out, in] = gradᵀ @ x
+            # oneDNN copies a transposed first operand into rows; copy the narrower of grad and x
+            # (measured, 1,632 rows: out 768, in 64: 39 → 77 GMAC/s; out 256, in 512: 74 against 65)
+            if weight.shape[0] > weight.shape[1]:
+                grad_weight = _Linear.apply(x.t(), grad.t(), None).t()  # (xᵀ @ grad)ᵀ
+            else:
+                grad_weight = _Linear.apply(grad.t(), x.t(), None)
+        if bias is not None and _wanted(ctx, 2, bias):
+            grad_bias = grad.sum(0)  # [out]
+        return grad_x, grad_weight, grad_bias
+
+
+def _wanted(ctx, index: int, tensor: torch.Tensor) -> bool:
+    """Whether the running backward needs the gradient of input ``index`` (``tensor``).
+
+    ``ctx.needs_input_grad`` says only whether the input requires grad. ATen's own backward
+    formulas also skip what the current call does not ask for: ``autograd.grad(energy, positions)``
+    (conservative forces) computes no weight gradients. This asks the engine the same question.
+    """
+    if not ctx.needs_input_grad[index]:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(tensor).node))
+    except (AttributeError, RuntimeError):  # a PyTorch without the query: compute it, as before
+        return True
+
+
+def takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` of these operands runs in oneDNN (see the module docstring)."""
+    if ops_recorded():  # first: dynamo refuses to trace torch.backends queries
+        return False
+    if torch.is_autocast_enabled("cpu"):  # autocast's policy (bf16 products) is F.linear's to apply
+        return False
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type in ("cpu", "meta")
+            and weight.device == x.device and weight.dim() == 2
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``: ``x`` ``[..., in]``, ``weight`` ``[out, in]``, ``bias`` ``[out]`` → ``[..., out]``.
+
+    fp32 on the CPU through oneDNN (forward, backward and double backward); otherwise ``F.linear``.
+    Values equal ``F.linear``'s to fp32 round-off (another order of the same sums).
+
+    Raises
+    ------
+    ValueError
+        If the last dimension of ``x`` is not ``weight``'s second.
+
+    >>> x, w = torch.randn(4, 3), torch.randn(2, 3)
+    >>> torch.allclose(linear(x, w), x @ w.T, atol=1e-6)
+    True
+    """
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"linear: input [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)}")
+    if not takes_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    if x.dim() == 2:
+        return _Linear.apply(x, weight, bias)  # [M, out]
+    flat = x.reshape(-1, x.shape[-1])  # [M, in]
+    return _Linear.apply(flat, weight, bias).reshape(*x.shape[:-1], weight.shape[0])  # [..., out]
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys) whose product is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
