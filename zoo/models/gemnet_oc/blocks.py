@@ -22,6 +22,7 @@ from torch import nn
 
 from zoo.models.common import GaussianBasis, PolynomialEnvelope
 from zoo.models.gemnet_oc.graph import inner_index
+from zoo.models.gemnet_oc.linear import linear
 from zoo.models.precision import fp32_island
 
 
@@ -59,7 +60,7 @@ class Dense(nn.Module):
         self.activation = ScaledSiLU() if activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.linear(x))
+        return self.activation(linear(x, self.linear.weight))  # oneDNN on CPU (zoo.models.gemnet_oc.linear)
 
 
 class ResidualLayer(nn.Module):
@@ -76,8 +77,8 @@ class ResidualLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, second = self.dense[0].linear.weight, self.dense[1].linear.weight
-        y = nn.functional.silu(nn.functional.linear(x, first))  # [rows, units], 0.6 · Dense₁(x)
-        y = nn.functional.silu(nn.functional.linear(y, second * (1.0 / 0.6)))  # 0.6 · Dense₂(Dense₁(x))
+        y = nn.functional.silu(linear(x, first))  # [rows, units], 0.6 · Dense₁(x)
+        y = nn.functional.silu(linear(y, second * (1.0 / 0.6)))  # 0.6 · Dense₂(Dense₁(x))
         return torch.add(x, y, alpha=1.0 / 0.6).mul_(1.0 / math.sqrt(2.0))
 
 
@@ -224,10 +225,10 @@ class BasisEmbedding(nn.Module):
 
     def forward(self, rad: torch.Tensor) -> torch.Tensor:
         if self.num_spherical is None:
-            return rad @ self.weight.T  # [E, I]
+            return linear(rad, self.weight)  # [E, I]
         num_radial, num_spherical, emb_size = self.weight.shape
         w = self.weight.reshape(num_radial, num_spherical * emb_size)  # [R, S*I]
-        return (rad @ w).reshape(rad.shape[0], num_spherical, emb_size).transpose(1, 2)  # [E, I, S]
+        return linear(rad, w.t()).reshape(rad.shape[0], num_spherical, emb_size).transpose(1, 2)  # [E, I, S]
 
 
 def aggregate_outer(basis: torch.Tensor, x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
