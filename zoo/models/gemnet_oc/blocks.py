@@ -231,6 +231,14 @@ class BasisEmbedding(nn.Module):
         return linear(rad, w.t()).reshape(rad.shape[0], num_spherical, emb_size).transpose(1, 2)  # [E, I, S]
 
 
+def pad_slots(index: torch.Tensor, size: int) -> tuple[int, torch.Tensor]:
+    """``(Kmax, slot)`` of a sorted, non-empty ``index`` ``[T]``: the largest group and each element's row
+    ``index·Kmax + rank in its group`` ``[T]`` of the flattened zero-padded ``[size·Kmax]`` blocks."""
+    inner = inner_index(index, size)  # [T]
+    kmax = int(inner.max()) + 1
+    return kmax, index * kmax + inner
+
+
 def aggregate_outer(basis: torch.Tensor, x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """``y[o] = Σ_{t: index[t] = o} basis[t] ⊗ x[t]``: ``[T, K], [T, C] → [size, K, C]``.
 
@@ -241,9 +249,7 @@ def aggregate_outer(basis: torch.Tensor, x: torch.Tensor, index: torch.Tensor, s
     k, c = basis.shape[-1], x.shape[-1]
     if index.numel() == 0:
         return x.new_zeros(size, k, c)
-    inner = inner_index(index, size)  # [T]
-    kmax = int(inner.max()) + 1
-    slot = index * kmax + inner  # [T] row of the flattened [size·Kmax] padding
+    kmax, slot = pad_slots(index, size)
     # index_copy into flat rows (backward: one index_select) rather than a 2-D index_put
     basis_pad = basis.new_zeros(size * kmax, k).index_copy(0, slot, basis).view(size, kmax, k)  # [size, Kmax, K]
     x_pad = x.new_zeros(size * kmax, c).index_copy(0, slot, x).view(size, kmax, c)  # [size, Kmax, C]

@@ -17,8 +17,9 @@ are the same as before; only the order of the additions differs (float round-off
 Where a sparse product cannot run — under ``torch.jit.trace`` and ``TorchDispatchMode`` (the FLOP
 counters, fake/meta tensors), ``torch.compile``, dtypes other than float32/float64 — and for a
 basis that needs its own gradient (conservative forces), the sum runs as before, a zero-padded
-batched matmul (:func:`~zoo.models.gemnet_oc.blocks.aggregate_outer`); so the FLOP counters see
-the formulation they counted before, and both their counts agree.
+batched matmul (:func:`padded_sum`: :func:`~zoo.models.gemnet_oc.blocks.aggregate_outer`'s blocks
+and products, with fewer gathers and scatters around them); so the FLOP counters see the
+formulation they counted before, and both their counts agree.
 :func:`outer_sum_dense` is the plain gather × outer product + ``index_add`` reference (tests).
 """
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from zoo.models.gemnet_oc.blocks import aggregate_outer
+from zoo.models.gemnet_oc.blocks import pad_slots
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
@@ -60,7 +61,20 @@ class OuterPlan:
     num_in: int
     csr: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
     csr_t: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    pad: tuple | None = field(default=None, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
+
+    def padding(self) -> tuple:
+        """``(Kmax, rows, inputs)`` of the zero-padded layout, built once: for each of the ``O·Kmax``
+        padded rows the basis row ``[O·Kmax]`` (``T`` for a padding row) and the input row (``I``)."""
+        if self.pad is None:
+            with torch.no_grad():
+                kmax, slot = pad_slots(self.out, self.num_out)
+                t = self.out.numel()
+                rows = self.out.new_full((self.num_out * kmax,), t).index_copy_(0, slot, torch.arange(t, device=slot.device))
+                inputs = torch.cat([self.inp, self.inp.new_full((1,), self.num_in)]).index_select(0, rows)
+                self.pad = (kmax, rows, inputs)
+        return self.pad
 
     def values(self, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
         """``basis`` laid out as ``A``'s (``[K·T]``) or ``Aᵀ``'s values (``[T·K]``).
@@ -136,8 +150,24 @@ def outer_sum(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Te
         # (conservative forces; the learned pair basis) it gives ∂/∂basis faster than the sampled
         # products of _OuterSum.backward on CPU (measured, benchmarks/bench_gemnet.py), and where the
         # CSR product cannot run it keeps what the FLOP counters see as it was
-        return aggregate_outer(basis, x.index_select(0, plan.inp), plan.out, plan.num_out)
+        return padded_sum(basis, x, plan)
     return _OuterSum.apply(basis, x, plan, False).transpose(0, 1)  # [O, K, C] (a view of [K, O, C])
+
+
+def padded_sum(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
+    """:func:`outer_sum` as the zero-padded batched matmul of
+    :func:`~zoo.models.gemnet_oc.blocks.aggregate_outer` (the same blocks, the same products), each
+    operand put into its padded layout by one ``index_select`` from its rows and an appended zero row,
+    with the plan's maps: no gathered ``[T, C]`` copy of ``x``, no zero-filled blocks written into, and
+    one scatter fewer in every backward. ``[T, K], [I, C] → [O, K, C]``.
+    """
+    k, c = basis.shape[1], x.shape[1]
+    if plan.out.numel() == 0:
+        return x.new_zeros(plan.num_out, k, c)
+    kmax, rows, inputs = plan.padding()
+    basis_pad = torch.cat([basis, basis.new_zeros(1, k)]).index_select(0, rows).view(plan.num_out, kmax, k)
+    x_pad = torch.cat([x, x.new_zeros(1, c)]).index_select(0, inputs).view(plan.num_out, kmax, c)
+    return basis_pad.transpose(1, 2) @ x_pad  # [O, K, C]
 
 
 def outer_sum_dense(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
