@@ -273,3 +273,11 @@ def test_model_onednn_matches_functional_linear_float32(direct, monkeypatch):
     for name in grad_new:
         scale = float(grad_old[name].abs().max())
         torch.testing.assert_close(grad_new[name], grad_old[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
+def test_csr_maps_are_int32_where_the_counts_fit():
+    plan, gen = random_plan(8)
+    assert all(m.dtype == torch.int32 for m in plan.maps()) and all(m.dtype == torch.int32 for m in plan.maps_t()[:2])
+    assert sparse._index_dtype(2**31, 10) == sparse._index_dtype(10, 2**31) == torch.int64
+    basis, x = torch.randn(plan.out.numel(), plan.k, generator=gen), torch.randn(plan.num_in, 4, generator=gen)
+    torch.testing.assert_close(sparse_sum(basis, x, plan), outer_sum_dense(basis, x, plan), rtol=1e-5, atol=1e-6)
