@@ -56,6 +56,24 @@ def grads(outputs, inputs, create_graph=False):
     return torch.autograd.grad(total, inputs, create_graph=create_graph)
 
 
+def training_step(width: int, direct: bool, dtype: torch.dtype):
+    """A 2-block model on two water clusters; ``step()`` → (outputs, parameter gradients) of one step."""
+    torch.manual_seed(0)
+    model = build("gemnet-oc", width, num_blocks=2, direct_forces=direct).to(dtype)
+    model.set_normalization(None, 1.0)
+    model.train()
+    batch = batch_from_atoms([water_cluster(4, seed=1), water_cluster(3, seed=2)], cutoff=model.data_cutoff)
+    batch["positions"] = batch["positions"].to(dtype)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(batch)
+        (out["energy"].abs().mean() + out["forces"].norm(dim=-1).mean()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    return step
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_outer_sum_matches_padded_bmm_and_dense_reference(seed):
     plan, gen = random_plan(seed)
@@ -157,19 +175,7 @@ def test_radial_basis_from_big_graph_and_scaled_normals():
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
 def test_model_sparse_path_matches_dense_fallback(direct, monkeypatch):
     """The whole model in float64, training step: CSR sums against the padded fallback."""
-    torch.manual_seed(0)
-    model = build("gemnet-oc", 8, num_blocks=2, direct_forces=direct).double()
-    model.set_normalization(None, 1.0)
-    model.train()
-    batch = batch_from_atoms([water_cluster(4, seed=1), water_cluster(3, seed=2)], cutoff=model.data_cutoff)
-    batch["positions"] = batch["positions"].double()
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(batch)
-        (out["energy"].abs().mean() + out["forces"].norm(dim=-1).mean()).backward()
-        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
+    step = training_step(8, direct, f64)
     calls = []
     original = sparse._OuterSum.apply
     monkeypatch.setattr(sparse._OuterSum, "apply", lambda *a: calls.append(1) or original(*a))
@@ -248,17 +254,7 @@ def test_linear_takes_functional_linear_where_onednn_cannot_run(monkeypatch):
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
 def test_model_onednn_matches_functional_linear_float32(direct, monkeypatch):
     """The whole model in float32: oneDNN dense layers against nn.functional.linear, to fp32 round-off."""
-    torch.manual_seed(0)
-    model = build("gemnet-oc", 16, num_blocks=2, direct_forces=direct)
-    model.set_normalization(None, 1.0)
-    batch = batch_from_atoms([water_cluster(4, seed=1), water_cluster(3, seed=2)], cutoff=model.data_cutoff)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(batch)
-        (out["energy"].abs().mean() + out["forces"].norm(dim=-1).mean()).backward()
-        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
+    step = training_step(16, direct, torch.float32)
     calls = []
     original = gl._Linear.apply
     monkeypatch.setattr(gl._Linear, "apply", lambda *a: calls.append(1) or original(*a))

@@ -22,7 +22,7 @@ from torch import nn
 
 from zoo.models.common import GaussianBasis, PolynomialEnvelope
 from zoo.models.gemnet_oc.graph import inner_index
-from zoo.models.gemnet_oc.linear import linear
+from zoo.models.gemnet_oc.linear import Linear, linear
 from zoo.models.precision import fp32_island
 
 
@@ -55,12 +55,12 @@ class Dense(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, activation: bool = True) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.linear = Linear(in_features, out_features)  # nn.Linear through oneDNN on CPU (zoo.models.gemnet_oc.linear)
         he_orthogonal_(self.linear.weight)
         self.activation = ScaledSiLU() if activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(linear(x, self.linear.weight))  # oneDNN on CPU (zoo.models.gemnet_oc.linear)
+        return self.activation(self.linear(x))
 
 
 class ResidualLayer(nn.Module):

@@ -20,6 +20,7 @@ tensors), which keep seeing the ``nn.functional.linear`` they counted — and
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 #: set False to run every dense layer through ``nn.functional.linear`` (MKL on CPU)
@@ -52,6 +53,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0 or not onednn_capable(x, weight):
         return torch.nn.functional.linear(x, weight)
     return _Linear.apply(x, weight)
+
+
+class Linear(nn.Linear):
+    """Bias-free ``nn.Linear`` whose forward is :func:`linear` (the same parameter, state-dict name and
+    module hooks as ``nn.Linear``; ``[..., in] → [..., out]``)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
