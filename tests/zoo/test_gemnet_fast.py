@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from datapipe.graph import batch_from_atoms
 from zoo.models.common import gather
+from zoo.models.gemnet_oc import linear as gl
 from zoo.models.gemnet_oc import sparse
 from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, aggregate_outer
 from zoo.models.gemnet_oc.graph import build_radius_graph, safe_cosine, scaled_normals, subgraph
@@ -53,6 +54,24 @@ def grads(outputs, inputs, create_graph=False):
     gen = torch.Generator().manual_seed(7)
     total = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outputs)
     return torch.autograd.grad(total, inputs, create_graph=create_graph)
+
+
+def training_step(width: int, direct: bool, dtype: torch.dtype):
+    """A 2-block model on two water clusters; ``step()`` → (outputs, parameter gradients) of one step."""
+    torch.manual_seed(0)
+    model = build("gemnet-oc", width, num_blocks=2, direct_forces=direct).to(dtype)
+    model.set_normalization(None, 1.0)
+    model.train()
+    batch = batch_from_atoms([water_cluster(4, seed=1), water_cluster(3, seed=2)], cutoff=model.data_cutoff)
+    batch["positions"] = batch["positions"].to(dtype)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(batch)
+        (out["energy"].abs().mean() + out["forces"].norm(dim=-1).mean()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    return step
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -156,19 +175,7 @@ def test_radial_basis_from_big_graph_and_scaled_normals():
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
 def test_model_sparse_path_matches_dense_fallback(direct, monkeypatch):
     """The whole model in float64, training step: CSR sums against the padded fallback."""
-    torch.manual_seed(0)
-    model = build("gemnet-oc", 8, num_blocks=2, direct_forces=direct).double()
-    model.set_normalization(None, 1.0)
-    model.train()
-    batch = batch_from_atoms([water_cluster(4, seed=1), water_cluster(3, seed=2)], cutoff=model.data_cutoff)
-    batch["positions"] = batch["positions"].double()
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(batch)
-        (out["energy"].abs().mean() + out["forces"].norm(dim=-1).mean()).backward()
-        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
+    step = training_step(8, direct, f64)
     calls = []
     original = sparse._OuterSum.apply
     monkeypatch.setattr(sparse._OuterSum, "apply", lambda *a: calls.append(1) or original(*a))
@@ -183,3 +190,90 @@ def test_model_sparse_path_matches_dense_fallback(direct, monkeypatch):
     assert grad_sparse.keys() == grad_dense.keys()
     for name in grad_sparse:
         torch.testing.assert_close(grad_sparse[name], grad_dense[name], **TOL, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# dense layers through oneDNN (zoo.models.gemnet_oc.linear): float32 only, so checked against
+# nn.functional.linear at float32 round-off, and the backward's algebra in float64 with the
+# product swapped for nn.functional.linear (gradcheck / gradgradcheck)
+
+needs_onednn = pytest.mark.skipif(not gl._AVAILABLE, reason="PyTorch built without oneDNN (MKL-DNN)")
+F32 = dict(rtol=2e-5, atol=2e-5)
+
+
+def test_linear_backward_algebra_float64(monkeypatch):
+    monkeypatch.setattr(gl, "_product", lambda x, w: nn.functional.linear(x, w))
+    monkeypatch.setattr(gl, "onednn_capable", lambda x, w: True)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 5, generator=gen, dtype=f64, requires_grad=True)
+    w = torch.randn(6, 5, generator=gen, dtype=f64, requires_grad=True)
+    fn = lambda a, b: nn.functional.silu(gl.linear(a, b))  # noqa: E731  (non-linear: second derivatives ≠ 0)
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
+
+
+@needs_onednn
+def test_linear_matches_functional_linear_in_float32():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(300, 64, generator=gen, requires_grad=True)
+    w_full = torch.randn(64, 130, generator=gen, requires_grad=True)
+    w = w_full[:, 1:65]  # a strided column slice, as EdgeEmbedding takes
+    assert gl.onednn_capable(x, w)
+
+    def run(fn):
+        y = nn.functional.silu(fn(x, w))  # [300, 64]
+        first = grads([y], [x, w], create_graph=True)
+        return [y, *first, *grads(first, [x, w_full])]
+
+    for a, b in zip(run(gl.linear), run(nn.functional.linear)):
+        torch.testing.assert_close(a, b, **F32)
+    with pytest.raises(ValueError, match="does not fit"):
+        gl.linear(x, w.t()[:, :10])
+
+
+@needs_onednn
+def test_linear_takes_functional_linear_where_onednn_cannot_run(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gl._Linear, "apply", lambda *a: calls.append(1) or nn.functional.linear(*a))
+    x, w = torch.randn(5, 4), torch.randn(3, 4)
+    gl.linear(x, w)
+    assert calls == [1]
+    gl.linear(x.double(), w.double())
+    with FlopCounterMode(display=False) as counter:
+        gl.linear(x, w)
+    assert counter.get_total_flops() == 2 * 5 * 4 * 3  # the mm the counters always counted
+    torch.jit.trace(lambda a: gl.linear(a, w), (x,), check_trace=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gl.linear(x, w)
+    monkeypatch.setattr(gl, "ONEDNN", False)
+    gl.linear(x, w)
+    assert calls == [1]
+
+
+@needs_onednn
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
+def test_model_onednn_matches_functional_linear_float32(direct, monkeypatch):
+    """The whole model in float32: oneDNN dense layers against nn.functional.linear, to fp32 round-off."""
+    step = training_step(16, direct, torch.float32)
+    calls = []
+    original = gl._Linear.apply
+    monkeypatch.setattr(gl._Linear, "apply", lambda *a: calls.append(1) or original(*a))
+    out_new, grad_new = step()
+    assert len(calls) > 50
+    monkeypatch.setattr(gl, "ONEDNN", False)
+    out_old, grad_old = step()
+    for key in ("energy", "forces"):
+        scale = float(out_old[key].detach().abs().max())
+        torch.testing.assert_close(out_new[key], out_old[key], rtol=1e-4, atol=1e-5 * scale)
+    assert grad_new.keys() == grad_old.keys()
+    for name in grad_new:
+        scale = float(grad_old[name].abs().max())
+        torch.testing.assert_close(grad_new[name], grad_old[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
+def test_csr_maps_are_int32_where_the_counts_fit():
+    plan, gen = random_plan(8)
+    assert all(m.dtype == torch.int32 for m in plan.maps()) and all(m.dtype == torch.int32 for m in plan.maps_t()[:2])
+    assert sparse._index_dtype(2**31, 10) == sparse._index_dtype(10, 2**31) == torch.int64
+    basis, x = torch.randn(plan.out.numel(), plan.k, generator=gen), torch.randn(plan.num_in, 4, generator=gen)
+    torch.testing.assert_close(sparse_sum(basis, x, plan), outer_sum_dense(basis, x, plan), rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ from torch import nn
 
 from zoo.models.common import GaussianBasis, PolynomialEnvelope
 from zoo.models.gemnet_oc.graph import inner_index
+from zoo.models.gemnet_oc.linear import Linear, linear
 from zoo.models.precision import fp32_island
 
 
@@ -54,7 +55,7 @@ class Dense(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, activation: bool = True) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.linear = Linear(in_features, out_features)  # nn.Linear through oneDNN on CPU (zoo.models.gemnet_oc.linear)
         he_orthogonal_(self.linear.weight)
         self.activation = ScaledSiLU() if activation else nn.Identity()
 
@@ -76,8 +77,8 @@ class ResidualLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, second = self.dense[0].linear.weight, self.dense[1].linear.weight
-        y = nn.functional.silu(nn.functional.linear(x, first))  # [rows, units], 0.6 · Dense₁(x)
-        y = nn.functional.silu(nn.functional.linear(y, second * (1.0 / 0.6)))  # 0.6 · Dense₂(Dense₁(x))
+        y = nn.functional.silu(linear(x, first))  # [rows, units], 0.6 · Dense₁(x)
+        y = nn.functional.silu(linear(y, second * (1.0 / 0.6)))  # 0.6 · Dense₂(Dense₁(x))
         return torch.add(x, y, alpha=1.0 / 0.6).mul_(1.0 / math.sqrt(2.0))
 
 
@@ -224,10 +225,18 @@ class BasisEmbedding(nn.Module):
 
     def forward(self, rad: torch.Tensor) -> torch.Tensor:
         if self.num_spherical is None:
-            return rad @ self.weight.T  # [E, I]
+            return linear(rad, self.weight)  # [E, I]
         num_radial, num_spherical, emb_size = self.weight.shape
         w = self.weight.reshape(num_radial, num_spherical * emb_size)  # [R, S*I]
-        return (rad @ w).reshape(rad.shape[0], num_spherical, emb_size).transpose(1, 2)  # [E, I, S]
+        return linear(rad, w.t()).reshape(rad.shape[0], num_spherical, emb_size).transpose(1, 2)  # [E, I, S]
+
+
+def pad_slots(index: torch.Tensor, size: int) -> tuple[int, torch.Tensor]:
+    """``(Kmax, slot)`` of a sorted, non-empty ``index`` ``[T]``: the largest group and each element's row
+    ``index·Kmax + rank in its group`` ``[T]`` of the flattened zero-padded ``[size·Kmax]`` blocks."""
+    inner = inner_index(index, size)  # [T]
+    kmax = int(inner.max()) + 1
+    return kmax, index * kmax + inner
 
 
 def aggregate_outer(basis: torch.Tensor, x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -240,9 +249,7 @@ def aggregate_outer(basis: torch.Tensor, x: torch.Tensor, index: torch.Tensor, s
     k, c = basis.shape[-1], x.shape[-1]
     if index.numel() == 0:
         return x.new_zeros(size, k, c)
-    inner = inner_index(index, size)  # [T]
-    kmax = int(inner.max()) + 1
-    slot = index * kmax + inner  # [T] row of the flattened [size·Kmax] padding
+    kmax, slot = pad_slots(index, size)
     # index_copy into flat rows (backward: one index_select) rather than a 2-D index_put
     basis_pad = basis.new_zeros(size * kmax, k).index_copy(0, slot, basis).view(size, kmax, k)  # [size, Kmax, K]
     x_pad = x.new_zeros(size * kmax, c).index_copy(0, slot, x).view(size, kmax, c)  # [size, Kmax, C]

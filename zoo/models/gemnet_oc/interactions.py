@@ -24,6 +24,7 @@ from torch import nn
 
 from zoo.models.common import gather, scatter_sum
 from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, ScaleFactor, dense_stack
+from zoo.models.gemnet_oc.linear import linear
 from zoo.models.gemnet_oc.sparse import OuterPlan, outer_sum
 
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -162,9 +163,9 @@ class EdgeEmbedding(nn.Module):
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         a, weight = self.emb_atom, self.dense.linear.weight  # [out, 2A + C]
-        source = nn.functional.linear(h, weight[:, :a])  # [N, out]
-        target = nn.functional.linear(h, weight[:, a : 2 * a])  # [N, out]
-        y = nn.functional.linear(x, weight[:, 2 * a :])  # [E, out]
+        source = linear(h, weight[:, :a])  # [N, out]
+        target = linear(h, weight[:, a : 2 * a])  # [N, out]
+        y = linear(x, weight[:, 2 * a :])  # [E, out]
         y = y + gather(source, edge_index[0]) + gather(target, edge_index[1])  # [E, out]
         return self.dense.activation(y)  # [E, emb_out]
 
