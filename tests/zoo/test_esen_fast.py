@@ -1,7 +1,8 @@
 """eSEN's faster formulations of issue 12 (zoo.models.esen.edges) against the plain ones, float64.
 
 Outputs, gradients and (for conservative forces) second derivatives must be bit-identical to the
-formulation they replace. Speed is measured in benchmarks/bench_vs_fairchem.py, not here.
+formulation they replace (gather_pair), or equal to float64 round-off where a kernel sums the same
+products in another order (edge_matmul). Speed is measured in benchmarks/bench_vs_fairchem.py, not here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from zoo.models.esen import edges
-from zoo.models.esen.edges import gather_pair
+from zoo.models.esen.edges import edge_matmul, gather_pair
 
 
 def plain_pair(x, source, target):
@@ -35,6 +36,63 @@ def test_gather_pair_equals_plain_in_value_gradient_and_second_derivative(monkey
         results.append((pair.detach(), grad.detach(), second))
     for new, old in zip(*results):
         assert torch.equal(new, old)
+
+
+@pytest.mark.parametrize("m,k,n", [(9, 9, 7), (7, 9, 9), (9, 9, 3), (3, 9, 9)])  # both orientations
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_edge_matmul_equals_plain_in_value_gradient_and_second_derivative(m, k, n, needs):
+    """edge_matmul (the per-edge Wigner rotations, issue 12) against ``a @ b``, float64: the same
+    products summed in another order, so equal to round-off at every derivative order."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(13, m, k, dtype=torch.float64, generator=gen).requires_grad_(needs[0])
+    b = torch.randn(13, k, n, dtype=torch.float64, generator=gen).requires_grad_(needs[1])
+    weight = torch.randn(13, m, n, dtype=torch.float64, generator=gen)
+    inputs = [t for t in (a, b) if t.requires_grad]
+    results = []
+    for product in (edge_matmul, torch.matmul):
+        out = product(a, b)  # [E, M, N]
+        energy = (torch.tanh(out) * weight).sum()
+        grads = torch.autograd.grad(energy, inputs, create_graph=True)
+        second = torch.autograd.grad(sum((g * g.detach()).sum() for g in grads), inputs)
+        results.append((out.detach(), *(g.detach() for g in grads), *second))
+    for new, old in zip(*results):
+        torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
+def test_edge_matmul_model_trains_like_plain_products_in_float64(monkeypatch, direct):
+    """The whole model with edge_matmul against ``a @ b`` for its rotations, float64: energies,
+    forces and the parameter gradients of a force loss (second derivatives when conservative)."""
+    from ase.build import molecule
+
+    from datapipe import keys
+    from datapipe.graph import batch_from_atoms
+    from zoo.models.esen import model as esen_model
+    from zoo.registry import build
+    from zoo.testing import perturbed
+
+    batch = batch_from_atoms([perturbed(molecule("CH3CH2OH"), 1), perturbed(molecule("C6H6"), 2)], cutoff=6.0)
+    torch.manual_seed(0)
+    model = build("esen", 8, direct_forces=direct, num_layers=2).double().train()
+    runs = []
+    for product in (edge_matmul, torch.matmul):
+        monkeypatch.setattr(esen_model, "edge_matmul", product)
+        out = model(batch)
+        loss = out[keys.ENERGY].abs().mean() + out[keys.FORCES].norm(dim=-1).mean()
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        runs.append((out[keys.ENERGY].detach(), out[keys.FORCES].detach(), grads))
+    for new, old in zip(runs[0][:2], runs[1][:2]):
+        torch.testing.assert_close(new, old, rtol=1e-10, atol=1e-10)
+    for g, h in zip(runs[0][2], runs[1][2]):
+        assert (g is None) == (h is None)
+        if h is not None:
+            torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-10)
+
+
+def test_edge_matmul_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\[E, M, K\]"):
+        edge_matmul(torch.zeros(2, 3, 4), torch.zeros(2, 5, 6))
 
 
 def test_gather_pair_refuses_flat_features():

@@ -70,7 +70,7 @@ from datapipe import keys
 from zoo.models.base import ForceField
 from zoo.models.common import ChargeSpinEmbedding, GaussianBasis, PolynomialEnvelope, scatter_sum
 from zoo.models.dense import Linear
-from zoo.models.esen.edges import gather_pair
+from zoo.models.esen.edges import edge_matmul, gather_pair
 from zoo.models.esen.so2 import DeviceCache, EdgeFrame, EquivariantRMSNorm, SO2Convolution, SO3Linear, gate, num_coefficients
 from zoo.models.precision import to_compute
 
@@ -106,7 +106,7 @@ class EdgeDegreeEmbedding(nn.Module):
         m0 = self.radial(edge_features).reshape(-1, self.lmax + 1, self.channels)  # [E, lmax+1, C]
         k = wigner_back.shape[2]
         m0_columns = wigner_back.split([self.lmax + 1, k - self.lmax - 1], dim=2)[0]  # [E, (lmax+1)², lmax+1]
-        message = m0_columns @ m0  # [E, (lmax+1)², C]
+        message = edge_matmul(m0_columns, m0)  # [E, (lmax+1)², C]
         return scatter_sum(message, target, num_nodes)  # [N, (lmax+1)², C]
 
 
@@ -129,10 +129,10 @@ class MessageBlock(nn.Module):
 
     def forward(self, x, edge_features, wigner, wigner_back, source, target):
         pair = gather_pair(x, source, target)  # [E, (lmax+1)², 2C]  [x_j ‖ x_i]
-        framed = wigner @ pair  # [E, K, 2C]
+        framed = edge_matmul(wigner, pair)  # [E, K, 2C]
         hidden, gates = self.conv1(framed, radial=self.radial(edge_features), blocks_out=True)  # per |m|, [E, lmax·H]
         framed, _ = self.conv2(hidden, gates=gates)  # [E, K, C]  (gate fused into conv2's input)
-        message = wigner_back @ framed  # [E, (lmax+1)², C]  (envelope and 1/avg_num_neighbors folded in)
+        message = edge_matmul(wigner_back, framed)  # [E, (lmax+1)², C]  (envelope and 1/avg_num_neighbors folded in)
         return scatter_sum(message, target, x.shape[0])  # [N, (lmax+1)², C]
 
 
