@@ -206,3 +206,15 @@ def test_one_rank_under_torchrun_keeps_the_agents_store_port():
                          text=True, check=True)
     for (agent, same), port in zip(expected, out.stdout.split(), strict=True):
         assert (port == "29999") is same, (agent, out.stdout)
+
+
+def test_cpu_matmul_choice_is_parsed_saved_and_kept_by_old_configs():
+    """--cpu-matmul: oneDNN by default, "blas" on request, saved in config.json; a config written
+    before the option existed reads back as the default."""
+    assert parse([]).cpu_matmul == "onednn"
+    cfg = parse(["--cpu-matmul", "blas"])
+    assert TrainConfig.from_json(json.loads(json.dumps(cfg.to_json()))).cpu_matmul == "blas"
+    old = {k: v for k, v in parse([]).to_json().items() if k != "cpu_matmul"}
+    assert TrainConfig.from_json(old).cpu_matmul == "onednn"
+    with pytest.raises(SystemExit):
+        parse(["--cpu-matmul", "mkl"])
