@@ -157,19 +157,29 @@ class CheckpointError(RuntimeError):
 
 
 def _latest(run_dir) -> str:
+    """The checkpoint a resume of ``run_dir`` would take, or ``"none yet"`` (the error message of a failed save
+    names it; a failure of the first save must not be replaced by :func:`find`'s refusal)."""
     try:
         return str(find(run_dir))
-    except FileNotFoundError:
+    except (FileNotFoundError, UserError):
         return "none yet"
 
 
 
 
 def _sync_tree(root: Path) -> None:
-    """``fsync`` every file this process can see under ``root`` and the directories holding them."""
+    """``fsync`` every file this process can see under ``root`` and the directories holding them.
+
+    Every rank walks the whole tree while the others may still write theirs: a file gone between the
+    listing and the open (another rank's temporary file, such as ``model.safetensors.tmp`` or
+    DCP's ``.metadata.tmp``, renamed since) is skipped; its writer syncs it under its final name.
+    """
     for folder, _, names in os.walk(root):
         for name in names:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
             try:
                 os.fsync(fd)
             finally:

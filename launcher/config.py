@@ -55,6 +55,7 @@ class TrainConfig:
     direct_forces: bool = True
     symmetry_loss: int = 0  # M Haar-random rotated copies per batch (arXiv 2510.09768's ablation)
     compile: bool = False  # the model's tensor program through torch.compile (ForceField.enable_compile)
+    cpu_matmul: str = "onednn"  # fp32 CPU products of zoo.models.dense layers: "onednn" or "blas" (docs/zoo.md)
     # data
     train: str = str(DEFAULT_DATA / "train")
     val: str = str(DEFAULT_DATA / "val")
@@ -183,6 +184,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run the training model through torch.compile (ForceField.enable_compile), both "
                         "force modes; refused for an architecture that does not compile (docs/compile.md)")
+    p.add_argument("--cpu-matmul", choices=("onednn", "blas"), default=d.cpu_matmul,
+                   help="where the fp32 CPU matrix products of the models' zoo.models.dense layers run: oneDNN (AVX-512 on AMD CPUs, "
+                        "where MKL runs AVX2) or the BLAS torch was built with (the products of releases before "
+                        "2026-12, bit for bit); the two agree to fp32 round-off (docs/zoo.md)")
     p.add_argument("--symmetry-loss", type=int, default=d.symmetry_loss, metavar="M",
                    help="add M Haar-random rotated copies of every batch; loss averaged over the M+1 copies "
                         "(FLOPs counted x(M+1); atoms seen count the original batch only)")
@@ -301,6 +306,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         model_overrides=dict(a.model_arg),
         direct_forces=not a.conservative,
         compile=a.compile,
+        cpu_matmul=a.cpu_matmul,
         symmetry_loss=a.symmetry_loss,
         train=a.train,
         val=a.val,

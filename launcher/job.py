@@ -239,6 +239,8 @@ def set_up(cfg: TrainConfig) -> Job:
     runtime = init_distributed(cfg.dist_timeout_s, cfg.engine)
     start_time = time.time()
     cfg, run_dir, resume_from = nodes.together(runtime, resolve_run, resolve_init(cfg, runtime))
+    # a resumed run keeps its own choice (config.json); zoo.models.dense reads the switch at each product
+    torch.backends.mkldnn.enabled = cfg.cpu_matmul == "onednn"
     lock = lock_run_dir(run_dir, runtime, cfg.to_json() if resume_from is None else None)
     nodes.check_run_dir(run_dir, runtime)  # every node must see it: each rank writes its checkpoint parts there
     # refuse a bad engine configuration before any work

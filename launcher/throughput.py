@@ -55,7 +55,8 @@ def device_peak(device: torch.device, bf16: bool, world_size: int, is_main: bool
 
 
 def cpu_identity() -> str:
-    """What a CPU's matmul rate per CPU-second depends on: host, CPU model, torch version, threads."""
+    """What a CPU's matmul rate per CPU-second depends on: host, CPU model, torch version, threads,
+    and whether oneDNN takes part (``--cpu-matmul``; :func:`zoo.flops.peaks.measure_peak`)."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
@@ -63,7 +64,7 @@ def cpu_identity() -> str:
     except OSError:
         pass
     return f"{socket.gethostname()} | {model} | {os.cpu_count()} cpus | torch {torch.__version__} | " \
-           f"{torch.get_num_threads()} thread(s)"
+           f"{torch.get_num_threads()} thread(s) | matmul {'blas+onednn' if torch.backends.mkldnn.enabled else 'blas'}"
 
 
 def cached_cpu_peak(measure, path: Path | None = None) -> tuple[float, str]:

@@ -58,7 +58,7 @@ def write_split(path: Path, n: int, seed: int) -> None:
 #: (and wait on each other's lock). A ``TORCH_EXTENSIONS_DIR`` set by the user is kept. The
 #: launcher builds none (it marks DeepSpeed's CPU shared-memory op, the one its communication
 #: backend would build, unavailable: :func:`launcher.engine.init_distributed`), so no test waits on a
-#: build; test_distributed.py checks that its ZeRO-1/2/3 launch leaves an empty extensions folder.
+#: build; test_engines.py checks that its DeepSpeed launch (ZeRO-1/2/3, offload) leaves an empty extensions folder.
 if sys.prefix != sys.base_prefix:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
@@ -77,6 +77,18 @@ def run(args: list[str], timeout: float = 600, env: dict | None = None) -> subpr
 
 #: a tiny model for launcher tests: the MPNN at width 8 with one layer (the loop is model-agnostic)
 TINY = ["--model", "mpnn", "--width", "8", "--model-arg", "num_layers=1"]
+
+
+def tiny_job(train, val, run_dir, *extra) -> list[str]:
+    """The command of a short one-process run of :data:`TINY` over every structure of ``train``.
+
+    100 atoms per step (10 steps on the ``data`` fixture's train split), a checkpoint every quarter of
+    the run, a log record every step, validation on the whole ``val`` split; ``extra`` flags are
+    appended. The run of the ``tiny_run`` fixture (conftest.py), and of the fault and resume tests.
+    """
+    return [PYTHON, "launcher/train.py", *TINY, "--train", str(train), "--val", str(val), "--atoms-per-batch", "100",
+            "--checkpoint-fraction", "0.25", "--run-dir", str(run_dir), "--log-every", "1", "--max-atoms", "all",
+            "--max-val-structures", "all", *extra]
 
 
 def free_port() -> str:

@@ -1,8 +1,9 @@
 """One rank of the engine checks (run by tests/launcher/test_engines.py under torchrun).
 
-argv: DB OUT CASE [CASE …], each CASE ``ENGINE:STAGE:FORCES:MODEL:WIDTH[:ac][:offload]``, checked one
+argv: DB OUT CASE [CASE …], each CASE ``ENGINE:STAGE:FORCES:MODEL:WIDTH[:ac][:offload]`` or ``zero:STAGE``
+(:func:`zero_worker.check`: the MPNN under the launcher's own DeepSpeed engine, ZeRO-``STAGE``), checked one
 after the other in the same two ranks (their start-up is paid once), all of one ENGINE (the process
-group is set up for it). ENGINE ``deepspeed`` (ZeRO STAGE, parameter
+group is set up for it; ``zero`` cases are DeepSpeed's). ENGINE ``deepspeed`` (ZeRO STAGE, parameter
 persistence threshold 0 so that ZeRO-3 really partitions every tensor; built inside
 ``zero.Init`` as the launcher does) or ``fsdp`` (the launcher's sharding plan for FORCES
 ``direct``/``conservative``; built on the meta device and filled from rank 0). ``ac``: with
@@ -46,7 +47,7 @@ def rel(a, b):
 
 
 def main(db_path: str, out: str, cases: list[str]) -> None:
-    engines = {case.split(":")[0] for case in cases}
+    engines = {"deepspeed" if case.startswith("zero:") else case.split(":")[0] for case in cases}
     if len(engines) != 1:
         raise SystemExit(f"one engine per launch, got {sorted(engines)}")
     runtime = init_distributed(engine=engines.pop())
@@ -56,6 +57,11 @@ def main(db_path: str, out: str, cases: list[str]) -> None:
         a.info.update(charge=0, spin=1 + int(a.numbers.sum()) % 2)
     results = {}
     for case in cases:
+        if case.startswith("zero:"):
+            import zero_worker  # beside this script; imports DeepSpeed, which an FSDP launch never does
+
+            results[case] = zero_worker.check(atoms, int(case.split(":")[1]), runtime)
+            continue
         engine_name, stage, forces, name, width, *extra = case.split(":")
         results[case] = check(atoms, runtime, engine_name, int(stage), forces, name, int(width), "ac" in extra,
                               "offload" in extra)

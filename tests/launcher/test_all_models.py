@@ -3,7 +3,7 @@
 One process, tiny widths, one fixed batch of the EMT test data: the paper's loss
 (:mod:`launcher.loss`), schedule-free AdamW (:mod:`launcher.optim`) at the launcher's learning
 rate for the width, GemNet-OC's scale factors fitted first as the launcher does
-(:mod:`zoo.models.gemnet_oc.scales`). The distributed path is covered by test_distributed / test_resume.
+(:mod:`zoo.models.gemnet_oc.scales`). The distributed path is covered by test_engines / test_resume.
 """
 
 import ase.db

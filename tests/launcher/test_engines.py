@@ -1,5 +1,7 @@
 """Every engine × force mode the launcher accepts, on 2 CPU ranks, against one process (gradients, then
-the loss over three steps), at a setting where the tensors really are partitioned; and the refusals."""
+the loss over three steps), at a setting where the tensors really are partitioned; the launcher's
+DeepSpeed engine at ZeRO-1, 2 and 3 against one process (global loss, gradients, averaged weights);
+and the refusals. One launch of 2 ranks per engine serves all of its cases."""
 
 import json
 
@@ -19,6 +21,10 @@ CASES = [  # engine, ZeRO stage, forces, extra flags
 ]
 
 
+#: ZeRO stages of the launcher's own DeepSpeed engine on the MPNN (tests/launcher/zero_worker.py)
+STAGES = [1, 2, 3]
+
+
 def case_name(engine, stage, forces, extra) -> str:
     """The worker's name of a case (tests/launcher/shard_worker.py), the model eSEN at width 16."""
     return ":".join([engine, str(stage), forces, "esen", "16", *extra])
@@ -26,19 +32,24 @@ def case_name(engine, stage, forces, extra) -> str:
 
 @pytest.fixture(scope="module")
 def checked(data, tmp_path_factory):
-    """``checked(engine)`` → ``{case: largest differences}`` for every case of that engine, from one
-    launch of 2 ranks per engine (made on first use; the ranks' start-up is paid once per engine)."""
+    """``checked(engine)`` → ``{case: largest differences}`` for every case of that engine (DeepSpeed's
+    with the ``zero:STAGE`` cases, and ``"built"``: the ops DeepSpeed built), from one launch of 2 ranks
+    per engine (made on first use; the ranks' start-up is paid once per engine)."""
     results = {}
 
     def get(engine: str) -> dict:
         if engine not in results:
             out = tmp_path_factory.mktemp(f"shard-{engine}") / "result.json"
+            extensions = out.parent / "torch_extensions"  # where DeepSpeed would build an op (none expected)
             cases = [case_name(*case) for case in CASES if case[0] == engine]
+            if engine == "deepspeed":
+                cases += [f"zero:{stage}" for stage in STAGES]
             result = run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-                          "tests/launcher/shard_worker.py", str(data["raw_train"]), str(out), *cases], timeout=400)
+                          "tests/launcher/shard_worker.py", str(data["raw_train"]), str(out), *cases], timeout=600,
+                         env={"TORCH_EXTENSIONS_DIR": str(extensions)})
             # a failed launch fails each of its cases with its output (and is not launched again)
-            results[engine] = json.loads(out.read_text()) if result.returncode == 0 else \
-                result.stdout[-3000:] + result.stderr[-3000:]
+            results[engine] = {**json.loads(out.read_text()), "built": sorted(p.name for p in extensions.glob("*"))} \
+                if result.returncode == 0 else result.stdout[-3000:] + result.stderr[-3000:]
         assert isinstance(results[engine], dict), results[engine]
         return results[engine]
 
@@ -53,6 +64,25 @@ def test_sharded_gradients_match_one_process(checked, engine, stage, forces, ext
     assert worst["grad"] < 1e-5, worst
     if stage == 3:  # every tensor but scalars split across the two ranks
         assert worst["partitioned"] >= worst["parameters"] - 4, worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_match_one_process(checked, stage):
+    """Uneven shares of one global batch on 2 ranks (ZeRO-1, 2 and 3; direct forces) give the one-process loss, the
+    gradient of the global mean, and schedule-free averaged weights equal to ``optimizer.eval()``."""
+    worst = checked("deepspeed")[f"zero:{stage}"]
+    assert worst["loss"] < 1e-6, worst
+    assert worst["grad"] < 1e-5, worst
+    assert worst["averaged"] < 1e-5, worst
+
+
+@pytest.mark.slow
+def test_deepspeed_builds_no_op_on_the_cpu(checked):
+    """Two ranks through ZeRO-1, 2 and 3 (and ZeRO-3 with optimizer and parameter offload) build no
+    DeepSpeed op (its CPU communication backend's shared-memory op is marked unavailable by the
+    launcher): no job, and no test, waits minutes for a compiler on a fresh clone (tests/launcher/jobs.py)."""
+    assert checked("deepspeed")["built"] == [], checked("deepspeed")["built"]
 
 
 def test_refusals_name_what_works():

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from jobs import PYTHON, REPO, TINY, free_port, run
+from jobs import PYTHON, REPO, free_port, run, tiny_job
 
 from datapipe.index import ShardIndex
 from datapipe.loader import StreamingLoader
@@ -28,12 +28,6 @@ from zoo.hub.checkpoint import load_model, read_metadata
 pytestmark = pytest.mark.slow
 #: seconds one job may take (a tiny run takes ~30 s alone, minutes on a shared, loaded machine)
 LIMIT = 900
-
-
-def train_args(train, val, run_dir, *extra):
-    return [PYTHON, "launcher/train.py", *TINY, "--train", str(train), "--val", str(val), "--atoms-per-batch", "100",
-            "--checkpoint-fraction", "0.25", "--run-dir", str(run_dir), "--log-every", "1", "--max-atoms", "all",
-            "--max-val-structures", "all", *extra]
 
 
 def records(run_dir, kind):
@@ -54,7 +48,7 @@ def test_kill_during_checkpoint_write_resumes_from_last_complete(data, tmp_path)
     the partial directory is never taken for a checkpoint; --resume continues from step 2 and sees
     every structure exactly once, with the same losses the killed run logged for the replayed steps."""
     run_dir = tmp_path / "run"
-    result = run(train_args(data["train"], data["val"], run_dir), env={"SYMSCALE_FAULT": "kill-in-checkpoint:5"},
+    result = run(tiny_job(data["train"], data["val"], run_dir), env={"SYMSCALE_FAULT": "kill-in-checkpoint:5"},
                  timeout=LIMIT)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     folder = run_dir / "checkpoints"
@@ -81,7 +75,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(data, tmp_path):
     """ENOSPC while the step-5 checkpoint is written: one clear error line, no partial or half
     checkpoint left, and the step-2 checkpoint intact: the run resumes from it to the end."""
     run_dir = tmp_path / "run"
-    result = run(train_args(data["train"], data["val"], run_dir), env={"SYMSCALE_FAULT": "enospc-in-checkpoint:5"},
+    result = run(tiny_job(data["train"], data["val"], run_dir), env={"SYMSCALE_FAULT": "enospc-in-checkpoint:5"},
                  timeout=LIMIT)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -103,7 +97,7 @@ def test_nonfinite_loss_and_gradient_are_skipped_by_every_rank(data, tmp_path):
     logged with the global batch's structure ids and recorded in the checkpoint; D counts only
     the atoms trained on, and the weights stay finite."""
     run_dir = tmp_path / "run"
-    args = train_args(data["train"], data["val"], run_dir)
+    args = tiny_job(data["train"], data["val"], run_dir)
     result = run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                   *args[1:]], env={"SYMSCALE_FAULT": "nan-loss:2:1,nan-gradient:4:0"}, timeout=LIMIT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -124,7 +118,7 @@ def test_nonfinite_loss_and_gradient_are_skipped_by_every_rank(data, tmp_path):
 
 def test_consecutive_skips_stop_the_run(data, tmp_path):
     run_dir = tmp_path / "run"
-    result = run(train_args(data["train"], data["val"], run_dir, "--max-consecutive-skips", "3"),
+    result = run(tiny_job(data["train"], data["val"], run_dir, "--max-consecutive-skips", "3"),
                  env={"SYMSCALE_FAULT": "nan-loss:3,nan-loss:4,nan-loss:5"}, timeout=LIMIT)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -161,7 +155,7 @@ def damaged(data, tmp_path):
 def test_bad_shard_mid_run_stops_naming_it_and_the_checkpoint(data, damaged, tmp_path):
     train, name = damaged
     run_dir = tmp_path / "run"
-    result = run(train_args(train, data["val"], run_dir, *BUFFER), timeout=LIMIT)
+    result = run(tiny_job(train, data["val"], run_dir, *BUFFER), timeout=LIMIT)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training data failed at step") and f"rank 0: shard {name}" in last, last
@@ -178,7 +172,7 @@ def test_bad_shard_mid_run_stops_naming_it_and_the_checkpoint(data, damaged, tmp
 def test_skip_bad_shards_counts_and_records_what_was_not_read(data, damaged, tmp_path):
     train, name = damaged
     run_dir = tmp_path / "run"
-    result = run(train_args(train, data["val"], run_dir, *BUFFER, "--skip-bad-shards"), timeout=LIMIT)
+    result = run(tiny_job(train, data["val"], run_dir, *BUFFER, "--skip-bad-shards"), timeout=LIMIT)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = final_metadata(run_dir)
     skipped, index = meta["skipped"], ShardIndex.load(train)
@@ -215,7 +209,7 @@ def test_a_rank_that_dies_is_named_by_the_others(data, tmp_path):
     """Two ranks started separately (as on two hosts, no launcher to kill the rest): rank 1 is
     SIGKILLed at step 3; rank 0 stops soon after (well inside --dist-timeout) naming rank 1."""
     run_dir, port = tmp_path / "run", free_port()
-    args = train_args(data["train"], data["val"], run_dir, "--dist-timeout", "120")
+    args = tiny_job(data["train"], data["val"], run_dir, "--dist-timeout", "120")
     ranks = [start(args, {**rank_env(r, port), "SYMSCALE_FAULT": "exit:3:1"}) for r in (0, 1)]
     _, err1 = finish(ranks[1], LIMIT)
     died = time.time()
@@ -231,7 +225,7 @@ def test_a_rank_that_dies_is_named_by_the_others(data, tmp_path):
 def test_a_rank_that_never_joins_is_named(data, tmp_path):
     """Rank 0 of 2 started alone: it stops after --dist-timeout, naming rank 1 (not a hang)."""
     run_dir, port = tmp_path / "run", free_port()
-    rank0 = start(train_args(data["train"], data["val"], run_dir, "--dist-timeout", "10"), rank_env(0, port))
+    rank0 = start(tiny_job(data["train"], data["val"], run_dir, "--dist-timeout", "10"), rank_env(0, port))
     _, err = finish(rank0, LIMIT)
     assert rank0.returncode == 1, err[-3000:]
     last = err.strip().splitlines()[-1]
@@ -243,7 +237,7 @@ def test_a_second_job_on_the_same_run_directory_refuses_to_start(data, tmp_path)
     """While a job runs (held still with SIGSTOP so that it cannot finish first), a second fresh job
     and a --resume on its run directory both refuse to start; the first then finishes normally."""
     run_dir = tmp_path / "run"
-    first = start(train_args(data["train"], data["val"], run_dir),
+    first = start(tiny_job(data["train"], data["val"], run_dir),
                   {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     deadline = time.time() + LIMIT
     while not (run_dir / "metrics.jsonl").is_file() or not records(run_dir, "checkpoint"):  # started, resumable
@@ -251,7 +245,7 @@ def test_a_second_job_on_the_same_run_directory_refuses_to_start(data, tmp_path)
         time.sleep(0.2)
     os.kill(first.pid, signal.SIGSTOP)
     try:
-        second = run(train_args(data["train"], data["val"], run_dir), timeout=LIMIT)
+        second = run(tiny_job(data["train"], data["val"], run_dir), timeout=LIMIT)
         resumed = run([PYTHON, "launcher/train.py", "--resume", str(run_dir)], timeout=LIMIT)
     finally:
         os.kill(first.pid, signal.SIGCONT)

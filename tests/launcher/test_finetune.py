@@ -5,7 +5,7 @@ loaded and the freeze held through the engine); the others moved; the metadata r
 from __future__ import annotations
 
 import pytest
-from jobs import PYTHON, TINY, free_port, run
+from jobs import PYTHON, free_port, run
 from safetensors.torch import load_file
 
 from zoo.hub.checkpoint import read_metadata
@@ -18,11 +18,9 @@ def common(data, run_dir):
 
 
 @pytest.fixture(scope="module")
-def pretrained(data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("pretrained") / "run"
-    result = run([PYTHON, "launcher/train.py", *TINY, *common(data, run_dir)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return sorted((run_dir / "checkpoints").glob("step-????????"))[-1]
+def pretrained(tiny_run):
+    """The last checkpoint of a finished run of :data:`jobs.TINY` (the ``tiny_run`` fixture)."""
+    return sorted((tiny_run / "checkpoints").glob("step-????????"))[-1]
 
 
 LAUNCH = {
@@ -55,7 +53,7 @@ def test_init_from_loads_freezes_and_records(data, pretrained, tmp_path, engine)
     assert meta["config"]["lr_effective"] == pytest.approx(0.3 * pre["config"]["lr_effective"])
 
 
-@pytest.mark.slow  # a job of its own, after the pretraining job of `pretrained`
+@pytest.mark.slow  # a job of its own, after the pretraining job of `tiny_run`
 def test_contradicting_flags_refused(data, pretrained, tmp_path):
     result = run([PYTHON, "launcher/train.py", "--init-from", str(pretrained), "--width", "16",
                   *common(data, tmp_path / "x")])
@@ -63,14 +61,14 @@ def test_contradicting_flags_refused(data, pretrained, tmp_path):
     assert "--width 16 (checkpoint: 8)" in result.stderr
 
 
-@pytest.mark.slow  # a job of its own, after the pretraining job of `pretrained`
+@pytest.mark.slow  # a job of its own, after the pretraining job of `tiny_run`
 def test_freeze_pattern_matching_nothing_refused(data, pretrained, tmp_path):
     result = run([PYTHON, "launcher/train.py", "--init-from", str(pretrained), "--freeze", "nothing.*",
                   *common(data, tmp_path / "x")])
     assert result.returncode != 0 and "matches no parameter" in result.stderr
 
 
-@pytest.mark.slow  # a job of its own, after the pretraining job of `pretrained`
+@pytest.mark.slow  # a job of its own, after the pretraining job of `tiny_run`
 def test_keep_normalization_keeps_the_pretrained_references(data, pretrained, tmp_path):
     """Fine-tuned on other data (the validation split), whose own references differ from the pretrained ones."""
     import torch
@@ -91,10 +89,10 @@ def test_keep_normalization_keeps_the_pretrained_references(data, pretrained, tm
     assert read_metadata(final)["init_from"]["normalization"] == "kept from the checkpoint"
 
 
-@pytest.mark.slow  # a job of its own (refused at start), after the pretraining job of `pretrained`
+@pytest.mark.slow  # a job of its own (refused at start), after the pretraining job of `tiny_run`
 def test_a_fresh_run_in_another_runs_directory_is_refused(data, pretrained):
-    """``--run-dir`` of an existing run (here the pretraining run, mpnn width 8 with one layer) for a run of
-    another width is refused at start naming the run that owns it; its config is left as it was
+    """``--run-dir`` of an existing run (here the pretraining run, ``tiny_run``: mpnn width 8 with one layer) for
+    a run of another width is refused at start naming the run that owns it; its config is left as it was
     (continuing a run goes through --resume, tested in test_resume.py and test_faults.py)."""
     run_dir = pretrained.parent.parent
     config, listing = (run_dir / "config.json").read_text(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())

@@ -1,6 +1,6 @@
 """The job as a user starts it (plain ``python launcher/train.py``), killed with SIGKILL mid-run and
 resumed with ``--resume``: it continues from its last checkpoint, sees each structure once, and
-ends with exactly the weights of an uninterrupted run."""
+ends with exactly the weights of an uninterrupted run (the ``tiny_run`` fixture, the same command)."""
 
 import json
 import signal
@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from jobs import PYTHON, REPO, TINY, run
+from jobs import PYTHON, REPO, run, tiny_job
 from safetensors.torch import load_file
 
 from datapipe.index import ShardIndex
@@ -17,28 +17,20 @@ from launcher.validate import validate
 from zoo.hub.checkpoint import load_model, read_metadata
 
 
-def train_args(data, run_dir):
-    return [PYTHON, "launcher/train.py", *TINY, "--train", str(data["train"]), "--val", str(data["val"]),
-            "--atoms-per-batch", "100", "--checkpoint-fraction", "0.25", "--run-dir", str(run_dir),
-            "--log-every", "1", "--max-atoms", "all", "--max-val-structures", "all"]
-
-
 def records(run_dir, kind):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in lines if r["kind"] == kind]
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted_run(data, tmp_path):
-    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    result = run(train_args(data, reference))
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_kill_and_resume_equals_uninterrupted_run(data, tiny_run, tmp_path):
+    reference, crashed = tiny_run, tmp_path / "crashed"
     steps = records(reference, "start")[0]["steps"]
     first_checkpoint = min(r["step"] for r in records(reference, "checkpoint"))
     kill_at = first_checkpoint + 2
     assert kill_at < steps
 
-    result = run(train_args(data, crashed), env={"SYMSCALE_KILL_AT_STEP": str(kill_at)})
+    result = run(tiny_job(data["train"], data["val"], crashed), env={"SYMSCALE_KILL_AT_STEP": str(kill_at)})
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     assert max(r["step"] for r in records(crashed, "train")) == kill_at
     result = run([PYTHON, "launcher/train.py", "--resume", str(crashed)])

@@ -3,6 +3,7 @@
 import copy
 import os
 import json
+from pathlib import Path
 
 import ase.db
 import pytest
@@ -130,6 +131,44 @@ def test_checkpoint_round_trip(data, tmp_path):
         load_model(tmp_path)
 
 
+class _StateWritingEngine:
+    """Writes one engine-state file where a DeepSpeed engine writes its own (``save_checkpoint``'s call)."""
+
+    def save_checkpoint(self, folder, tag, client_state, save_latest):
+        Path(folder, tag).mkdir(parents=True)
+        Path(folder, tag, "state.json").write_text(json.dumps(client_state))
+
+
+def test_a_failed_first_checkpoint_names_its_cause(tmp_path, monkeypatch):
+    """The first save of a run fails (a full disk while rank 0 writes the weights): the error names that
+    cause and that no checkpoint is complete yet, instead of the refusal a resume would give; nothing is
+    left behind."""
+    from launcher import checkpoint as ckpt
+    from launcher.engine import Runtime
+
+    monkeypatch.setenv("SYMSCALE_FAULT", "enospc-in-checkpoint:1")
+    one = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), bf16_supported=False)
+    with pytest.raises(ckpt.CheckpointError, match=r"\(the disk is full\).*No space left.*latest complete: none yet"):
+        ckpt.save(tmp_path / "run", 1, _StateWritingEngine(), tiny(), ckpt.TrainState(), {}, {"step": 1}, one)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_each_rank_syncs_the_checkpoint_files_it_sees_and_skips_those_renamed_meanwhile(tmp_path, monkeypatch):
+    """Every rank fsyncs the partial checkpoint while the others still write theirs: a file listed by the
+    walk and renamed before it is opened (rank 0's ``model.safetensors.tmp``) is skipped, not an error
+    that fails the save under load; the files that are there are synced."""
+    from launcher import checkpoint as ckpt
+
+    (tmp_path / "loader-rank00001.json").write_text("{}")
+    listing = [(str(tmp_path), [], ["loader-rank00001.json", "model.safetensors.tmp"])]  # the .tmp renamed since
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(ckpt.os, "walk", lambda root: iter(listing))
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    ckpt._sync_tree(tmp_path)
+    assert str(tmp_path / "loader-rank00001.json") in synced and str(tmp_path) in synced
+
+
 def test_config_json_round_trip():
     cfg = parse(["--model", "mpnn", "--width", "8", "--model-arg", "num_layers=1", "--zero-stage", "1"])
     again = TrainConfig.from_json(cfg.to_json())
@@ -151,14 +190,31 @@ def test_one_rank_under_torchrun_keeps_the_agents_store_port():
     """``torchrun --nproc_per_node 1``: the agent hosts the store at MASTER_PORT, so the launcher must
     not move a one-rank job to a fresh port (it did, and the rank waited for a store nobody hosted);
     a plain one-process job still gets a fresh port."""
+    import json
     import subprocess
     import sys
 
-    probe = "import os; from launcher.engine import setup_environment; setup_environment(); print(os.environ['MASTER_PORT'])"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MASTER_"))}
-    for agent, same in (("True", True), (None, False)):
-        env = {**base, "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
-        if agent:
-            env["TORCHELASTIC_USE_AGENT_STORE"] = agent
-        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-        assert (out.stdout.strip() == "29999") is same, (agent, out.stdout)
+    expected = (("True", True), (None, False))  # (TORCHELASTIC_USE_AGENT_STORE, MASTER_PORT kept)
+    envs = [{**base, "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
+             **({"TORCHELASTIC_USE_AGENT_STORE": agent} if agent else {})} for agent, _ in expected]
+    # one process tries both environments, each set whole before the call (its imports are most of the cost)
+    probe = ("import json, os, sys; from launcher.engine import setup_environment\n"
+             "for env in json.loads(sys.argv[1]):\n"
+             "    os.environ.clear(); os.environ.update(env); setup_environment(); print(os.environ['MASTER_PORT'])")
+    out = subprocess.run([sys.executable, "-c", probe, json.dumps(envs)], env=envs[0], capture_output=True,
+                         text=True, check=True)
+    for (agent, same), port in zip(expected, out.stdout.split(), strict=True):
+        assert (port == "29999") is same, (agent, out.stdout)
+
+
+def test_cpu_matmul_choice_is_parsed_saved_and_kept_by_old_configs():
+    """--cpu-matmul: oneDNN by default, "blas" on request, saved in config.json; a config written
+    before the option existed reads back as the default."""
+    assert parse([]).cpu_matmul == "onednn"
+    cfg = parse(["--cpu-matmul", "blas"])
+    assert TrainConfig.from_json(json.loads(json.dumps(cfg.to_json()))).cpu_matmul == "blas"
+    old = {k: v for k, v in parse([]).to_json().items() if k != "cpu_matmul"}
+    assert TrainConfig.from_json(old).cpu_matmul == "onednn"
+    with pytest.raises(SystemExit):
+        parse(["--cpu-matmul", "mkl"])

@@ -1,4 +1,5 @@
-"""One rank of the multi-process check (run by tests/launcher/test_distributed.py under torchrun).
+"""One rank of the multi-process check (run by tests/launcher/test_engines.py under torchrun, as the
+``zero:STAGE`` cases of shard_worker.py, in the same launch as the other DeepSpeed cases).
 
 Each rank takes an uneven share of one fixed global batch, builds the launcher's DeepSpeed engine
 (for each ZeRO stage of argv, one after the other in the same ranks: one launch serves them all) and,
@@ -10,7 +11,7 @@ whole batch:
 - the schedule-free averaged weights (``launcher.optim.averaged_weights``) equal the weights of
   the reference after ``optimizer.eval()``.
 
-argv: DB STAGES OUT, STAGES comma-separated (``1,2,3``). Writes ``{stage: largest relative
+Run alone, argv: DB STAGES OUT, STAGES comma-separated (``1,2,3``). Writes ``{stage: largest relative
 differences}`` as JSON to OUT (rank 0).
 """
 

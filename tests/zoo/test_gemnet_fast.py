@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from datapipe.graph import batch_from_atoms
 from zoo.models.common import gather
-from zoo.models.gemnet_oc import linear as gl
+from zoo.models import dense
 from zoo.models.gemnet_oc import sparse
 from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, aggregate_outer
 from zoo.models.gemnet_oc.graph import build_radius_graph, safe_cosine, scaled_normals, subgraph
@@ -193,61 +193,28 @@ def test_model_sparse_path_matches_dense_fallback(direct, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# dense layers through oneDNN (zoo.models.gemnet_oc.linear): float32 only, so checked against
-# nn.functional.linear at float32 round-off, and the backward's algebra in float64 with the
-# product swapped for nn.functional.linear (gradcheck / gradgradcheck)
+# dense layers through oneDNN (zoo.models.dense, tested on its own in tests/zoo/test_dense.py):
+# float32 only, so the whole model is checked against nn.functional.linear at float32 round-off
 
-needs_onednn = pytest.mark.skipif(not gl._AVAILABLE, reason="PyTorch built without oneDNN (MKL-DNN)")
-F32 = dict(rtol=2e-5, atol=2e-5)
-
-
-def test_linear_backward_algebra_float64(monkeypatch):
-    monkeypatch.setattr(gl, "_product", lambda x, w: nn.functional.linear(x, w))
-    monkeypatch.setattr(gl, "onednn_capable", lambda x, w: True)
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 3, 5, generator=gen, dtype=f64, requires_grad=True)
-    w = torch.randn(6, 5, generator=gen, dtype=f64, requires_grad=True)
-    fn = lambda a, b: nn.functional.silu(gl.linear(a, b))  # noqa: E731  (non-linear: second derivatives ≠ 0)
-    assert torch.autograd.gradcheck(fn, (x, w))
-    assert torch.autograd.gradgradcheck(fn, (x, w))
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
 
 @needs_onednn
-def test_linear_matches_functional_linear_in_float32():
+def test_linear_on_a_column_slice_of_a_weight_matches_functional_linear():
+    """EdgeEmbedding multiplies by column blocks of one weight: a strided operand, values and two derivatives."""
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(300, 64, generator=gen, requires_grad=True)
     w_full = torch.randn(64, 130, generator=gen, requires_grad=True)
-    w = w_full[:, 1:65]  # a strided column slice, as EdgeEmbedding takes
-    assert gl.onednn_capable(x, w)
+    w = w_full[:, 1:65]  # [64, 64], row stride 130
+    assert dense.takes_onednn(x, w)
 
     def run(fn):
         y = nn.functional.silu(fn(x, w))  # [300, 64]
         first = grads([y], [x, w], create_graph=True)
         return [y, *first, *grads(first, [x, w_full])]
 
-    for a, b in zip(run(gl.linear), run(nn.functional.linear)):
-        torch.testing.assert_close(a, b, **F32)
-    with pytest.raises(ValueError, match="does not fit"):
-        gl.linear(x, w.t()[:, :10])
-
-
-@needs_onednn
-def test_linear_takes_functional_linear_where_onednn_cannot_run(monkeypatch):
-    calls = []
-    monkeypatch.setattr(gl._Linear, "apply", lambda *a: calls.append(1) or nn.functional.linear(*a))
-    x, w = torch.randn(5, 4), torch.randn(3, 4)
-    gl.linear(x, w)
-    assert calls == [1]
-    gl.linear(x.double(), w.double())
-    with FlopCounterMode(display=False) as counter:
-        gl.linear(x, w)
-    assert counter.get_total_flops() == 2 * 5 * 4 * 3  # the mm the counters always counted
-    torch.jit.trace(lambda a: gl.linear(a, w), (x,), check_trace=False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        gl.linear(x, w)
-    monkeypatch.setattr(gl, "ONEDNN", False)
-    gl.linear(x, w)
-    assert calls == [1]
+    for a, b in zip(run(dense.linear), run(nn.functional.linear)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
 @needs_onednn
@@ -256,12 +223,12 @@ def test_model_onednn_matches_functional_linear_float32(direct, monkeypatch):
     """The whole model in float32: oneDNN dense layers against nn.functional.linear, to fp32 round-off."""
     step = training_step(16, direct, torch.float32)
     calls = []
-    original = gl._Linear.apply
-    monkeypatch.setattr(gl._Linear, "apply", lambda *a: calls.append(1) or original(*a))
+    original = dense._Linear.apply
+    monkeypatch.setattr(dense._Linear, "apply", lambda *a: calls.append(1) or original(*a))
     out_new, grad_new = step()
     assert len(calls) > 50
-    monkeypatch.setattr(gl, "ONEDNN", False)
-    out_old, grad_old = step()
+    with torch.backends.mkldnn.flags(enabled=False):  # the switch back to the BLAS
+        out_old, grad_old = step()
     for key in ("energy", "forces"):
         scale = float(out_old[key].detach().abs().max())
         torch.testing.assert_close(out_new[key], out_old[key], rtol=1e-4, atol=1e-5 * scale)

@@ -22,7 +22,7 @@ from torch import nn
 
 from zoo.models.common import GaussianBasis, PolynomialEnvelope
 from zoo.models.gemnet_oc.graph import inner_index
-from zoo.models.gemnet_oc.linear import Linear, linear
+from zoo.models.dense import Linear, linear
 from zoo.models.precision import fp32_island
 
 
@@ -55,7 +55,7 @@ class Dense(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, activation: bool = True) -> None:
         super().__init__()
-        self.linear = Linear(in_features, out_features)  # nn.Linear through oneDNN on CPU (zoo.models.gemnet_oc.linear)
+        self.linear = Linear(in_features, out_features, bias=False)  # nn.Linear, fp32 CPU products in oneDNN (zoo.models.dense)
         he_orthogonal_(self.linear.weight)
         self.activation = ScaledSiLU() if activation else nn.Identity()
 
