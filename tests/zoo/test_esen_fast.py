@@ -90,6 +90,16 @@ def test_edge_matmul_model_trains_like_plain_products_in_float64(monkeypatch, di
             torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-10)
 
 
+def test_edge_matmul_is_the_plain_product_with_onednn_off():
+    """``--cpu-matmul blas`` (torch.backends.mkldnn off) keeps earlier releases' products bit for bit."""
+    a, b = torch.randn(3, 9, 9, requires_grad=True), torch.randn(3, 9, 4)
+    assert edge_matmul(a, b).grad_fn.name() == "_EdgeMatmulBackward"
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = edge_matmul(a, b)
+    assert out.grad_fn.name() == "UnsafeViewBackward0"  # matmul's own graph, not the Function
+    assert torch.equal(out, a @ b)
+
+
 def test_edge_matmul_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match=r"\[E, M, K\]"):
         edge_matmul(torch.zeros(2, 3, 4), torch.zeros(2, 5, 6))

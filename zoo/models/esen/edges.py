@@ -139,8 +139,9 @@ def edge_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     order); each product of the forward and of every backward order (conservative forces train
     through a double backward) is taken in the orientation the CPU's batched product runs fast
     (:func:`_oriented_bmm`). Where ops are recorded (FLOP counters, ``torch.compile``) it is the
-    plain ``a @ b``, and so it is off the CPU (the slow orientation is the CPU's) and under CPU
-    autocast (its casts belong to the op).
+    plain ``a @ b``, and so it is off the CPU (the slow orientation is the CPU's), under CPU
+    autocast (its casts belong to the op) and with ``torch.backends.mkldnn`` off (``--cpu-matmul
+    blas``: the products of earlier releases bit for bit, as in :mod:`zoo.models.dense`).
 
     Raises ``ValueError`` unless both are 3-d with matching edges and inner sizes.
 
@@ -150,6 +151,7 @@ def edge_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
         raise ValueError(f"edge_matmul takes [E, M, K] and [E, K, N], got {tuple(a.shape)} and {tuple(b.shape)}")
-    if ops_recorded() or a.device.type not in ("cpu", "meta") or torch.is_autocast_enabled("cpu"):
+    if (ops_recorded() or a.device.type not in ("cpu", "meta") or torch.is_autocast_enabled("cpu")
+            or not torch.backends.mkldnn.enabled):
         return a @ b  # [E, M, N]  (autocast's casts belong to the op; meta as the CPU, for the memory planner)
     return _EdgeMatmul.apply(a, b)
