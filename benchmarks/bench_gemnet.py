@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from json_worker import JsonWorker  # benchmarks/ is on sys.path when run as a script
+from json_worker import JsonWorker, serve  # benchmarks/ is on sys.path when run as a script
 from sample import molecules
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,26 +100,25 @@ def worker(root: str) -> None:
         raise SystemExit(f"worker imported zoo from {zoo.__file__}, not from the baseline at {root}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     runner = None
-    for line in sys.stdin:
-        msg = json.loads(line)
-        try:
-            if msg["cmd"] == "quit":
-                return
-            if msg["cmd"] == "build":
-                batch = torch.load(msg["batch"], weights_only=False)  # a Batch object, written by the parent into its own temp dir
-                state = torch.load(msg["state"], weights_only=True)
-                runner = Runner(msg["width"], msg["direct"], msg["dtype"], batch, state)
-                reply = {"ok": True}
-            elif msg["cmd"] == "step":
-                wall, cpu, kept = runner.step(msg["mode"], keep=bool(msg.get("save")))
-                if kept is not None:
-                    torch.save(kept, msg["save"])
-                reply = {"seconds": wall, "cpu_seconds": cpu}
-        except Exception as exc:  # reported to the parent, which stops
-            import traceback
 
-            reply = {"error": repr(exc), "traceback": traceback.format_exc()}
-        print(json.dumps(reply), flush=True)
+    def handle(msg: dict) -> dict:
+        nonlocal runner
+        if msg["cmd"] == "build":
+            from torch_geometric.data import Batch
+
+            # the batch's fields (tensors, ints, strings), rebuilt here: nothing but data is unpickled
+            batch = Batch(**torch.load(msg["batch"], weights_only=True))
+            state = torch.load(msg["state"], weights_only=True)
+            runner = Runner(msg["width"], msg["direct"], msg["dtype"], batch, state)
+            return {"ok": True}
+        if msg["cmd"] == "step":
+            wall, cpu, kept = runner.step(msg["mode"], keep=bool(msg.get("save")))
+            if kept is not None:
+                torch.save(kept, msg["save"])
+            return {"seconds": wall, "cpu_seconds": cpu}
+        raise ValueError(f"unknown command {msg['cmd']!r}")
+
+    serve(handle)
 
 
 class Baseline(JsonWorker):
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        torch.save(batch, tmp / "batch.pt")
+        torch.save(batch.to_dict(), tmp / "batch.pt")  # fields only: the worker loads it with weights_only=True
         base = Baseline(a.baseline, tmp, a.threads)
         print(f"HEAD {head_sha()} against baseline {a.baseline} = {base.sha} (git archive in a child process)")
         try:

@@ -20,12 +20,13 @@ The graph is the project's (the same edges on both sides), given to fairchem wit
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import numpy as np
 import torch
+
+from json_worker import serve  # benchmarks/ is on sys.path: this file runs as a script
 
 
 def _batch(path: str, device: str, dtype: torch.dtype):
@@ -149,24 +150,15 @@ class Runner:
 def main() -> None:
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     runner = Runner()
-    for line in sys.stdin:
-        msg = json.loads(line)
-        try:
-            if msg["cmd"] == "quit":
-                break
-            if msg["cmd"] == "load":
-                reply = runner.load(msg["path"])
-            elif msg["cmd"] == "build":
-                reply = runner.build(msg)
-            elif msg["cmd"] == "step":
-                reply = runner.step(msg["mode"])
-            else:
-                reply = {"error": f"unknown command {msg['cmd']!r}"}
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops with it
-            import traceback
+    commands = {"load": lambda msg: runner.load(msg["path"]), "build": runner.build,
+                "step": lambda msg: runner.step(msg["mode"])}
 
-            reply = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-        print(json.dumps(reply), flush=True)
+    def handle(msg: dict) -> dict:
+        if msg["cmd"] not in commands:
+            raise ValueError(f"unknown command {msg['cmd']!r}")
+        return commands[msg["cmd"]](msg)
+
+    serve(handle)
 
 
 if __name__ == "__main__":

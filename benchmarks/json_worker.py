@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import traceback
+from collections.abc import Callable
 
 
 class JsonWorker:
@@ -55,3 +58,20 @@ class JsonWorker:
             self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
             self.proc.stdin.flush()
             self.proc.wait(timeout=60)
+
+
+def serve(handle: Callable[[dict], dict]) -> None:
+    """The child's side: answer each ``{"cmd": ...}`` line on stdin with ``handle(msg)`` until ``quit``.
+
+    An exception in ``handle`` becomes an ``{"error", "traceback"}`` reply, which :meth:`JsonWorker.ask`
+    raises in the parent; the child goes on reading (the parent stops it).
+    """
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["cmd"] == "quit":
+            return
+        try:
+            reply = handle(msg)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops with it
+            reply = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        print(json.dumps(reply), flush=True)
