@@ -101,15 +101,24 @@ def _wanted(ctx, index: int, tensor: torch.Tensor) -> bool:
         return True
 
 
-def takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` of these operands runs in oneDNN (see the module docstring)."""
+def cpu_kernels_apply(x: torch.Tensor) -> bool:
+    """Whether the project's own CPU kernel choices apply to ``x``: this module's oneDNN products and
+    eSEN's :func:`zoo.models.esen.edges.edge_matmul` orientation.
+
+    Not where ops are recorded (:func:`ops_recorded`), not under CPU autocast (its bf16 policy is the
+    plain op's to apply), not off the CPU (meta counts as the CPU, for the memory planner) and not
+    with ``torch.backends.mkldnn`` off (``--cpu-matmul blas``: earlier releases' products bit for bit).
+    """
     if ops_recorded():  # first: dynamo refuses to trace torch.backends queries
         return False
-    if torch.is_autocast_enabled("cpu"):  # autocast's policy (bf16 products) is F.linear's to apply
-        return False
-    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type in ("cpu", "meta")
-            and weight.device == x.device and weight.dim() == 2
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+    return (not torch.is_autocast_enabled("cpu") and x.device.type in ("cpu", "meta")
+            and torch.backends.mkldnn.enabled)
+
+
+def takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` of these operands runs in oneDNN (see the module docstring)."""
+    return (cpu_kernels_apply(x) and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.device == x.device and weight.dim() == 2 and torch.backends.mkldnn.is_available())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

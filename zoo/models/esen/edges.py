@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.models.dense import ops_recorded
+from zoo.models.dense import cpu_kernels_apply, ops_recorded
 
 #: bytes of edge rows copied at a time in the backward (below glibc's largest mmap threshold)
 _CHUNK_BYTES = 8 << 20
@@ -151,7 +151,6 @@ def edge_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
         raise ValueError(f"edge_matmul takes [E, M, K] and [E, K, N], got {tuple(a.shape)} and {tuple(b.shape)}")
-    if (ops_recorded() or a.device.type not in ("cpu", "meta") or torch.is_autocast_enabled("cpu")
-            or not torch.backends.mkldnn.enabled):
-        return a @ b  # [E, M, N]  (autocast's casts belong to the op; meta as the CPU, for the memory planner)
+    if not cpu_kernels_apply(a):
+        return a @ b  # [E, M, N]
     return _EdgeMatmul.apply(a, b)
