@@ -46,8 +46,8 @@ def random_plan(seed: int, num_out=6, num_in=7, t=23, k=3, empty_rows=True):
 
 
 def sparse_sum(basis, x, plan):
-    """The CSR path itself (outer_sum takes the padded path for a basis that needs a gradient)."""
-    return sparse._OuterSum.apply(basis, x, plan, False).transpose(0, 1)  # [O, K, C]
+    """The CSR path itself."""
+    return sparse._Product.apply(basis, x, plan)  # [O, K, C]
 
 
 def grads(outputs, inputs, create_graph=False):
@@ -177,12 +177,11 @@ def test_model_sparse_path_matches_dense_fallback(direct, monkeypatch):
     """The whole model in float64, training step: CSR sums against the padded fallback."""
     step = training_step(8, direct, f64)
     calls = []
-    original = sparse._OuterSum.apply
-    monkeypatch.setattr(sparse._OuterSum, "apply", lambda *a: calls.append(1) or original(*a))
+    original = sparse._Product.apply
+    monkeypatch.setattr(sparse._Product, "apply", lambda *a: calls.append(1) or original(*a))
     out_sparse, grad_sparse = step()
-    # direct forces: the geometric bases need no gradient, so their sums take the CSR path
-    # (conservative: every geometric basis depends on positions and takes the padded path)
-    assert bool(calls) == direct
+    # both force modes take the CSR path (conservative: the bases' gradients too, tests/zoo/test_gemnet_sparse.py)
+    assert calls
     monkeypatch.setattr(sparse, "sparse_capable", lambda *tensors: False)
     out_dense, grad_dense = step()
     for key in ("energy", "forces"):

@@ -2,24 +2,32 @@
 
 Every bilinear layer of GemNet-OC (Gasteiger et al. 2022, arXiv 2204.02782, Sec. 3 "Efficient
 basis calculation") sums outer products of a geometric basis (per triplet or quadruplet) with a
-message gathered from its in-edge. The sum is a sparse matrix ``A`` ``[K·O, I]`` with
-``A[k·O + o, in[t]] = basis[t, k]`` applied to the messages ``x`` ``[I, C]``: the gather, the outer
+message gathered from its in-edge. The sum is a sparse matrix ``A(basis)`` ``[O·K, I]`` with
+``A[o·K + k, in[t]] = basis[t, k]`` applied to the messages ``x`` ``[I, C]``: the gather, the outer
 product and the sum in one CSR product (``torch.addmm`` with a CSR matrix, MKL on CPU), with
 neither the ``[T, K, C]`` outer products nor zero-padded blocks (the previous formulation,
 :func:`zoo.models.gemnet_oc.blocks.aggregate_outer`, ran tiny batched matmuls, slow on CPU).
 
-The index bookkeeping (:class:`OuterPlan`) depends only on the graph, so it is built once per
-batch and shared by all interaction blocks. Gradients: ``∂/∂x = Aᵀ·g`` (a CSR product with
-``Aᵀ``'s own maps) and ``∂/∂basis[t, k] = g[k, out[t]] · x[in[t]]``, both written with
-differentiable operations, so the double backward of conservative-force training works. The sums
-are the same as before; only the order of the additions differs (float round-off).
+The sum is bilinear, and its derivatives are three primitives that are each other's derivatives:
+
+- ``P(b, x) = A(b)·x`` ``[T, K], [I, C] → [O, K, C]`` (CSR product),
+- ``Pᵀ(b, g) = A(b)ᵀ·g`` ``[T, K], [O, K, C] → [I, C]`` (CSR product with ``Aᵀ``'s maps),
+- ``S(g, x)[t, k] = <g[out[t], k, :], x[in[t], :]>`` ``[O, K, C], [I, C] → [T, K]`` (the dot
+  products at ``A``'s non-zeros: one zero-padded batched matmul, real entries picked),
+
+with ``dP = (S(∂y, x), Pᵀ(b, ∂y))``, ``dPᵀ = (S(g, ∂z), P(b, ∂z))``, ``dS = (P(∂s, x), Pᵀ(∂s, g))``.
+Each is an autograd Function whose backward calls the others, so derivatives of any order — the
+double backward of conservative-force training — run on the same kernels, each computing only
+the gradients asked for. The index bookkeeping (:class:`OuterPlan`) depends only on the graph, so
+it is built once per batch and shared by all interaction blocks, and a basis's layout as CSR values
+is kept for its next products. The sums are the same as before; only the order of the additions
+differs (float round-off).
 
 Where a sparse product cannot run — under ``torch.jit.trace`` and ``TorchDispatchMode`` (the FLOP
-counters, fake/meta tensors), ``torch.compile``, dtypes other than float32/float64 — and for a
-basis that needs its own gradient (conservative forces), the sum runs as before, a zero-padded
-batched matmul (:func:`padded_sum`: :func:`~zoo.models.gemnet_oc.blocks.aggregate_outer`'s blocks
-and products, with fewer gathers and scatters around them); so the FLOP counters see the
-formulation they counted before, and both their counts agree.
+counters, fake/meta tensors), ``torch.compile``, dtypes other than float32/float64 — the sum runs
+as before, a zero-padded batched matmul (:func:`padded_sum`:
+:func:`~zoo.models.gemnet_oc.blocks.aggregate_outer`'s blocks and products, with fewer gathers and
+scatters around them); so the FLOP counters see the formulation they counted before.
 :func:`outer_sum_dense` is the plain gather × outer product + ``index_add`` reference (tests).
 """
 
@@ -35,23 +43,30 @@ from zoo.models.gemnet_oc.blocks import pad_slots
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
+CACHED_LAYOUTS = 4  # OuterPlan.values: a basis in both layouts, and two more (gradients, used once or twice)
+
 
 @dataclass
 class OuterPlan:
-    """Index maps of ``A`` and ``Aᵀ`` (see the module docstring), ``A``'s rows ordered ``k·O + o``.
+    """Index maps of ``A`` and ``Aᵀ`` (see the module docstring), ``A``'s rows ordered ``o·K + k``.
 
-    With that order each ``k`` is one block of rows with the natural pattern (row ``o`` holds the
-    basis rows of group ``o``, columns ``inp``), so ``A``'s values are ``basisᵀ`` as it lies and
-    its maps cost no sort; ``Aᵀ`` (row ``i``: the basis rows with ``inp = i``) needs one argsort.
+    With that order ``A·x`` is the sum ``[O, K, C]`` as it lies (no transposed copy before the layers
+    that take it, nor of the gradient that comes back); row ``o·K + k`` holds the basis rows of group
+    ``o`` (columns ``inp``), with the values ``basis[t, k]``, put in order by one flat gather.
+    ``Aᵀ`` (row ``i``: the basis rows with ``inp = i``, each with its ``K`` columns) takes the basis
+    rows as they lie, in the order of one argsort.
 
     Attributes
     ----------
     out, inp : ``[T]`` int64, the output row (sorted) and the input row of each basis row.
     k, num_out, num_in : basis width and the two sizes.
     csr : built on first sparse use and kept (every block reuses it): ``A``'s row pointers
-        ``[K·O + 1]`` and columns ``[K·T]`` (int32 where the counts fit).
+        ``[O·K + 1]``, columns ``[T·K]`` and where each value lies in the flattened basis ``[T·K]``
+        (int32 where the counts fit).
     csr_t : built on first backward and kept: ``Aᵀ``'s row pointers ``[I + 1]``, columns
         ``[T·K]`` and the order of the basis rows in it ``[T]``.
+    pad : built on first use: the zero-padded layout (:meth:`padding`).
+    sample : built on first use: :meth:`sampling`.
     """
 
     out: torch.Tensor
@@ -62,40 +77,63 @@ class OuterPlan:
     csr: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
     csr_t: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
     pad: tuple | None = field(default=None, repr=False)
+    sample: torch.Tensor | None = field(default=None, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
 
     def padding(self) -> tuple:
-        """``(Kmax, rows, inputs)`` of the zero-padded layout, built once: for each of the ``O·Kmax``
-        padded rows the basis row ``[O·Kmax]`` (``T`` for a padding row) and the input row (``I``)."""
+        """``(Kmax, rows, inputs, slot)`` of the zero-padded layout, built once: for each of the
+        ``O·Kmax`` padded rows the basis row ``[O·Kmax]`` (``T`` for a padding row) and the input row
+        (``I``), and for each basis row its padded row ``[T]``."""
         if self.pad is None:
             with torch.no_grad():
                 kmax, slot = pad_slots(self.out, self.num_out)
                 t = self.out.numel()
                 rows = self.out.new_full((self.num_out * kmax,), t).index_copy_(0, slot, torch.arange(t, device=slot.device))
                 inputs = torch.cat([self.inp, self.inp.new_full((1,), self.num_in)]).index_select(0, rows)
-                self.pad = (kmax, rows, inputs)
+                self.pad = (kmax, rows, inputs, slot)
         return self.pad
 
-    def values(self, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """``basis`` laid out as ``A``'s (``[K·T]``) or ``Aᵀ``'s values (``[T·K]``).
+    def sampling(self) -> torch.Tensor:
+        """Where each ``[t, k]`` lies in the flattened ``[O, K, Kmax]`` dot products of
+        :func:`_sampled` ``[T·K]`` (int32 where the size fits), built once."""
+        if self.sample is None:
+            with torch.no_grad():
+                kmax, _, _, slot = self.padding()
+                rank = slot - self.out * kmax  # [T] position in its group
+                ks = torch.arange(self.k, device=slot.device) * kmax
+                flat = ((self.out * (self.k * kmax) + rank).unsqueeze(1) + ks).reshape(-1)  # [T·K]
+                self.sample = flat.to(_index_dtype(flat.numel(), self.num_out * self.k * kmax))
+        return self.sample
 
-        Kept for the last basis seen when it needs no gradient (a geometric basis is the same
-        for every block: it is laid out once per batch, not once per block).
+    def values(self, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``basis`` ``[T, K]`` laid out as ``A``'s or ``Aᵀ``'s values ``[T·K]``, as data.
+
+        The last few layouts are kept: a geometric basis is the same for every block and every
+        product (forward, backward, double backward), so it is laid out once per batch, not once
+        per product. An entry is found again only for the same memory, shape, strides and version
+        counter (an in-place change misses), and it holds its tensor, so that memory is not reused.
+        Leaves that require a gradient are never kept (gradcheck perturbs them through ``.data``,
+        which the version counter does not see).
         """
-        key = "t" if transpose else "a"
+        key = (transpose, basis.untyped_storage().data_ptr(), basis.storage_offset(), basis.shape,
+               basis.stride(), basis.dtype, basis._version)
         hit = self.cache.get(key)
-        if hit is not None and hit[0] is basis:
+        if hit is not None:
             return hit[1]
-        if transpose:
-            values = basis.index_select(0, self.maps_t()[2]).reshape(-1)  # [T·K] in Aᵀ's order
-        else:
-            values = basis.t().reshape(-1)  # [K·T]
-        if not basis.requires_grad:
-            self.cache[key] = (basis, values)
+        with torch.no_grad():
+            if transpose:
+                values = basis.index_select(0, self.maps_t()[2]).reshape(-1)  # [T·K] in Aᵀ's order
+            else:
+                values = basis.reshape(-1).index_select(0, self.maps()[2])  # [T·K] in A's order
+        if basis.is_leaf and basis.requires_grad:
+            return values
+        while len(self.cache) >= CACHED_LAYOUTS:
+            self.cache.pop(next(iter(self.cache)))  # the oldest
+        self.cache[key] = (basis, values)
         return values
 
     def maps(self) -> tuple[torch.Tensor, ...]:
-        """``(crow, col)`` of ``A``, built once (on the first sparse product)."""
+        """``(crow, col, gather)`` of ``A``, built once (on the first sparse product)."""
         if self.csr is None:
             with torch.no_grad():
                 self.csr = _csr_maps(self.out, self.inp, self.k, self.num_out, self.num_in)
@@ -107,23 +145,36 @@ class OuterPlan:
             with torch.no_grad():
                 order = torch.argsort(self.inp, stable=True)  # [T]
                 dtype = _index_dtype(self.out.numel() * self.k, self.num_out * self.k)
-                ks = torch.arange(self.k, device=self.out.device, dtype=dtype)
-                col_t = (self.out.index_select(0, order).to(dtype).unsqueeze(1) + ks * self.num_out).reshape(-1)  # [T·K]
+                ks = torch.arange(self.k, device=self.out.device)
+                col_t = (self.out.index_select(0, order).unsqueeze(1) * self.k + ks).reshape(-1)  # [T·K]
                 crow_t = self.out.new_zeros(self.num_in + 1)
                 crow_t[1:] = torch.cumsum(torch.bincount(self.inp, minlength=self.num_in) * self.k, 0)
-                self.csr_t = (crow_t.to(dtype), col_t, order)
+                self.csr_t = (crow_t.to(dtype), col_t.to(dtype), order)
         return self.csr_t
 
 
 def _csr_maps(out: torch.Tensor, inp: torch.Tensor, k: int, num_out: int, num_in: int) -> tuple[torch.Tensor, ...]:
+    """``A``'s row pointers ``[O·K + 1]``, columns ``[T·K]`` and, for each of its values, the index
+    ``t·K + k`` of ``basis[t, k]`` in the flattened basis ``[T·K]``.
+
+    Row ``o·K + k`` holds, in order, the ``n_o`` basis rows ``t = start_o + j`` of group ``o``: its
+    ``j``-th value sits at ``K·start_o + k·n_o + j``.
+    """
     t, device = out.numel(), out.device
     if t > 1 and bool((out[1:] < out[:-1]).any()):
         raise ValueError("OuterPlan: the output index must be sorted (grouped by output row)")
     ks = torch.arange(k, device=device)
-    counts = torch.cumsum(torch.bincount(out, minlength=num_out), 0)  # [O] end of each group
-    crow = torch.cat([out.new_zeros(1), (counts.unsqueeze(0) + (ks * t).unsqueeze(1)).reshape(-1)])  # [K·O + 1]
+    counts = torch.bincount(out, minlength=num_out)  # [O] n_o
+    start = torch.cumsum(counts, 0) - counts  # [O] start_o
+    crow = torch.cat([out.new_zeros(1), (k * start.unsqueeze(1) + (ks + 1) * counts.unsqueeze(1)).reshape(-1)])  # [O·K + 1]
+    rank = torch.arange(t, device=device) - start.index_select(0, out)  # [T] j
+    place = (k * start.index_select(0, out) + rank).unsqueeze(1) + ks * counts.index_select(0, out).unsqueeze(1)  # [T, K]
+    gather = torch.empty(t * k, dtype=torch.int64, device=device).index_copy_(
+        0, place.reshape(-1), torch.arange(t * k, device=device))  # [T·K]
+    col = torch.empty(t * k, dtype=torch.int64, device=device).index_copy_(
+        0, place.reshape(-1), inp.unsqueeze(1).expand(t, k).reshape(-1))  # [T·K]
     dtype = _index_dtype(t * k, max(k * num_out, num_in))
-    return crow.to(dtype), inp.to(dtype).repeat(k)  # row pointers [K·O + 1], columns [K·T]
+    return crow.to(dtype), col.to(dtype), gather.to(dtype)
 
 
 def _index_dtype(nnz: int, size: int) -> torch.dtype:
@@ -145,13 +196,11 @@ def outer_sum(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Te
     if basis.shape != (plan.out.numel(), plan.k) or x.shape[0] != plan.num_in:
         raise ValueError(f"outer_sum: basis {tuple(basis.shape)} / x {tuple(x.shape)} do not fit the plan "
                          f"(T={plan.out.numel()}, K={plan.k}, I={plan.num_in})")
-    if (basis.requires_grad and torch.is_grad_enabled()) or plan.out.numel() == 0 or not sparse_capable(basis, x):
-        # the zero-padded batched matmul of before: for a basis that needs its own gradient
-        # (conservative forces; the learned pair basis) it gives ∂/∂basis faster than the sampled
-        # products of _OuterSum.backward on CPU (measured, benchmarks/bench_gemnet.py), and where the
-        # CSR product cannot run it keeps what the FLOP counters see as it was
+    if plan.out.numel() == 0 or not sparse_capable(basis, x):
+        # where the CSR product cannot run, the zero-padded batched matmul of before: what the FLOP
+        # counters see stays as it was
         return padded_sum(basis, x, plan)
-    return _OuterSum.apply(basis, x, plan, False).transpose(0, 1)  # [O, K, C] (a view of [K, O, C])
+    return _Product.apply(basis, x, plan)  # [O, K, C]
 
 
 def padded_sum(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
@@ -164,7 +213,7 @@ def padded_sum(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.T
     k, c = basis.shape[1], x.shape[1]
     if plan.out.numel() == 0:
         return x.new_zeros(plan.num_out, k, c)
-    kmax, rows, inputs = plan.padding()
+    kmax, rows, inputs, _ = plan.padding()
     basis_pad = torch.cat([basis, basis.new_zeros(1, k)]).index_select(0, rows).view(plan.num_out, kmax, k)
     x_pad = torch.cat([x, x.new_zeros(1, c)]).index_select(0, inputs).view(plan.num_out, kmax, c)
     return basis_pad.transpose(1, 2) @ x_pad  # [O, K, C]
@@ -177,38 +226,92 @@ def outer_sum_dense(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> to
     return y.index_add(0, plan.out, outer)  # [O, K, C]
 
 
-class _OuterSum(torch.autograd.Function):
-    """``A·x`` (``transpose=False``: ``x [I, C] → [K, O, C]``) or ``Aᵀ·x`` (``transpose=True``:
-    ``x [K, O, C] → [I, C]``)."""
+def _product(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
+    """``A(basis)·x``: ``[T, K], [I, C] → [O, K, C]`` (one CSR product)."""
+    rows, c = plan.num_out * plan.k, x.shape[-1]
+    crow, col, _ = plan.maps()
+    matrix = torch.sparse_csr_tensor(crow, col, plan.values(basis, transpose=False), (rows, plan.num_in),
+                                     check_invariants=False)  # [O·K, I]
+    # addmm with beta=0: the uninitialised output is ignored, not added (no zero fill, no copy)
+    return torch.addmm(x.new_empty(rows, c), matrix, x.contiguous(), beta=0).view(plan.num_out, plan.k, c)
+
+
+def _product_t(basis: torch.Tensor, g: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
+    """``A(basis)ᵀ·g``: ``[T, K], [O, K, C] → [I, C]`` (one CSR product with ``Aᵀ``'s maps)."""
+    rows, c = plan.num_out * plan.k, g.shape[-1]
+    crow_t, col_t, _ = plan.maps_t()
+    matrix = torch.sparse_csr_tensor(crow_t, col_t, plan.values(basis, transpose=True), (plan.num_in, rows),
+                                     check_invariants=False)  # [I, O·K]
+    return torch.addmm(g.new_empty(plan.num_in, c), matrix, g.reshape(rows, c), beta=0)  # [I, C]
+
+
+def _sampled(g: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
+    """``s[t, k] = Σ_c g[out[t], k, c] · x[in[t], c]``: ``[O, K, C], [I, C] → [T, K]``.
+
+    The dot products at ``A``'s non-zeros (a sampled dense-dense product), as one zero-padded batched
+    matmul ``[O, K, C] @ [O, C, Kmax]`` whose real entries are then picked by one flat
+    ``index_select``. Measured on CPU (one core, the quadruplet sum, 555,710 × 7 × 8): the matmul
+    4.5 ms against 11 ms with the operands the other way round (``[O, Kmax, C] @ [O, C, K]``), the
+    pick 2.2 ms against 4.8 ms for advanced indexing; ``torch.sparse.sampled_addmm`` took 42 ms for
+    the whole, gathering ``g`` per basis row 87 ms.
+    """
+    kmax, _, inputs, _ = plan.padding()
+    c = x.shape[-1]
+    x_pad = torch.cat([x, x.new_zeros(1, c)]).index_select(0, inputs).view(plan.num_out, kmax, c)
+    dots = torch.bmm(g, x_pad.transpose(1, 2))  # [O, K, Kmax]
+    return dots.view(-1).index_select(0, plan.sampling()).view(-1, plan.k)  # [T, K]
+
+
+class _Product(torch.autograd.Function):
+    """``y = A(basis)·x`` ``[T, K], [I, C] → [O, K, C]``; ``∂basis = S(∂y, x)``, ``∂x = A(basis)ᵀ·∂y``."""
 
     @staticmethod
-    def forward(ctx, basis, x, plan: OuterPlan, transpose: bool):
+    def forward(ctx, basis, x, plan: OuterPlan):
         ctx.save_for_backward(basis, x)
-        ctx.plan, ctx.transpose = plan, transpose
-        rows, c = plan.num_out * plan.k, x.shape[-1]
-        # addmm with beta=0: the uninitialised output is ignored, not added (no zero fill, no copy)
-        if transpose:
-            crow_t, col_t, _ = plan.maps_t()
-            values = plan.values(basis, transpose=True)  # [T·K]
-            matrix = torch.sparse_csr_tensor(crow_t, col_t, values, (plan.num_in, rows), check_invariants=False)
-            return torch.addmm(x.new_empty(plan.num_in, c), matrix, x.reshape(rows, c), beta=0)  # [I, C]
-        crow, col = plan.maps()
-        values = plan.values(basis, transpose=False)  # [K·T]
-        matrix = torch.sparse_csr_tensor(crow, col, values, (rows, plan.num_in), check_invariants=False)
-        return torch.addmm(x.new_empty(rows, c), matrix, x.contiguous(), beta=0).view(plan.k, plan.num_out, c)
+        ctx.plan = plan
+        return _product(basis, x, plan)
 
     @staticmethod
     def backward(ctx, grad):
         basis, x = ctx.saved_tensors
-        plan, transpose = ctx.plan, ctx.transpose
-        grad_basis = grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_x = _OuterSum.apply(basis, grad, plan, not transpose)
-        if ctx.needs_input_grad[0]:
-            # ∂/∂basis[t, k] = (output-side value at [k, out[t]]) · (input-side value at in[t]):
-            # the output gradient and x for A·x, x and the output gradient for Aᵀ·x
-            per_out, per_in = (x, grad) if transpose else (grad, x)  # [K, O, C], [I, C]
-            per_out = per_out.index_select(1, plan.out)  # [K, T, C]
-            per_in = per_in.index_select(0, plan.inp)  # [T, C]
-            grad_basis = (per_out * per_in).sum(-1).t()  # [T, K]
-        return grad_basis, grad_x, None, None
+        need_basis, need_x, _ = ctx.needs_input_grad
+        grad_basis = _Sampled.apply(grad, x, ctx.plan) if need_basis else None
+        grad_x = _ProductT.apply(basis, grad, ctx.plan) if need_x else None
+        return grad_basis, grad_x, None
+
+
+class _ProductT(torch.autograd.Function):
+    """``z = A(basis)ᵀ·g`` ``[T, K], [O, K, C] → [I, C]``; ``∂basis = S(g, ∂z)``, ``∂g = A(basis)·∂z``."""
+
+    @staticmethod
+    def forward(ctx, basis, g, plan: OuterPlan):
+        ctx.save_for_backward(basis, g)
+        ctx.plan = plan
+        return _product_t(basis, g, plan)
+
+    @staticmethod
+    def backward(ctx, grad):
+        basis, g = ctx.saved_tensors
+        need_basis, need_g, _ = ctx.needs_input_grad
+        grad_basis = _Sampled.apply(g, grad, ctx.plan) if need_basis else None
+        grad_g = _Product.apply(basis, grad, ctx.plan) if need_g else None
+        return grad_basis, grad_g, None
+
+
+class _Sampled(torch.autograd.Function):
+    """``s = S(g, x)`` ``[O, K, C], [I, C] → [T, K]`` (:func:`_sampled`); ``∂g = A(∂s)·x``,
+    ``∂x = A(∂s)ᵀ·g``."""
+
+    @staticmethod
+    def forward(ctx, g, x, plan: OuterPlan):
+        ctx.save_for_backward(g, x)
+        ctx.plan = plan
+        return _sampled(g, x, plan)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, x = ctx.saved_tensors
+        need_g, need_x, _ = ctx.needs_input_grad
+        grad_g = _Product.apply(grad, x, ctx.plan) if need_g else None
+        grad_x = _ProductT.apply(grad, g, ctx.plan) if need_x else None
+        return grad_g, grad_x, None

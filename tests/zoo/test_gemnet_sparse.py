@@ -1,0 +1,164 @@
+"""The three bilinear primitives of GemNet-OC's sums (:mod:`zoo.models.gemnet_oc.sparse`), in float64.
+
+``P(b, x) = A(b)·x``, ``Pᵀ(b, g) = A(b)ᵀ·g`` and the sampled dots ``S(g, x)`` are each other's
+derivatives; conservative-force training differentiates them twice. Checked here: each against its
+plain formula (gathers, products, ``index_add``), gradcheck and gradgradcheck of each, that only
+the gradients asked for are computed, the kept CSR values against in-place changes, and the whole
+model's conservative forces and parameter gradients against the plain autograd reference
+(:func:`~zoo.models.gemnet_oc.sparse.outer_sum_dense`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datapipe.graph import batch_from_atoms
+from zoo.models.gemnet_oc import interactions, sparse
+from zoo.models.gemnet_oc.sparse import OuterPlan, outer_sum, outer_sum_dense, padded_sum
+from zoo.registry import build
+from zoo.testing import water_cluster
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+f64 = torch.float64
+
+
+def random_case(seed: int, num_out=6, num_in=7, t=23, k=3, c=4):
+    """A plan with an empty output row and repeated inputs, and ``b [T, K]``, ``x [I, C]``, ``g [O, K, C]``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.sort(torch.randint(0, num_out - 1, (t,), generator=gen)).values  # the last row stays empty
+    inp = torch.randint(0, num_in, (t,), generator=gen)
+    plan = OuterPlan(out, inp, k, num_out, num_in)
+    b = torch.randn(t, k, generator=gen, dtype=f64, requires_grad=True)
+    x = torch.randn(num_in, c, generator=gen, dtype=f64, requires_grad=True)
+    g = torch.randn(num_out, k, c, generator=gen, dtype=f64, requires_grad=True)
+    return plan, b, x, g
+
+
+def reference(name, plan, first, second):
+    """The plain formula of each primitive (autograd differentiates it)."""
+    if name == "P":
+        return outer_sum_dense(first, second, plan)  # [O, K, C]
+    if name == "Pt":  # z[i] = Σ_{t: in[t] = i} Σ_k b[t, k] g[out[t], k]
+        per_t = (first.unsqueeze(2) * second.index_select(0, plan.out)).sum(1)  # [T, C]
+        return torch.zeros(plan.num_in, second.shape[-1], dtype=f64).index_add(0, plan.inp, per_t)
+    return (first.index_select(0, plan.out) * second.index_select(0, plan.inp).unsqueeze(1)).sum(-1)  # S [T, K]
+
+
+PRIMITIVES = {"P": sparse._Product, "Pt": sparse._ProductT, "S": sparse._Sampled}
+
+
+def operands(name, b, x, g):
+    return {"P": (b, x), "Pt": (b, g), "S": (g, x)}[name]
+
+
+def weighted(outputs, inputs, seed=7, create_graph=False):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outputs)
+    return torch.autograd.grad(total, inputs, create_graph=create_graph)
+
+
+@pytest.mark.parametrize("name", ["P", "Pt", "S"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_primitive_values_and_derivatives_match_plain_formula(name, seed):
+    plan, b, x, g = random_case(seed)
+    first, second = operands(name, b, x, g)
+    new = PRIMITIVES[name].apply(first, second, plan)
+    ref = reference(name, plan, first, second)
+    assert new.shape == ref.shape
+    torch.testing.assert_close(new, ref, **TOL)
+    d_new = weighted([new], [first, second], create_graph=True)
+    d_ref = weighted([ref], [first, second], create_graph=True)
+    for a, r in zip(d_new, d_ref):
+        torch.testing.assert_close(a, r, **TOL)
+    dd_new, dd_ref = weighted(d_new, [first, second], seed=8), weighted(d_ref, [first, second], seed=8)
+    for a, r in zip(dd_new, dd_ref):
+        torch.testing.assert_close(a, r, **TOL)
+
+
+@pytest.mark.parametrize("name", ["P", "Pt", "S"])
+def test_primitive_gradcheck_and_gradgradcheck(name):
+    plan, b, x, g = random_case(3, t=15, c=3)
+    first, second = operands(name, b, x, g)
+    fn = lambda u, v: PRIMITIVES[name].apply(u, v, plan)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (first, second))
+    assert torch.autograd.gradgradcheck(fn, (first, second))
+
+
+def test_outer_sum_agrees_with_padded_and_dense_to_second_order():
+    """Values, first and second derivatives (the sum is bilinear: the third vanish): CSR primitives,
+    the padded batched matmul, the reference."""
+    plan, b, x, _ = random_case(4)
+    results = []
+    for fn in (outer_sum, padded_sum, outer_sum_dense):
+        y = fn(b, x, plan)
+        d1 = weighted([y], [b, x], create_graph=True)
+        d2 = weighted(d1, [b, x], seed=8)
+        results.append((y, *d1, *d2))
+    for new, padded, dense in zip(*results):
+        torch.testing.assert_close(new, dense, **TOL)
+        torch.testing.assert_close(padded, dense, **TOL)
+
+
+def test_backward_computes_only_the_gradients_asked_for(monkeypatch):
+    plan, b, x, _ = random_case(5)
+    calls = []
+    for name, cls in PRIMITIVES.items():
+        original = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, n=name, o=original: calls.append(n) or o(*a))
+    y = outer_sum(b, x.detach(), plan)  # the basis only (the learned pair basis of direct training)
+    torch.autograd.grad(y.sum(), [b])
+    assert calls == ["P", "S"]
+    calls.clear()
+    y = outer_sum(b.detach(), x, plan)  # the messages only (a geometric basis, direct forces)
+    torch.autograd.grad(y.sum(), [x])
+    assert calls == ["P", "Pt"]
+
+
+def test_kept_csr_values_follow_in_place_changes():
+    """A basis's CSR layout is kept between products; an in-place change must not reuse it."""
+    plan, b, x, g = random_case(6)
+    basis = b.detach() * 1.0  # not a leaf: its layout is kept
+    first = outer_sum(basis, x, plan)
+    transposed = sparse._ProductT.apply(basis, g, plan)
+    basis.mul_(2.0)
+    torch.testing.assert_close(outer_sum(basis, x, plan), 2 * first, **TOL)
+    torch.testing.assert_close(sparse._ProductT.apply(basis, g, plan), 2 * transposed, **TOL)
+    torch.testing.assert_close(outer_sum(basis, x, plan), outer_sum_dense(basis, x, plan), **TOL)
+
+
+def test_empty_plan_and_misfit_operands():
+    plan = OuterPlan(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 2, 3, 4)
+    x = torch.randn(4, 5, dtype=f64, requires_grad=True)
+    y = outer_sum(torch.zeros(0, 2, dtype=f64, requires_grad=True), x, plan)
+    assert y.shape == (3, 2, 5) and not y.any()
+    with pytest.raises(ValueError, match="do not fit the plan"):
+        outer_sum(torch.zeros(1, 2, dtype=f64), x, plan)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["conservative", "direct"])
+def test_model_forces_and_parameter_gradients_match_plain_autograd(direct, monkeypatch):
+    """The whole model in float64 (2 blocks, two water clusters): energies, forces (conservative:
+    −∂E/∂positions through the primitives' backward) and the parameter gradients of a loss on both
+    (conservative: their double backward), against every sum written as gather × outer + index_add."""
+    torch.manual_seed(0)
+    model = build("gemnet-oc", 8, num_blocks=2, direct_forces=direct).to(f64)
+    model.set_normalization(None, 1.0)
+    model.train()
+    batch = batch_from_atoms([water_cluster(4, seed=1), water_cluster(3, seed=2)], cutoff=model.data_cutoff)
+    batch["positions"] = batch["positions"].to(f64)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(batch)
+        (out["energy"].abs().mean() + out["forces"].norm(dim=-1).mean()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out_new, grad_new = step()
+    monkeypatch.setattr(interactions, "outer_sum", outer_sum_dense)
+    out_ref, grad_ref = step()
+    for key in ("energy", "forces"):
+        torch.testing.assert_close(out_new[key], out_ref[key], **TOL)
+    assert grad_new.keys() == grad_ref.keys() and grad_new
+    for name in grad_new:
+        torch.testing.assert_close(grad_new[name], grad_ref[name], **TOL, msg=name)
