@@ -136,7 +136,7 @@ class OuterPlan:
         """``(crow, col, gather)`` of ``A``, built once (on the first sparse product)."""
         if self.csr is None:
             with torch.no_grad():
-                self.csr = _csr_maps(self.out, self.inp, self.k, self.num_out, self.num_in)
+                self.csr = _csr_maps(self)
         return self.csr
 
     def maps_t(self) -> tuple[torch.Tensor, ...]:
@@ -153,28 +153,29 @@ class OuterPlan:
         return self.csr_t
 
 
-def _csr_maps(out: torch.Tensor, inp: torch.Tensor, k: int, num_out: int, num_in: int) -> tuple[torch.Tensor, ...]:
+def _csr_maps(plan: OuterPlan) -> tuple[torch.Tensor, ...]:
     """``A``'s row pointers ``[O·K + 1]``, columns ``[T·K]`` and, for each of its values, the index
     ``t·K + k`` of ``basis[t, k]`` in the flattened basis ``[T·K]``.
 
-    Row ``o·K + k`` holds, in order, the ``n_o`` basis rows ``t = start_o + j`` of group ``o``: its
-    ``j``-th value sits at ``K·start_o + k·n_o + j``.
+    Row ``o·K + k`` holds, in order, the ``n_o`` basis rows ``t = start_o + j`` of group ``o``: the
+    value ``basis[t, k]`` sits at ``K·start_o + k·n_o + j = (K − 1)·start_o + t + k·n_o``; both maps
+    are scattered there (in the index type of the maps: 2× faster in int32 than in int64).
     """
-    t, device = out.numel(), out.device
+    out, k, num_out, t = plan.out, plan.k, plan.num_out, plan.out.numel()
     if t > 1 and bool((out[1:] < out[:-1]).any()):
         raise ValueError("OuterPlan: the output index must be sorted (grouped by output row)")
-    ks = torch.arange(k, device=device)
+    dtype = _index_dtype(t * k, max(k * num_out, plan.num_in))
+    ks = torch.arange(k, device=out.device)
     counts = torch.bincount(out, minlength=num_out)  # [O] n_o
     start = torch.cumsum(counts, 0) - counts  # [O] start_o
     crow = torch.cat([out.new_zeros(1), (k * start.unsqueeze(1) + (ks + 1) * counts.unsqueeze(1)).reshape(-1)])  # [O·K + 1]
-    rank = torch.arange(t, device=device) - start.index_select(0, out)  # [T] j
-    place = (k * start.index_select(0, out) + rank).unsqueeze(1) + ks * counts.index_select(0, out).unsqueeze(1)  # [T, K]
-    gather = torch.empty(t * k, dtype=torch.int64, device=device).index_copy_(
-        0, place.reshape(-1), torch.arange(t * k, device=device))  # [T·K]
-    col = torch.empty(t * k, dtype=torch.int64, device=device).index_copy_(
-        0, place.reshape(-1), inp.unsqueeze(1).expand(t, k).reshape(-1))  # [T·K]
-    dtype = _index_dtype(t * k, max(k * num_out, num_in))
-    return crow.to(dtype), col.to(dtype), gather.to(dtype)
+    place = ((k - 1) * start.index_select(0, out) + torch.arange(t, device=out.device)).unsqueeze(1)
+    place = (place + ks * counts.index_select(0, out).unsqueeze(1)).reshape(-1)  # [T·K] where [t, k] goes
+    gather = torch.empty(t * k, dtype=dtype, device=out.device)
+    gather.index_copy_(0, place, torch.arange(t * k, dtype=dtype, device=out.device))  # [T·K]
+    col = torch.empty(t * k, dtype=dtype, device=out.device)
+    col.index_copy_(0, place, plan.inp.to(dtype).unsqueeze(1).expand(t, k).reshape(-1))  # [T·K]
+    return crow.to(dtype), col, gather
 
 
 def _index_dtype(nnz: int, size: int) -> torch.dtype:
