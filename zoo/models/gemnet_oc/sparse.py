@@ -193,7 +193,13 @@ def sparse_capable(*tensors: torch.Tensor) -> bool:
 
 
 def outer_sum(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
-    """``y[o, k, c] = Σ_{t: out[t] = o} basis[t, k] · x[in[t], c]``: ``[T, K], [I, C] → [O, K, C]``."""
+    """``y[o, k, c] = Σ_{t: out[t] = o} basis[t, k] · x[in[t], c]``: ``[T, K], [I, C] → [O, K, C]``.
+
+    GemNet-OC's bilinear sum of basis ⊗ message over a neighbourhood (arXiv 2204.02782, Sec. 3
+    "Efficient basis calculation"); units are those of ``basis`` times those of ``x``. Derivatives
+    of every order with respect to both operands (see the module docstring). Raises ``ValueError``
+    if the shapes do not fit the plan, or (on the first sparse product) if ``plan.out`` is not sorted.
+    """
     if basis.shape != (plan.out.numel(), plan.k) or x.shape[0] != plan.num_in:
         raise ValueError(f"outer_sum: basis {tuple(basis.shape)} / x {tuple(x.shape)} do not fit the plan "
                          f"(T={plan.out.numel()}, K={plan.k}, I={plan.num_in})")
@@ -268,7 +274,8 @@ class _Product(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, basis, x, plan: OuterPlan):
-        ctx.save_for_backward(basis, x)
+        need_basis, need_x, _ = ctx.needs_input_grad  # each operand is kept only for the other's gradient
+        ctx.save_for_backward(basis if need_x else None, x if need_basis else None)
         ctx.plan = plan
         return _product(basis, x, plan)
 
@@ -286,7 +293,8 @@ class _ProductT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, basis, g, plan: OuterPlan):
-        ctx.save_for_backward(basis, g)
+        need_basis, need_g, _ = ctx.needs_input_grad
+        ctx.save_for_backward(basis if need_g else None, g if need_basis else None)
         ctx.plan = plan
         return _product_t(basis, g, plan)
 
@@ -305,7 +313,8 @@ class _Sampled(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, x, plan: OuterPlan):
-        ctx.save_for_backward(g, x)
+        need_g, need_x, _ = ctx.needs_input_grad
+        ctx.save_for_backward(g if need_x else None, x if need_g else None)
         ctx.plan = plan
         return _sampled(g, x, plan)
 
