@@ -13,11 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datapipe.graph import batch_from_atoms
+from test_gemnet_fast import training_step  # tests/zoo is on the path (pytest's rootdir-relative import)
 from zoo.models.gemnet_oc import interactions, sparse
 from zoo.models.gemnet_oc.sparse import OuterPlan, outer_sum, outer_sum_dense, padded_sum
-from zoo.registry import build
-from zoo.testing import water_cluster
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 f64 = torch.float64
@@ -141,19 +139,7 @@ def test_model_forces_and_parameter_gradients_match_plain_autograd(direct, monke
     """The whole model in float64 (2 blocks, two water clusters): energies, forces (conservative:
     −∂E/∂positions through the primitives' backward) and the parameter gradients of a loss on both
     (conservative: their double backward), against every sum written as gather × outer + index_add."""
-    torch.manual_seed(0)
-    model = build("gemnet-oc", 8, num_blocks=2, direct_forces=direct).to(f64)
-    model.set_normalization(None, 1.0)
-    model.train()
-    batch = batch_from_atoms([water_cluster(4, seed=1), water_cluster(3, seed=2)], cutoff=model.data_cutoff)
-    batch["positions"] = batch["positions"].to(f64)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(batch)
-        (out["energy"].abs().mean() + out["forces"].norm(dim=-1).mean()).backward()
-        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
+    step = training_step(8, direct, f64)
     out_new, grad_new = step()
     monkeypatch.setattr(interactions, "outer_sum", outer_sum_dense)
     out_ref, grad_ref = step()

@@ -269,59 +269,47 @@ def _sampled(g: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
     return dots.view(-1).index_select(0, plan.sampling()).view(-1, plan.k)  # [T, K]
 
 
-class _Product(torch.autograd.Function):
-    """``y = A(basis)·x`` ``[T, K], [I, C] → [O, K, C]``; ``∂basis = S(∂y, x)``, ``∂x = A(basis)ᵀ·∂y``."""
+class _Bilinear(torch.autograd.Function):
+    """A bilinear ``f(u, v)`` whose two partial derivatives are other such Functions (made by
+    :func:`_bilinear`): ``∂u = grad_u(∂f, v)``, ``∂v = grad_v(∂f, u)``. Each operand is kept only for
+    the other's gradient, and only the gradients asked for are computed."""
 
     @staticmethod
-    def forward(ctx, basis, x, plan: OuterPlan):
-        need_basis, need_x, _ = ctx.needs_input_grad  # each operand is kept only for the other's gradient
-        ctx.save_for_backward(basis if need_x else None, x if need_basis else None)
-        ctx.plan = plan
-        return _product(basis, x, plan)
-
-    @staticmethod
-    def backward(ctx, grad):
-        basis, x = ctx.saved_tensors
-        need_basis, need_x, _ = ctx.needs_input_grad
-        grad_basis = _Sampled.apply(grad, x, ctx.plan) if need_basis else None
-        grad_x = _ProductT.apply(basis, grad, ctx.plan) if need_x else None
-        return grad_basis, grad_x, None
-
-
-class _ProductT(torch.autograd.Function):
-    """``z = A(basis)ᵀ·g`` ``[T, K], [O, K, C] → [I, C]``; ``∂basis = S(g, ∂z)``, ``∂g = A(basis)·∂z``."""
-
-    @staticmethod
-    def forward(ctx, basis, g, plan: OuterPlan):
-        need_basis, need_g, _ = ctx.needs_input_grad
-        ctx.save_for_backward(basis if need_g else None, g if need_basis else None)
-        ctx.plan = plan
-        return _product_t(basis, g, plan)
+    def forward(ctx, u, v, plan: OuterPlan):
+        raise NotImplementedError("use a Function made by _bilinear")
 
     @staticmethod
     def backward(ctx, grad):
-        basis, g = ctx.saved_tensors
-        need_basis, need_g, _ = ctx.needs_input_grad
-        grad_basis = _Sampled.apply(g, grad, ctx.plan) if need_basis else None
-        grad_g = _Product.apply(basis, grad, ctx.plan) if need_g else None
-        return grad_basis, grad_g, None
+        u, v = ctx.saved_tensors
+        need_u, need_v, _ = ctx.needs_input_grad
+        rule_u, rule_v = ctx.rules
+        grad_u = rule_u(grad, v, ctx.plan) if need_u else None
+        grad_v = rule_v(grad, u, ctx.plan) if need_v else None
+        return grad_u, grad_v, None
 
 
-class _Sampled(torch.autograd.Function):
-    """``s = S(g, x)`` ``[O, K, C], [I, C] → [T, K]`` (:func:`_sampled`); ``∂g = A(∂s)·x``,
-    ``∂x = A(∂s)ᵀ·g``."""
+def _bilinear(name: str, kernel, grad_u, grad_v, doc: str) -> type:
+    """A :class:`_Bilinear` Function computing ``kernel(u, v, plan)``."""
 
-    @staticmethod
-    def forward(ctx, g, x, plan: OuterPlan):
-        need_g, need_x, _ = ctx.needs_input_grad
-        ctx.save_for_backward(g if need_x else None, x if need_g else None)
-        ctx.plan = plan
-        return _sampled(g, x, plan)
+    def forward(ctx, u, v, plan: OuterPlan):
+        need_u, need_v, _ = ctx.needs_input_grad
+        ctx.save_for_backward(u if need_v else None, v if need_u else None)
+        ctx.plan, ctx.rules = plan, (grad_u, grad_v)
+        return kernel(u, v, plan)
 
-    @staticmethod
-    def backward(ctx, grad):
-        g, x = ctx.saved_tensors
-        need_g, need_x, _ = ctx.needs_input_grad
-        grad_g = _Product.apply(grad, x, ctx.plan) if need_g else None
-        grad_x = _ProductT.apply(grad, g, ctx.plan) if need_x else None
-        return grad_g, grad_x, None
+    return type(name, (_Bilinear,), {"forward": staticmethod(forward), "__doc__": doc})
+
+
+# the three are each other's derivatives (module docstring); g: the incoming gradient
+_Product = _bilinear(
+    "_Product", _product,
+    lambda g, x, plan: _Sampled.apply(g, x, plan), lambda g, basis, plan: _ProductT.apply(basis, g, plan),
+    "``y = A(basis)·x`` ``[T, K], [I, C] → [O, K, C]``; ``∂basis = S(∂y, x)``, ``∂x = A(basis)ᵀ·∂y``.")
+_ProductT = _bilinear(
+    "_ProductT", _product_t,
+    lambda g, out, plan: _Sampled.apply(out, g, plan), lambda g, basis, plan: _Product.apply(basis, g, plan),
+    "``z = A(basis)ᵀ·g`` ``[T, K], [O, K, C] → [I, C]``; ``∂basis = S(g, ∂z)``, ``∂g = A(basis)·∂z``.")
+_Sampled = _bilinear(
+    "_Sampled", _sampled,
+    lambda g, x, plan: _Product.apply(g, x, plan), lambda g, out, plan: _ProductT.apply(g, out, plan),
+    "``s = S(g, x)`` ``[O, K, C], [I, C] → [T, K]``; ``∂g = A(∂s)·x``, ``∂x = A(∂s)ᵀ·g``.")
