@@ -23,10 +23,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from datapipe.graph import batch_from_atoms
-from zoo.models.common import gather
+from zoo.models.common import UNDERFLOW_EXPONENT, GaussianBasis, gather
 from zoo.models import dense
 from zoo.models.gemnet_oc import sparse
-from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, aggregate_outer
+from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, aggregate_outer, legendre_basis
 from zoo.models.gemnet_oc.graph import build_radius_graph, safe_cosine, scaled_normals, subgraph
 from zoo.models.gemnet_oc.interactions import EdgeEmbedding
 from zoo.models.gemnet_oc.sparse import OuterPlan, outer_sum, outer_sum_dense
@@ -170,6 +170,38 @@ def test_radial_basis_from_big_graph_and_scaled_normals():
     i, j = torch.randint(0, 10, (30,)), torch.randint(0, 8, (30,))
     new = (scaled_normals(u)[i] * scaled_normals(v)[j]).sum(-1).clamp(-1, 1)
     torch.testing.assert_close(new, safe_cosine(u[i], v[j]), **TOL)
+
+
+def test_gaussians_below_the_smallest_normal_float_are_flushed_and_nothing_else_changes():
+    """GemNet-OC's radial basis sets Gaussians under exp(−87) to 0 (torch.exp's slow path): every value
+    and derivative moves by less than 1e-30, those at or above exp(−87) not at all."""
+    d = torch.linspace(0.0, 6.5, 997, dtype=f64, requires_grad=True)  # Å, past the cutoff too
+    plain, flushed = GaussianBasis(6.0, 128).double(), GaussianBasis(6.0, 128, flush_underflow=True).double()
+    old, new = plain(d), flushed(d)  # [997, 128]
+    small = old < math.exp(UNDERFLOW_EXPONENT)
+    assert 0.5 < float(small.double().mean()) < 1.0  # most of a narrow basis is flushed
+    assert bool((new[small] == 0).all()) and bool((new[~small] == old[~small]).all())
+    assert float((new - old).abs().max()) < math.exp(UNDERFLOW_EXPONENT)
+    (g_old,), (g_new,) = grads([old], [d]), grads([new], [d])
+    torch.testing.assert_close(g_new, g_old, rtol=0, atol=1e-30)
+    fp32 = GaussianBasis(6.0, 128, flush_underflow=True)(d.detach().float())  # [997, 128]
+    assert fp32.dtype == torch.float32 and bool(((fp32 == 0) | (fp32 >= torch.finfo(torch.float32).tiny)).all())
+
+
+def test_legendre_recursion_on_normalised_harmonics_matches_bonnet():
+    """Y_l^0 by the normalised recursion against Bonnet's recursion on P_l then the norms (the
+    formulation before), values and derivatives, float64, including cos = ±1."""
+    x = torch.cat([torch.linspace(-1.0, 1.0, 201, dtype=f64), torch.tensor([1.2, -1.3], dtype=f64)]).requires_grad_()
+    for num in (2, 3, 7):
+        c = x.clamp(-1.0, 1.0)
+        polys = [torch.ones_like(c), c]
+        for l in range(1, num - 1):
+            polys.append(((2 * l + 1) * c * polys[l] - l * polys[l - 1]) / (l + 1))
+        old = torch.stack([math.sqrt((2 * l + 1) / (4 * math.pi)) * p for l, p in enumerate(polys[:num])], dim=-1)
+        new = legendre_basis(x, num)
+        assert new.shape == (x.numel(), num) and new.is_contiguous()
+        torch.testing.assert_close(new, old, **TOL)
+        torch.testing.assert_close(grads([new], [x])[0], grads([old], [x])[0], **TOL)
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])

@@ -184,7 +184,7 @@ class RadialBasis(nn.Module):
 
     def __init__(self, cutoff: float, num_radial: int) -> None:
         super().__init__()
-        self.gaussians = GaussianBasis(cutoff, num_radial)
+        self.gaussians = GaussianBasis(cutoff, num_radial, flush_underflow=True)  # below 1.6e-38 → 0 (its docstring)
         self.envelope = PolynomialEnvelope(cutoff, exponent=5)
 
     @fp32_island
@@ -199,13 +199,19 @@ def legendre_basis(cosine: torch.Tensor, num_spherical: int) -> torch.Tensor:
     ``Y_l^0(θ) = sqrt((2l+1)/4π) · P_l(cos θ)`` with Bonnet's recursion for the Legendre
     polynomials ``P_l``; a polynomial in the cosine, so no ``acos`` and finite gradients at
     ``cos = ±1``. ``[T]`` → ``[T, num_spherical]``.
+
+    The recursion runs on the normalised ``Y_l = n_l P_l`` directly,
+    ``Y_{l+1} = (n_{l+1}/n_l)·((2l+1)/(l+1))·x·Y_l − (n_{l+1}/n_{l−1})·(l/(l+1))·Y_{l−1}``: two passes
+    per order and no normalising pass (the same polynomials; float round-off differs).
     """
     x = cosine.clamp(-1.0, 1.0)
-    polys = [torch.ones_like(x), x]
-    for l in range(1, num_spherical - 1):
-        polys.append(((2 * l + 1) * x * polys[l] - l * polys[l - 1]) / (l + 1))
     norms = [math.sqrt((2 * l + 1) / (4 * math.pi)) for l in range(num_spherical)]
-    return torch.stack([n * p for n, p in zip(norms, polys[:num_spherical])], dim=-1)  # [T, S]
+    ys = [torch.full_like(x, norms[0]), x * norms[1]]
+    for l in range(1, num_spherical - 1):
+        a = norms[l + 1] / norms[l] * (2 * l + 1) / (l + 1)
+        b = norms[l + 1] / norms[l - 1] * l / (l + 1)
+        ys.append(torch.mul(ys[l - 1], -b).addcmul_(x, ys[l], value=a))
+    return torch.stack(ys[:num_spherical], dim=-1)  # [T, S]
 
 
 class BasisEmbedding(nn.Module):
