@@ -73,7 +73,7 @@ from torch import nn
 from datapipe import keys
 from zoo.models.base import ForceField
 from zoo.models.common import ChargeSpinEmbedding, gather, scatter_sum
-from zoo.models.gemnet_oc.blocks import BasisEmbedding, Dense, RadialBasis, ResidualLayer, legendre_basis
+from zoo.models.gemnet_oc.blocks import BasisEmbedding, Dense, RadialBasis, ResidualLayer, legendre_basis, run_scaled
 from zoo.models.gemnet_oc.graph import (
     Graph,
     build_radius_graph,
@@ -326,6 +326,7 @@ class GemNetOC(ForceField):
         energy = self.out_energy(self.out_mlp_E(torch.cat(xs_e, dim=-1))).squeeze(-1)  # [N]
         if not self.direct_forces:
             return energy, None
-        f_ca = self.out_forces(self.out_mlp_F(torch.cat(xs_f, dim=-1)))  # [E, 1]
+        v, k = run_scaled(self.out_mlp_F, torch.cat(xs_f, dim=-1))  # out_mlp_F(·) = k·v  [E, C]
+        f_ca = self.out_forces.scaled(v, k)[0]  # [E, 1]
         forces = scatter_sum(f_ca * main.unit, main.target, n)  # [N, 3]
         return energy, forces
