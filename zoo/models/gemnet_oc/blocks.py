@@ -241,7 +241,7 @@ def legendre_basis(cosine: torch.Tensor, num_spherical: int) -> torch.Tensor:
     for l in range(1, num_spherical - 1):
         a = norms[l + 1] / norms[l] * (2 * l + 1) / (l + 1)
         b = norms[l + 1] / norms[l - 1] * l / (l + 1)
-        ys.append(torch.mul(ys[l - 1], -b).addcmul_(x, ys[l], value=a))
+        ys.append(torch.addcmul(ys[l - 1] * -b, x, ys[l], value=a))  # (out of place: the FLOP counters' addcmul)
     return torch.stack(ys[:num_spherical], dim=-1)  # [T, S]
 
 
