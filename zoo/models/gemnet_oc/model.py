@@ -85,7 +85,7 @@ from zoo.models.gemnet_oc.graph import (
     symmetric_knn_mask,
     triplets,
 )
-from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock
+from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock, cab_plan
 from zoo.models.gemnet_oc.sparse import OuterPlan
 from zoo.models.precision import to_compute
 
@@ -238,14 +238,16 @@ class GemNetOC(ForceField):
         }
         # the sums Σ basis ⊗ message of every block, indexed once per batch (zoo.models.gemnet_oc.sparse)
         S, quad, t_out = self.num_spherical, g["quad"], g["quad"]["trip_out"]
+        # the quadruplet sum over all dihedral orders at once where the geometric bases need no gradient
+        # (direct forces, inference); conservative forces keep one [T_out, S·C] product (faster padded)
+        quad["stacked"] = not (positions.requires_grad and torch.is_grad_enabled())
         g["plans"] = {
             "e2e": OuterPlan(g["trip_e2e"]["out"], g["trip_e2e"]["in"], S, main.num_edges, main.num_edges),
             "a2e": OuterPlan(g["trip_a2e"]["out"], g["trip_a2e"]["in"], S, main.num_edges, aeaint.num_edges),
             "e2a": OuterPlan(g["trip_e2a"]["out"], g["trip_e2a"]["in"], S, aeaint.num_edges, main.num_edges),
             "quad": OuterPlan(quad["quad_out"], quad["quad_in"], S, t_out["out"].numel(),
                               quad["trip_in"]["in"].numel()),
-            "cab": OuterPlan(t_out["out"], torch.arange(t_out["out"].numel(), device=positions.device), S,
-                             main.num_edges, t_out["out"].numel()),
+            "cab": cab_plan(t_out["out"], S, main.num_edges, quad["stacked"]),
             "aint": OuterPlan(aint.target, aint.source, self.sizes["rbf"], n, n),
         }
         return g
@@ -300,7 +302,7 @@ class GemNetOC(ForceField):
         cos_dihedral = (gather(n_cab, quad["quad_out"]) * gather(n_abd, quad["quad_in"])).sum(-1).clamp(-1.0, 1.0)  # [Q]
         out["q_sbf"] = (
             self.mlp_sbf_qint(rbf_main),  # [E, sbf, S²]
-            to_compute(legendre_basis(cos_cab, S), c),  # [T_out, S]
+            to_compute(legendre_basis(cos_cab, S), c).repeat(S if quad["stacked"] else 1, 1),  # [(S·)T_out, S]
             to_compute(legendre_basis(cos_dihedral, S), c),  # [Q, S]
         )
         return out
