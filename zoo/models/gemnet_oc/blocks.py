@@ -233,7 +233,9 @@ def legendre_basis(cosine: torch.Tensor, num_spherical: int) -> torch.Tensor:
 
     The recursion runs on the normalised ``Y_l = n_l P_l`` directly,
     ``Y_{l+1} = (n_{l+1}/n_l)·((2l+1)/(l+1))·x·Y_l − (n_{l+1}/n_{l−1})·(l/(l+1))·Y_{l−1}``: two passes
-    per order and no normalising pass (the same polynomials; float round-off differs).
+    per order and no normalising pass (the same polynomials; float round-off differs). The result is
+    the transpose of a contiguous ``[num_spherical, T]`` (one contiguous row per order: the layout of
+    the CSR values in :mod:`zoo.models.gemnet_oc.sparse`); ``.contiguous()`` gives rows.
     """
     x = cosine.clamp(-1.0, 1.0)
     norms = [math.sqrt((2 * l + 1) / (4 * math.pi)) for l in range(num_spherical)]
@@ -242,7 +244,7 @@ def legendre_basis(cosine: torch.Tensor, num_spherical: int) -> torch.Tensor:
         a = norms[l + 1] / norms[l] * (2 * l + 1) / (l + 1)
         b = norms[l + 1] / norms[l - 1] * l / (l + 1)
         ys.append(torch.addcmul(ys[l - 1] * -b, x, ys[l], value=a))  # (out of place: the FLOP counters' addcmul)
-    return torch.stack(ys[:num_spherical], dim=-1)  # [T, S]
+    return torch.stack(ys[:num_spherical]).t()  # [T, S], a view of [S, T]
 
 
 class BasisEmbedding(nn.Module):

@@ -142,6 +142,16 @@ def cab_plan(out: torch.Tensor, num_spherical: int, num_edges: int, stacked: boo
                      num_spherical * num_edges, num_spherical * t)
 
 
+def stack_orders(basis: torch.Tensor, copies: int) -> torch.Tensor:
+    """``basis`` ``[T, S]`` repeated ``copies`` times along the rows ``[copies·T, S]`` (the basis of a stacked
+    :func:`cab_plan`), in ``basis``'s layout (rows, or the transpose of ``[S, T]``)."""
+    if copies == 1:
+        return basis
+    if basis.is_contiguous():
+        return basis.repeat(copies, 1)
+    return basis.t().repeat(1, copies).t()  # [copies·T, S], a view of [S, copies·T]
+
+
 class QuadrupletInteraction(nn.Module):
     """Quadruplet message passing ``m_db → (ba) → m_ca`` with rbf(d_db), cbf(d_ba, ∠abd) and the
     spherical basis sbf(d_ca, ∠cab, dihedral c-a-b-d).

@@ -85,7 +85,7 @@ from zoo.models.gemnet_oc.graph import (
     symmetric_knn_mask,
     triplets,
 )
-from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock, cab_plan
+from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock, cab_plan, stack_orders
 from zoo.models.gemnet_oc.sparse import OuterPlan
 from zoo.models.precision import to_compute
 
@@ -269,9 +269,16 @@ class GemNetOC(ForceField):
             rbf_aint = self.radial_aint(aint.distance)
         rbf_qint, rbf_aeaint, rbf_aint = (to_compute(r, c) for r in (rbf_qint, rbf_aeaint, rbf_aint))
 
+        # Legendre bases as the sums take them: with a backward to come, rows (its Aᵀ values gather rows);
+        # without (inference), order-major as legendre_basis returns them, A's values with no copy
+        rows = torch.is_grad_enabled()
+
+        def angular(cosine):  # [T] → [T, S]
+            basis = to_compute(legendre_basis(cosine, S), c)  # [T, S], a view of [S, T]
+            return basis.contiguous() if rows else basis
+
         def circular(trip, u_in, u_out):  # cosine of the angle at the shared atom a
-            cosine = (gather(u_in, trip["in"]) * gather(u_out, trip["out"])).sum(-1)  # [T]
-            return to_compute(legendre_basis(cosine, S), c)  # [T, S]
+            return angular((gather(u_in, trip["in"]) * gather(u_out, trip["out"])).sum(-1))  # [T, S]
 
         out = {
             "e2e_rad": self.mlp_rbf_tint(rbf_main),  # [E, r]
@@ -302,8 +309,8 @@ class GemNetOC(ForceField):
         cos_dihedral = (gather(n_cab, quad["quad_out"]) * gather(n_abd, quad["quad_in"])).sum(-1).clamp(-1.0, 1.0)  # [Q]
         out["q_sbf"] = (
             self.mlp_sbf_qint(rbf_main),  # [E, sbf, S²]
-            to_compute(legendre_basis(cos_cab, S), c).repeat(S if quad["stacked"] else 1, 1),  # [(S·)T_out, S]
-            to_compute(legendre_basis(cos_dihedral, S), c),  # [Q, S]
+            stack_orders(angular(cos_cab), S if quad["stacked"] else 1),  # [(S·)T_out, S]
+            angular(cos_dihedral),  # [Q, S]
         )
         return out
 
