@@ -23,10 +23,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from datapipe.graph import batch_from_atoms
-from zoo.models.common import gather
+from zoo.models.common import UNDERFLOW_EXPONENT, GaussianBasis, gather, scatter_sum
 from zoo.models import dense
 from zoo.models.gemnet_oc import sparse
-from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, aggregate_outer
+from zoo.models.gemnet_oc import interactions
+from zoo.models.gemnet_oc.blocks import (Dense, ResidualLayer, ScaleFactor, aggregate_outer, fit_scale_factors,
+                                         legendre_basis, run_scaled)
 from zoo.models.gemnet_oc.graph import build_radius_graph, safe_cosine, scaled_normals, subgraph
 from zoo.models.gemnet_oc.interactions import EdgeEmbedding
 from zoo.models.gemnet_oc.sparse import OuterPlan, outer_sum, outer_sum_dense
@@ -172,6 +174,38 @@ def test_radial_basis_from_big_graph_and_scaled_normals():
     torch.testing.assert_close(new, safe_cosine(u[i], v[j]), **TOL)
 
 
+def test_gaussians_below_the_smallest_normal_float_are_flushed_and_nothing_else_changes():
+    """GemNet-OC's radial basis sets Gaussians under exp(−87) to 0 (torch.exp's slow path): every value
+    and derivative moves by less than 1e-30, those at or above exp(−87) not at all."""
+    d = torch.linspace(0.0, 6.5, 997, dtype=f64, requires_grad=True)  # Å, past the cutoff too
+    plain, flushed = GaussianBasis(6.0, 128).double(), GaussianBasis(6.0, 128, flush_underflow=True).double()
+    old, new = plain(d), flushed(d)  # [997, 128]
+    small = old < math.exp(UNDERFLOW_EXPONENT)
+    assert 0.5 < float(small.double().mean()) < 1.0  # most of a narrow basis is flushed
+    assert bool((new[small] == 0).all()) and bool((new[~small] == old[~small]).all())
+    assert float((new - old).abs().max()) < math.exp(UNDERFLOW_EXPONENT)
+    (g_old,), (g_new,) = grads([old], [d]), grads([new], [d])
+    torch.testing.assert_close(g_new, g_old, rtol=0, atol=1e-30)
+    fp32 = GaussianBasis(6.0, 128, flush_underflow=True)(d.detach().float())  # [997, 128]
+    assert fp32.dtype == torch.float32 and bool(((fp32 == 0) | (fp32 >= torch.finfo(torch.float32).tiny)).all())
+
+
+def test_legendre_recursion_on_normalised_harmonics_matches_bonnet():
+    """Y_l^0 by the normalised recursion against Bonnet's recursion on P_l then the norms (the
+    formulation before), values and derivatives, float64, including cos = ±1."""
+    x = torch.cat([torch.linspace(-1.0, 1.0, 201, dtype=f64), torch.tensor([1.2, -1.3], dtype=f64)]).requires_grad_()
+    for num in (2, 3, 7):
+        c = x.clamp(-1.0, 1.0)
+        polys = [torch.ones_like(c), c]
+        for l in range(1, num - 1):
+            polys.append(((2 * l + 1) * c * polys[l] - l * polys[l - 1]) / (l + 1))
+        old = torch.stack([math.sqrt((2 * l + 1) / (4 * math.pi)) * p for l, p in enumerate(polys[:num])], dim=-1)
+        new = legendre_basis(x, num)
+        assert new.shape == (x.numel(), num) and new.t().is_contiguous()  # one contiguous row per order
+        torch.testing.assert_close(new, old, **TOL)
+        torch.testing.assert_close(grads([new], [x])[0], grads([old], [x])[0], **TOL)
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "conservative"])
 def test_model_sparse_path_matches_dense_fallback(direct, monkeypatch):
     """The whole model in float64, training step: CSR sums against the padded fallback."""
@@ -243,3 +277,130 @@ def test_csr_maps_are_int32_where_the_counts_fit():
     assert sparse._index_dtype(2**31, 10) == sparse._index_dtype(10, 2**31) == torch.int64
     basis, x = torch.randn(plan.out.numel(), plan.k, generator=gen), torch.randn(plan.num_in, 4, generator=gen)
     torch.testing.assert_close(sparse_sum(basis, x, plan), outer_sum_dense(basis, x, plan), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# folded scales (interactions.py): every 1/0.6, 1/√2 and fitted scale moved into the next weight,
+# the four layers reading m in one product, the two up projections in one, against the plain
+# formulas of before (each Dense layer applied on its own), float64
+
+
+def plain_triplet(t, m, rad, cir, plan, reverse, expand=None, to_atoms=None):
+    x = t.dense_ba(m)
+    x = gather(x, expand) if expand is not None else x
+    x = t.scale_rbf(x * t.mlp_rbf(rad), ref=x)
+    x_in = t.down_projection(x)
+    z = cir[0] @ outer_sum(cir[1], x_in, plan)
+    z = scatter_sum(z, *to_atoms) if to_atoms is not None else z
+    x = t.scale_cbf_sum(t.bilinear(z.flatten(1)), ref=lambda: gather(x_in, plan.inp))
+    if t.symmetric:
+        return (t.up_projection_ca(x) + gather(t.up_projection_ac(x), reverse)) / math.sqrt(2.0)
+    return t.up_projection_ca(gather(x, reverse) if t.swap_output else x)
+
+
+def plain_quadruplet(q, m, rad, cbf, sbf, quad, plans, reverse):
+    """(with the second stage's plan of before: [T_out, S·C] rows, the angle basis once)"""
+    s, t_out = q.num_spherical, quad["trip_out"]["out"]
+    if quad["stacked"]:
+        plans = (plans[0], interactions.cab_plan(t_out, s, sbf[0].shape[0], stacked=False))
+        sbf = (sbf[0], sbf[1][: t_out.numel()], sbf[2])
+    x = q.dense_db(m)
+    x = q.scale_rbf(x * q.mlp_rbf(rad), ref=x)
+    x = gather(q.down_projection(x), quad["trip_in"]["in"])
+    x = q.scale_cbf(x * q.mlp_cbf(cbf), ref=x)
+    y = outer_sum(sbf[1], outer_sum(sbf[2], x, plans[0]).flatten(1), plans[1]).reshape(sbf[0].shape[0], s * s, -1)
+    x = q.scale_sbf_sum(q.bilinear((sbf[0] @ y).flatten(1)), ref=lambda: gather(x, plans[0].inp))
+    return (q.up_projection_ca(x) + gather(q.up_projection_ac(x), reverse)) / math.sqrt(2.0)
+
+
+def plain_block(block, h, m, b, g):
+    main, ae, rev, n, p = g["main"], g["aeaint"], g["reverse"], h.shape[0], g["plans"]
+    x = (block.dense_ca(m) + plain_triplet(block.trip_interaction, m, b["e2e_rad"], b["e2e_cir"], p["e2e"], rev)
+         + plain_quadruplet(block.quad_interaction, m, b["q_rad"], b["q_cbf"], b["q_sbf"], g["quad"], (p["quad"], p["cab"]), rev)
+         + plain_triplet(block.atom_edge_interaction, h, b["a2e_rad"], b["a2e_cir"], p["a2e"], rev, expand=ae.source)) / 2
+    h = (h + plain_triplet(block.edge_atom_interaction, m, b["e2a_rad"], b["e2a_cir"], p["e2a"], None, to_atoms=(ae.target, n))
+         + block.atom_interaction(h, b["a2a_rad"], p["aint"])) / math.sqrt(3.0)
+    m = block.layers_after_skip((m + block.layers_before_skip(x)) / math.sqrt(2.0))
+    up = block.atom_update
+    h = (block.atom_emb_layers(h) + up.layers(up.scale_sum(scatter_sum(m * up.dense_rbf(b["atom_rad"]), main.target, n), ref=m))) / math.sqrt(2.0)
+    layer = block.concat_layer
+    cat = torch.cat([gather(h, main.edge_index[0]), gather(h, main.edge_index[1]), m], dim=-1)
+    return h, (m + block.residual_m(layer.dense(cat))) / math.sqrt(2.0)
+
+
+def folded_setup(seed=0):
+    torch.manual_seed(seed)
+    model = build("gemnet-oc", 8, num_blocks=1).double()
+    for factor in model.modules():  # fitted-looking scales, so that folding them is exercised
+        if isinstance(factor, ScaleFactor):
+            factor.scale.fill_(0.5 + torch.rand(()).item())
+    batch = batch_from_atoms([water_cluster(4, seed=1), water_cluster(3, seed=2)], cutoff=model.data_cutoff)
+    pos, n = batch["positions"].double(), batch["positions"].shape[0]
+    g = model.graphs(pos, batch["edge_index"], batch["batch"])
+    h = torch.randn(n, 8, dtype=f64, requires_grad=True)
+    m = torch.randn(g["main"].num_edges, 8, dtype=f64, requires_grad=True)
+    return model, g, model.bases(g), h, m
+
+
+def test_folded_interaction_block_matches_plain_layers():
+    model, g, b, h, m = folded_setup()
+    assert g["quad"]["stacked"]  # direct forces: the quadruplet sum over all dihedral orders at once
+    block = model.int_blocks[0]
+    new, old = block(h, m, b, g), plain_block(block, h, m, b, g)
+    for a, c in zip(new, old):
+        torch.testing.assert_close(a, c, **TOL)
+    params = [h, m, *block.parameters(), model.mlp_rbf_tint.linear.weight, model.mlp_sbf_qint.weight]
+    for a, c in zip(grads(new, params, create_graph=True), grads(old, params)):  # (the bases' graph is shared)
+        torch.testing.assert_close(a, c, **TOL)
+
+
+def test_folded_output_block_and_force_head_match_plain_layers():
+    model, g, b, h, m = folded_setup(1)
+    ob, target, n = model.out_blocks[0], g["main"].target, h.shape[0]
+    new = ob(h, m, b["out_rad"], target, n)
+    x_f = ob.seq_forces(m)
+    old = (ob.after_atom((ob.layers(ob.scale_sum(scatter_sum(m * ob.dense_rbf(b["out_rad"]), target, n), ref=m)) + h)
+                         / math.sqrt(2.0)), ob.scale_rbf_F(x_f * ob.dense_rbf_F(b["out_rad"]), ref=x_f))
+    x = torch.cat([m] * 2, dim=-1)
+    v, k = run_scaled(model.out_mlp_F, x)
+    new, old = [*new, model.out_forces.scaled(v, k)[0]], [*old, model.out_forces(model.out_mlp_F(x))]
+    for a, c in zip(new, old):
+        torch.testing.assert_close(a, c, **TOL)
+    params = [h, m, *ob.parameters(), *model.out_mlp_F.parameters(), *model.out_forces.parameters()]
+    for a, c in zip(grads(new, params), grads(old, params)):
+        torch.testing.assert_close(a, c, **TOL)
+
+
+def test_scale_factors_fitted_through_folded_layers_equal_the_plain_fit(monkeypatch):
+    """While a factor is fitted, the product it records is the plain one: the same fitted scales."""
+    def fit():
+        torch.manual_seed(0)
+        model = build("gemnet-oc", 8, num_blocks=1).double()
+        batches = [batch_from_atoms([water_cluster(3, seed=s)], cutoff=model.data_cutoff) for s in range(2)]
+        for batch in batches:
+            batch["positions"] = batch["positions"].double()
+        return fit_scale_factors(model, batches)
+
+    new = fit()
+    monkeypatch.setattr(interactions.InteractionBlock, "forward", plain_block)
+    monkeypatch.setattr(interactions.OutputBlock, "forward", lambda ob, h, m, rad, t, n: (
+        ob.after_atom((ob.layers(ob.scale_sum(scatter_sum(m * ob.dense_rbf(rad), t, n), ref=m)) + h) / math.sqrt(2.0)),
+        ob.scale_rbf_F(ob.seq_forces(m) * ob.dense_rbf_F(rad), ref=ob.seq_forces(m))))
+    old = fit()
+    assert new.keys() == old.keys()
+    for name in new:
+        assert new[name] == pytest.approx(old[name], rel=1e-9), name
+
+
+def test_inference_bases_order_major_give_the_same_outputs():
+    """Without gradients the Legendre bases stay order-major (the CSR values as they lie): the same
+    energies and forces as with rows, float64."""
+    model, _, _, _, _ = folded_setup(2)
+    model.eval()
+    batch = batch_from_atoms([water_cluster(4, seed=3), water_cluster(3, seed=4)], cutoff=model.data_cutoff)
+    batch["positions"] = batch["positions"].double()
+    with torch.no_grad():
+        fast = model(batch)
+    rows = model(batch)  # grad enabled: row-major bases
+    for key in ("energy", "forces"):
+        torch.testing.assert_close(fast[key], rows[key].detach(), **TOL)

@@ -73,21 +73,38 @@ class BesselBasis(nn.Module):
         return math.sqrt(2.0 / self.cutoff) * torch.sin(self.frequencies * d) / (d * self.cutoff)  # [E, R]
 
 
+#: ``log`` of float32's smallest normal number (``torch.finfo(torch.float32).tiny`` = 1.18e-38) is −87.34
+UNDERFLOW_EXPONENT = -87.0
+
+
 class GaussianBasis(nn.Module):
     """Gaussian radial basis ``exp(−(d − μ_k)² / (2 s²))`` on ``num_radial`` centres in [0, cutoff].
 
     SchNet (Schütt et al. 2017, arXiv 1706.08566, eq. 5). ``[E]`` Å → ``[E, num_radial]``.
+
+    ``flush_underflow`` (off by default): Gaussians whose exponent is below
+    :data:`UNDERFLOW_EXPONENT` (values under ``exp(−87) = 1.6e-38``: zero or subnormal in float32)
+    are returned as exactly 0. With narrow Gaussians most entries are there (GemNet-OC, 128
+    centres: ~80 %), and ``torch.exp`` takes a slow path for them (measured, one core:
+    6.1 ms against 0.6 ms for a ``[6394, 128]`` basis). Every entry changes by less than 1.6e-38,
+    so each row, which holds entries of order 1 where a centre is near, changes below round-off
+    in float32 and float64.
     """
 
-    def __init__(self, cutoff: float, num_radial: int = 32) -> None:
+    def __init__(self, cutoff: float, num_radial: int = 32, flush_underflow: bool = False) -> None:
         super().__init__()
         self.register_buffer("centres", torch.linspace(0.0, float(cutoff), num_radial))
         self.width = float(cutoff) / max(num_radial - 1, 1)
+        self.flush_underflow = flush_underflow
 
     @fp32_island
     def forward(self, distances: torch.Tensor) -> torch.Tensor:
         diff = distances.unsqueeze(-1) - self.centres  # [E, R]
-        return torch.exp(-0.5 * (diff / self.width) ** 2)
+        exponent = -0.5 * (diff / self.width) ** 2  # [E, R]
+        if not self.flush_underflow:
+            return torch.exp(exponent)
+        small = exponent < UNDERFLOW_EXPONENT  # [E, R]
+        return torch.where(small, 0.0, torch.exp(exponent.clamp_min(UNDERFLOW_EXPONENT)))
 
 
 class ChargeSpinEmbedding(nn.Module):

@@ -62,6 +62,15 @@ class Dense(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.linear(x))
 
+    def scaled(self, v: torch.Tensor, k: float = 1.0) -> tuple[torch.Tensor, float]:
+        """``(v', k')`` with ``forward(k·v) = k'·v'`` ``[rows, out]``: the input's scale folded into the
+        weight, the activation's 1/0.6 handed on (for the next layer to fold), no elementwise pass
+        spent on either."""
+        weight = self.linear.weight if k == 1.0 else self.linear.weight * k  # [out, in]
+        if isinstance(self.activation, nn.Identity):
+            return linear(v, weight), 1.0
+        return nn.functional.silu(linear(v, weight)), 1.0 / 0.6
+
 
 class ResidualLayer(nn.Module):
     """``(x + Dense(Dense(x))) / √2`` (GemNet Fig. 3 "Residual").
@@ -80,6 +89,23 @@ class ResidualLayer(nn.Module):
         y = nn.functional.silu(linear(x, first))  # [rows, units], 0.6 · Dense₁(x)
         y = nn.functional.silu(linear(y, second * (1.0 / 0.6)))  # 0.6 · Dense₂(Dense₁(x))
         return torch.add(x, y, alpha=1.0 / 0.6).mul_(1.0 / math.sqrt(2.0))
+
+    def scaled(self, v: torch.Tensor, k: float = 1.0) -> tuple[torch.Tensor, float]:
+        """``(v', k')`` with ``forward(k·v) = k'·v'``: ``k`` folded into the first weight, and
+        ``(k·v + y/0.6)/√2 = (y + 0.6·k·v) / (0.6·√2)``, so one elementwise pass (an add) instead of two,
+        the factor ``k' = 1/(0.6·√2)`` left for the caller to fold (into the next weight)."""
+        first, second = self.dense[0].linear.weight, self.dense[1].linear.weight
+        y = nn.functional.silu(linear(v, first if k == 1.0 else first * k))  # [rows, units]
+        y = nn.functional.silu(linear(y, second * (1.0 / 0.6)))
+        return torch.add(y, v, alpha=0.6 * k), 1.0 / (0.6 * math.sqrt(2.0))
+
+
+def run_scaled(layers: Iterable[nn.Module], v: torch.Tensor, k: float = 1.0) -> tuple[torch.Tensor, float]:
+    """``(v', k')`` with ``layers(k·v) = k'·v'`` for a sequence of :class:`Dense` / :class:`ResidualLayer`,
+    each scale folded into the next weight (see their ``scaled``)."""
+    for layer in layers:
+        v, k = layer.scaled(v, k)
+    return v, k
 
 
 def dense_stack(units_in: int, units: int, num_residual: int) -> nn.Sequential:
@@ -102,6 +128,11 @@ class ScaleFactor(nn.Module):
         super().__init__()
         self.register_buffer("scale", torch.ones(()))
         self._stats: list[float] | None = None  # [Σ x², n_x, Σ ref², n_ref] while fitting
+
+    @property
+    def fitting(self) -> bool:
+        """Whether :func:`fit_scale_factors` is recording this factor's statistics now."""
+        return self._stats is not None
 
     def forward(self, x: torch.Tensor, ref: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """``s · x``; while fitting, the second moments of ``x`` and ``ref`` are recorded (``ref`` may be
@@ -184,7 +215,7 @@ class RadialBasis(nn.Module):
 
     def __init__(self, cutoff: float, num_radial: int) -> None:
         super().__init__()
-        self.gaussians = GaussianBasis(cutoff, num_radial)
+        self.gaussians = GaussianBasis(cutoff, num_radial, flush_underflow=True)  # below 1.6e-38 → 0 (its docstring)
         self.envelope = PolynomialEnvelope(cutoff, exponent=5)
 
     @fp32_island
@@ -199,13 +230,21 @@ def legendre_basis(cosine: torch.Tensor, num_spherical: int) -> torch.Tensor:
     ``Y_l^0(θ) = sqrt((2l+1)/4π) · P_l(cos θ)`` with Bonnet's recursion for the Legendre
     polynomials ``P_l``; a polynomial in the cosine, so no ``acos`` and finite gradients at
     ``cos = ±1``. ``[T]`` → ``[T, num_spherical]``.
+
+    The recursion runs on the normalised ``Y_l = n_l P_l`` directly,
+    ``Y_{l+1} = (n_{l+1}/n_l)·((2l+1)/(l+1))·x·Y_l − (n_{l+1}/n_{l−1})·(l/(l+1))·Y_{l−1}``: two passes
+    per order and no normalising pass (the same polynomials; float round-off differs). The result is
+    the transpose of a contiguous ``[num_spherical, T]`` (one contiguous row per order: the layout of
+    the CSR values in :mod:`zoo.models.gemnet_oc.sparse`); ``.contiguous()`` gives rows.
     """
     x = cosine.clamp(-1.0, 1.0)
-    polys = [torch.ones_like(x), x]
-    for l in range(1, num_spherical - 1):
-        polys.append(((2 * l + 1) * x * polys[l] - l * polys[l - 1]) / (l + 1))
     norms = [math.sqrt((2 * l + 1) / (4 * math.pi)) for l in range(num_spherical)]
-    return torch.stack([n * p for n, p in zip(norms, polys[:num_spherical])], dim=-1)  # [T, S]
+    ys = [torch.full_like(x, norms[0]), x * norms[1]]
+    for l in range(1, num_spherical - 1):
+        a = norms[l + 1] / norms[l] * (2 * l + 1) / (l + 1)
+        b = norms[l + 1] / norms[l - 1] * l / (l + 1)
+        ys.append(torch.addcmul(ys[l - 1] * -b, x, ys[l], value=a))  # (out of place: the FLOP counters' addcmul)
+    return torch.stack(ys[:num_spherical]).t()  # [T, S], a view of [S, T]
 
 
 class BasisEmbedding(nn.Module):

@@ -73,7 +73,7 @@ from torch import nn
 from datapipe import keys
 from zoo.models.base import ForceField
 from zoo.models.common import ChargeSpinEmbedding, gather, scatter_sum
-from zoo.models.gemnet_oc.blocks import BasisEmbedding, Dense, RadialBasis, ResidualLayer, legendre_basis
+from zoo.models.gemnet_oc.blocks import BasisEmbedding, Dense, RadialBasis, ResidualLayer, legendre_basis, run_scaled
 from zoo.models.gemnet_oc.graph import (
     Graph,
     build_radius_graph,
@@ -85,7 +85,7 @@ from zoo.models.gemnet_oc.graph import (
     symmetric_knn_mask,
     triplets,
 )
-from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock
+from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock, cab_plan, stack_orders
 from zoo.models.gemnet_oc.sparse import OuterPlan
 from zoo.models.precision import to_compute
 
@@ -238,14 +238,16 @@ class GemNetOC(ForceField):
         }
         # the sums Σ basis ⊗ message of every block, indexed once per batch (zoo.models.gemnet_oc.sparse)
         S, quad, t_out = self.num_spherical, g["quad"], g["quad"]["trip_out"]
+        # the quadruplet sum over all dihedral orders at once where the geometric bases need no gradient
+        # (direct forces, inference); conservative forces keep one [T_out, S·C] product (faster padded)
+        quad["stacked"] = not (positions.requires_grad and torch.is_grad_enabled())
         g["plans"] = {
             "e2e": OuterPlan(g["trip_e2e"]["out"], g["trip_e2e"]["in"], S, main.num_edges, main.num_edges),
             "a2e": OuterPlan(g["trip_a2e"]["out"], g["trip_a2e"]["in"], S, main.num_edges, aeaint.num_edges),
             "e2a": OuterPlan(g["trip_e2a"]["out"], g["trip_e2a"]["in"], S, aeaint.num_edges, main.num_edges),
             "quad": OuterPlan(quad["quad_out"], quad["quad_in"], S, t_out["out"].numel(),
                               quad["trip_in"]["in"].numel()),
-            "cab": OuterPlan(t_out["out"], torch.arange(t_out["out"].numel(), device=positions.device), S,
-                             main.num_edges, t_out["out"].numel()),
+            "cab": cab_plan(t_out["out"], S, main.num_edges, quad["stacked"]),
             "aint": OuterPlan(aint.target, aint.source, self.sizes["rbf"], n, n),
         }
         return g
@@ -267,9 +269,16 @@ class GemNetOC(ForceField):
             rbf_aint = self.radial_aint(aint.distance)
         rbf_qint, rbf_aeaint, rbf_aint = (to_compute(r, c) for r in (rbf_qint, rbf_aeaint, rbf_aint))
 
+        # Legendre bases as the sums take them: with a backward to come, rows (its Aᵀ values gather rows);
+        # without (inference), order-major as legendre_basis returns them, A's values with no copy
+        rows = torch.is_grad_enabled()
+
+        def angular(cosine):  # [T] → [T, S]
+            basis = to_compute(legendre_basis(cosine, S), c)  # [T, S], a view of [S, T]
+            return basis.contiguous() if rows else basis
+
         def circular(trip, u_in, u_out):  # cosine of the angle at the shared atom a
-            cosine = (gather(u_in, trip["in"]) * gather(u_out, trip["out"])).sum(-1)  # [T]
-            return to_compute(legendre_basis(cosine, S), c)  # [T, S]
+            return angular((gather(u_in, trip["in"]) * gather(u_out, trip["out"])).sum(-1))  # [T, S]
 
         out = {
             "e2e_rad": self.mlp_rbf_tint(rbf_main),  # [E, r]
@@ -300,8 +309,8 @@ class GemNetOC(ForceField):
         cos_dihedral = (gather(n_cab, quad["quad_out"]) * gather(n_abd, quad["quad_in"])).sum(-1).clamp(-1.0, 1.0)  # [Q]
         out["q_sbf"] = (
             self.mlp_sbf_qint(rbf_main),  # [E, sbf, S²]
-            to_compute(legendre_basis(cos_cab, S), c),  # [T_out, S]
-            to_compute(legendre_basis(cos_dihedral, S), c),  # [Q, S]
+            stack_orders(angular(cos_cab), S if quad["stacked"] else 1),  # [(S·)T_out, S]
+            angular(cos_dihedral),  # [Q, S]
         )
         return out
 
@@ -326,6 +335,7 @@ class GemNetOC(ForceField):
         energy = self.out_energy(self.out_mlp_E(torch.cat(xs_e, dim=-1))).squeeze(-1)  # [N]
         if not self.direct_forces:
             return energy, None
-        f_ca = self.out_forces(self.out_mlp_F(torch.cat(xs_f, dim=-1)))  # [E, 1]
+        v, k = run_scaled(self.out_mlp_F, torch.cat(xs_f, dim=-1))  # out_mlp_F(·) = k·v  [E, C]
+        f_ca = self.out_forces.scaled(v, k)[0]  # [E, 1]
         forces = scatter_sum(f_ca * main.unit, main.target, n)  # [N, 3]
         return energy, forces
