@@ -8,24 +8,26 @@ threshold* is returned with ``sbrk``. (Both thresholds move with the sizes freed
 and 64 MiB.) The next step asks the kernel again, and the first write to every 4 KiB page of a
 new tensor costs a page fault and the kernel's zeroing of the page.
 
-Measured (eSEN at C = 64, lmax 2, 105 atoms, 1,632 edges, one thread; ``Ours.step`` of
-``benchmarks/bench_vs_fairchem.py`` timed with ``resource.getrusage``): 20,000-45,000 minor page faults and 25-90 ms of
-system time per training step with glibc's defaults; 0-10 faults and ≈ 0 ms with the settings
-below. The per-edge Wigner products ``[1632, 9, 9] @ [1632, 9, 128]`` took 1.9 or 4.7 ms by whether
-their output landed on fresh pages. Benchmark rows (``bench_vs_fairchem.py --channels 64 --lmax 2
---modes train``, both processes with the same settings): direct 2254 → 1921 µs/atom, conservative
-5320 → 4899 µs/atom; fairchem's eSCN-MD 3154 → 3089 and 7503 → 7595 (unchanged).
+Measured with ``benchmarks/bench_vs_fairchem.py`` (its C = 64, lmax 2 model: 1.6 M parameters,
+105 atoms, 1,632 edges, one thread; its ``Ours.step`` timed with ``resource.getrusage``):
+20,000-45,000 minor page faults and 25-90 ms of system time per training step with glibc's
+defaults; 0-10 faults and ≈ 0 ms with the settings below. The per-edge products ``[1632, 9, 9] @
+[1632, 9, 128]`` took 1.9 or 4.7 ms by whether their output landed on fresh pages. Benchmark rows
+(``--channels 64 --lmax 2 --modes train``, both processes with the same settings): direct
+2254 → 1921 µs/atom, conservative 5320 → 4899 µs/atom; the reference model's 3154 → 3089 and
+7503 → 7595 (unchanged).
 
 :func:`keep_freed_memory` sets, with ``mallopt``, an mmap threshold of 256 MiB (blocks up to that
 come from the heap) and a trim threshold of 1 GiB (a free top of the heap up to that stays). The
 process then holds the peak of its heap between steps instead of returning it; the peak itself is
-unchanged (measured ``ru_maxrss`` over 8 conservative steps at C = 64: 1,008-1,019 MiB with the defaults,
-1,002-1,015 MiB with these settings). Numerics are untouched: only where memory comes from.
+unchanged (measured ``ru_maxrss`` over 8 conservative steps at C = 64: 1,008-1,019 MiB with the
+defaults, 1,002-1,015 MiB with these settings). Numerics are untouched: only where memory comes from.
 
 It steps aside where the user chose: any of ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
 ``MALLOC_TOP_PAD_`` or a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES`` in the environment (e.g.
-``benchmarks/bench_plan.py``, which mmaps every block over 64 KiB to measure live memory, or
-``MALLOC_TRIM_THRESHOLD_=131072`` for glibc's behaviour), and off glibc (musl, macOS, Windows).
+``benchmarks/bench_plan.py``, which mmaps every block over 64 KiB to measure live memory; a tunable
+that changes nothing, ``GLIBC_TUNABLES=glibc.malloc.perturb=0``, keeps glibc's defaults), and off
+glibc (musl, macOS, Windows).
 """
 
 from __future__ import annotations
