@@ -79,7 +79,8 @@ def keep_freed_memory(environ=None) -> dict[str, str]:
         return {}
     try:
         libc = ctypes.CDLL(None)
-        applied = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        applied = (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                   and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
     except (OSError, AttributeError):
         return {}
     if not applied:
