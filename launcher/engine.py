@@ -12,7 +12,7 @@ Without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported (the CP
 then uses gloo), and when several ranks share the CPU each gets ``cores / local ranks`` intra-op
 threads unless ``OMP_NUM_THREADS`` was given (docs/FEASIBILITY.md: 2 ranks on 2 cores, 104 ms → 31 ms
 per step with one thread each), and glibc's malloc keeps freed memory between steps
-(:mod:`launcher.heap`: a 1.6 M-parameter model's CPU step 15 % faster, without 20,000-45,000 page faults).
+(:mod:`launcher.heap`: a 1.6 M-parameter model's CPU step 4-16 % faster, without 20,000-45,000 page faults).
 
 What DeepSpeed and PyTorch print on a CPU machine, and what this module does about it:
 

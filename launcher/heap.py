@@ -12,10 +12,11 @@ Measured with ``benchmarks/bench_vs_fairchem.py`` (its C = 64, lmax 2 model: 1.6
 105 atoms, 1,632 edges, one thread; its ``Ours.step`` timed with ``resource.getrusage``):
 20,000-45,000 minor page faults and 25-90 ms of system time per training step with glibc's
 defaults; 0-10 faults and ≈ 0 ms with the settings below. The per-edge products ``[1632, 9, 9] @
-[1632, 9, 128]`` took 1.9 or 4.7 ms by whether their output landed on fresh pages. Benchmark rows
-(``--channels 64 --lmax 2 --modes train``, both processes with the same settings): direct
-2254 → 1921 µs/atom, conservative 5320 → 4899 µs/atom; the reference model's 3154 → 3089 and
-7503 → 7595 (unchanged).
+[1632, 9, 128]`` took 1.9 or 4.7 ms by whether their output landed on fresh pages. CPU time of a
+training step, alternating fresh processes with and without these settings (medians of 7 steps, then
+the median over the pairs; load 2.0-2.5): direct forces 238 → 199 ms (3 pairs), conservative forces
+624 → 600 ms (5 pairs). The whole ``bench_vs_fairchem.py`` run with them in both processes (load
+2.7-3.1): every row 1.41-1.88× the reference model's speed (before: 1.31-1.85, load ≈ 1).
 
 :func:`keep_freed_memory` sets, with ``mallopt``, an mmap threshold of 256 MiB (blocks up to that
 come from the heap) and a trim threshold of 1 GiB (a free top of the heap up to that stays). The
