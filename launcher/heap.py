@@ -18,7 +18,7 @@ the median over the pairs): direct forces 238 → 199 ms (3 pairs, load 2.0-2.5)
 624 → 600 ms (5 pairs, load 2.0-2.5) and 721 → 594 ms (2 pairs, load 0.6-0.8). The whole
 ``bench_vs_fairchem.py`` run with them in both processes (load 2.7-3.1): every row 1.41-1.88× the
 reference model's speed (before: 1.31-1.85, load ≈ 1); its conservative C = 64 lmax 2 training row
-gains least (1.41-1.47 against 1.41-1.46): there the direct rows have run in the same process
+gains least (1.41-1.47, against 1.41-1.46 before on a quiet machine): there the direct rows have run in the same process
 before, and glibc's thresholds, raised by the sizes they freed, already spared it most faults.
 
 :func:`keep_freed_memory` sets, with ``mallopt``, an mmap threshold of 256 MiB (blocks up to that
