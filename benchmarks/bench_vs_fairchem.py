@@ -26,7 +26,10 @@ row's ratio beside its goal (``--goal``, 1.3 from issue 12) and PASS/FAIL. On CP
 is 120 atoms and each row times 3-7 interleaved pairs (``--row-seconds``), so that the full run
 (8 configurations x train/infer) stays under 15 minutes on the project's 2-core machine. Times are the process's CPU time
 by default on CPU (``--clock cpu``: with one thread it counts the work done, not the waits for a
-core on a loaded machine; ``--clock wall`` for elapsed time), wall time on CUDA.
+core on a loaded machine; ``--clock wall`` for elapsed time), wall time on CUDA. On CPU both
+processes run with the glibc malloc settings the launcher sets for CPU training (:mod:`launcher.heap`:
+freed memory kept for the next step, no page faults on fresh activations), symscale's through
+``mallopt``, fairchem's through the same values in its environment.
 
 Run (CPU, fp32, one thread; the defaults): ``make bench-fairchem``, or::
 
@@ -58,6 +61,7 @@ sys.path.insert(0, str(REPO))
 
 from datapipe import keys  # noqa: E402
 from datapipe.graph import batch_from_atoms  # noqa: E402
+from launcher.heap import keep_freed_memory  # noqa: E402
 from zoo.registry import build  # noqa: E402
 
 from json_worker import JsonWorker  # noqa: E402
@@ -116,9 +120,9 @@ class Ours:
 class Fairchem(JsonWorker):
     """fairchem's eSCN-MD in its own virtual environment (:mod:`fairchem_worker`)."""
 
-    def __init__(self, python: str, threads: int) -> None:
+    def __init__(self, python: str, threads: int, malloc_env: dict | None = None) -> None:
         worker = Path(__file__).with_name("fairchem_worker.py")
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH="")
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH="", **(malloc_env or {}))
         super().__init__([python, str(worker), str(threads)], env, "fairchem worker")
 
 
@@ -197,7 +201,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n_atoms, n_edges = int(batch[keys.POSITIONS].shape[0]), int(batch[keys.EDGE_INDEX].shape[1])
     print(f"{len(mols)} molecules, {n_atoms} atoms, {n_edges} edges (data/omol25_sample/val); device {a.device}, "
           f"{a.threads} thread(s), {clock} clock, load average {os.getloadavg()[0]:.2f} at start", flush=True)
-    theirs = Fairchem(a.fairchem_python, a.threads)
+    # glibc's malloc as the launcher sets it for CPU training, in both processes alike (launcher.heap)
+    malloc_env = keep_freed_memory() if a.device == "cpu" else {}
+    print("glibc malloc: " + (", ".join(f"{k}={v}" for k, v in malloc_env.items()) + " in both processes"
+                              if malloc_env else "as the environment sets it, in both processes"), flush=True)
+    theirs = Fairchem(a.fairchem_python, a.threads, malloc_env)
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:

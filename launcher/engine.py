@@ -11,7 +11,8 @@ The model code is for one device (``zoo``); this module wraps it, as torchtitan'
 Without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported (the CPU accelerator
 then uses gloo), and when several ranks share the CPU each gets ``cores / local ranks`` intra-op
 threads unless ``OMP_NUM_THREADS`` was given (docs/FEASIBILITY.md: 2 ranks on 2 cores, 104 ms → 31 ms
-per step with one thread each).
+per step with one thread each), and glibc's malloc keeps freed memory between steps
+(:mod:`launcher.heap`: a 1.6 M-parameter model's CPU step 4-16 % faster, without 20,000-45,000 page faults).
 
 What DeepSpeed and PyTorch print on a CPU machine, and what this module does about it:
 
@@ -48,6 +49,7 @@ import torch
 
 from launcher.config import TrainConfig
 from launcher.dsconfig import deepspeed_config
+from launcher.heap import keep_freed_memory
 
 
 @dataclass
@@ -75,7 +77,8 @@ def setup_environment() -> None:
     """Prepare the process before DeepSpeed is imported (idempotent).
 
     Sets ``DS_ACCELERATOR=cpu`` when CUDA is absent, the rendezvous variables of a one-process
-    run, the intra-op thread count of CPU ranks that share a machine, and (unless set) a
+    run, the intra-op thread count of CPU ranks that share a machine, glibc's malloc settings of
+    CPU training (:func:`launcher.heap.keep_freed_memory`, unless the user set them), and (unless set) a
     ``TORCH_EXTENSIONS_DIR`` of the project's own (``.cache/torch_extensions``): DeepSpeed JIT-builds an op on first use,
     and environments sharing torch's default ``~/.cache/torch_extensions`` rebuild it in turn
     (their include paths differ) and wait on each other's build lock.
@@ -105,6 +108,7 @@ def setup_environment() -> None:
         # torchrun and the deepspeed launcher export OMP_NUM_THREADS themselves; honour an explicit
         # smaller value, never oversubscribe.
         torch.set_num_threads(min(threads, int(user)) if user and user.isdigit() else threads)
+        keep_freed_memory()  # no page faults on every step's fresh activations (launcher.heap)
 
 
 def init_distributed(timeout_s: float = 1800.0, engine: str = "deepspeed") -> Runtime:
