@@ -15,6 +15,8 @@ that, side by side:
   float32 (max differences, relative to the largest value, printed beside the baseline's own
   float32-vs-float64 difference, the scale of fp32 round-off) and in float64
   (the formulations themselves: must agree to float64 round-off);
+- both processes run with the glibc malloc settings the launcher sets for CPU training
+  (:mod:`launcher.heap`), so the comparison is of the model code, not of page faults;
 - A, B, A, B, … alternate step by step, each process timing its own step with its CPU clock by
   default (one thread: the work done, not the waits for a core on a shared machine); medians.
 
@@ -124,7 +126,7 @@ def worker(root: str) -> None:
 class Baseline(JsonWorker):
     """The baseline revision in a child process."""
 
-    def __init__(self, rev: str, tmp: Path, threads: int) -> None:
+    def __init__(self, rev: str, tmp: Path, threads: int, malloc_env: dict | None = None) -> None:
         self.root = tmp / "baseline"
         self.root.mkdir()
         archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev, "datapipe", "zoo"],
@@ -132,7 +134,7 @@ class Baseline(JsonWorker):
         subprocess.run(["tar", "-x", "-C", str(self.root)], input=archive, check=True)
         self.sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True,
                                   capture_output=True, text=True).stdout.strip()
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(self.root))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(self.root), **(malloc_env or {}))
         super().__init__([sys.executable, str(Path(__file__).resolve()), "--worker", str(self.root)], env,
                          "baseline worker", cwd=str(self.root))
 
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     from datapipe.graph import batch_from_atoms
+    from launcher.heap import keep_freed_memory
     from zoo.registry import build
 
     torch.set_num_threads(a.threads)
@@ -216,7 +219,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         torch.save(batch.to_dict(), tmp / "batch.pt")  # fields only: the worker loads it with weights_only=True
-        base = Baseline(a.baseline, tmp, a.threads)
+        # glibc's malloc as the launcher sets it for CPU training, in both processes alike (launcher.heap;
+        # the baseline's releases had no such setting, so this is the model code compared on equal terms)
+        malloc_env = keep_freed_memory()
+        print("glibc malloc: " + (", ".join(f"{k}={v}" for k, v in malloc_env.items()) + " in both processes"
+                                  if malloc_env else "as the environment sets it, in both processes"), flush=True)
+        base = Baseline(a.baseline, tmp, a.threads, malloc_env)
         print(f"HEAD {head_sha()} against baseline {a.baseline} = {base.sha} (git archive in a child process)")
         try:
             for forces in a.forces.split(","):
