@@ -300,10 +300,7 @@ def plain_triplet(t, m, rad, cir, plan, reverse, expand=None, to_atoms=None):
 
 def plain_quadruplet(q, m, rad, cbf, sbf, quad, plans, reverse):
     """(with the second stage's plan of before: [T_out, S·C] rows, the angle basis once)"""
-    s, t_out = q.num_spherical, quad["trip_out"]["out"]
-    if quad["stacked"]:
-        plans = (plans[0], interactions.cab_plan(t_out, s, sbf[0].shape[0], stacked=False))
-        sbf = (sbf[0], sbf[1][: t_out.numel()], sbf[2])
+    s = q.num_spherical
     x = q.dense_db(m)
     x = q.scale_rbf(x * q.mlp_rbf(rad), ref=x)
     x = gather(q.down_projection(x), quad["trip_in"]["in"])
@@ -344,7 +341,6 @@ def folded_setup(seed=0):
 
 def test_folded_interaction_block_matches_plain_layers():
     model, g, b, h, m = folded_setup()
-    assert g["quad"]["stacked"]  # direct forces: the quadruplet sum over all dihedral orders at once
     block = model.int_blocks[0]
     new, old = block(h, m, b, g), plain_block(block, h, m, b, g)
     for a, c in zip(new, old):

@@ -85,7 +85,7 @@ from zoo.models.gemnet_oc.graph import (
     symmetric_knn_mask,
     triplets,
 )
-from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock, cab_plan, stack_orders
+from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock, cab_plan
 from zoo.models.gemnet_oc.sparse import OuterPlan
 from zoo.models.precision import to_compute
 
@@ -238,16 +238,13 @@ class GemNetOC(ForceField):
         }
         # the sums Σ basis ⊗ message of every block, indexed once per batch (zoo.models.gemnet_oc.sparse)
         S, quad, t_out = self.num_spherical, g["quad"], g["quad"]["trip_out"]
-        # the quadruplet sum over all dihedral orders at once where the geometric bases need no gradient
-        # (direct forces, inference); conservative forces keep one [T_out, S·C] product (faster padded)
-        quad["stacked"] = not (positions.requires_grad and torch.is_grad_enabled())
         g["plans"] = {
             "e2e": OuterPlan(g["trip_e2e"]["out"], g["trip_e2e"]["in"], S, main.num_edges, main.num_edges),
             "a2e": OuterPlan(g["trip_a2e"]["out"], g["trip_a2e"]["in"], S, main.num_edges, aeaint.num_edges),
             "e2a": OuterPlan(g["trip_e2a"]["out"], g["trip_e2a"]["in"], S, aeaint.num_edges, main.num_edges),
             "quad": OuterPlan(quad["quad_out"], quad["quad_in"], S, t_out["out"].numel(),
                               quad["trip_in"]["in"].numel()),
-            "cab": cab_plan(t_out["out"], S, main.num_edges, quad["stacked"]),
+            "cab": cab_plan(t_out["out"], S, main.num_edges),
             "aint": OuterPlan(aint.target, aint.source, self.sizes["rbf"], n, n),
         }
         return g
@@ -269,8 +266,8 @@ class GemNetOC(ForceField):
             rbf_aint = self.radial_aint(aint.distance)
         rbf_qint, rbf_aeaint, rbf_aint = (to_compute(r, c) for r in (rbf_qint, rbf_aeaint, rbf_aint))
 
-        # Legendre bases as the sums take them: with a backward to come, rows (its Aᵀ values gather rows);
-        # without (inference), order-major as legendre_basis returns them, A's values with no copy
+        # Legendre bases: with a backward to come, rows (Aᵀ's values gather rows, sparse.OuterPlan.values);
+        # without (inference), as legendre_basis returns them (A's values are gathered from either)
         rows = torch.is_grad_enabled()
 
         def angular(cosine):  # [T] → [T, S]
@@ -309,7 +306,7 @@ class GemNetOC(ForceField):
         cos_dihedral = (gather(n_cab, quad["quad_out"]) * gather(n_abd, quad["quad_in"])).sum(-1).clamp(-1.0, 1.0)  # [Q]
         out["q_sbf"] = (
             self.mlp_sbf_qint(rbf_main),  # [E, sbf, S²]
-            stack_orders(angular(cos_cab), S if quad["stacked"] else 1),  # [(S·)T_out, S]
+            angular(cos_cab),  # [T_out, S]
             angular(cos_dihedral),  # [Q, S]
         )
         return out
