@@ -388,9 +388,9 @@ def test_scale_factors_fitted_through_folded_layers_equal_the_plain_fit(monkeypa
         assert new[name] == pytest.approx(old[name], rel=1e-9), name
 
 
-def test_inference_bases_order_major_give_the_same_outputs():
-    """Without gradients the Legendre bases stay order-major (the CSR values as they lie): the same
-    energies and forces as with rows, float64."""
+def test_inference_gives_the_same_outputs_as_with_gradients():
+    """Inference (no gradients: the sums run without their backward maps and caches) gives the same
+    energies and forces as with gradients enabled, float64."""
     model, _, _, _, _ = folded_setup(2)
     model.eval()
     batch = batch_from_atoms([water_cluster(4, seed=3), water_cluster(3, seed=4)], cutoff=model.data_cutoff)

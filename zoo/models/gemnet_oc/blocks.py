@@ -234,8 +234,8 @@ def legendre_basis(cosine: torch.Tensor, num_spherical: int) -> torch.Tensor:
     The recursion runs on the normalised ``Y_l = n_l P_l`` directly,
     ``Y_{l+1} = (n_{l+1}/n_l)·((2l+1)/(l+1))·x·Y_l − (n_{l+1}/n_{l−1})·(l/(l+1))·Y_{l−1}``: two passes
     per order and no normalising pass (the same polynomials; float round-off differs). The result is
-    the transpose of a contiguous ``[num_spherical, T]`` (one contiguous row per order: the layout of
-    the CSR values in :mod:`zoo.models.gemnet_oc.sparse`); ``.contiguous()`` gives rows.
+    the transpose of a contiguous ``[num_spherical, T]`` (one contiguous row per order, as the
+    recursion writes them); ``.contiguous()`` gives rows.
     """
     x = cosine.clamp(-1.0, 1.0)
     norms = [math.sqrt((2 * l + 1) / (4 * math.pi)) for l in range(num_spherical)]

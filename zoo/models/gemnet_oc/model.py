@@ -266,13 +266,8 @@ class GemNetOC(ForceField):
             rbf_aint = self.radial_aint(aint.distance)
         rbf_qint, rbf_aeaint, rbf_aint = (to_compute(r, c) for r in (rbf_qint, rbf_aeaint, rbf_aint))
 
-        # Legendre bases: with a backward to come, rows (Aᵀ's values gather rows, sparse.OuterPlan.values);
-        # without (inference), as legendre_basis returns them (A's values are gathered from either)
-        rows = torch.is_grad_enabled()
-
-        def angular(cosine):  # [T] → [T, S]
-            basis = to_compute(legendre_basis(cosine, S), c)  # [T, S], a view of [S, T]
-            return basis.contiguous() if rows else basis
+        def angular(cosine):  # [T] → [T, S], rows (the sums gather their CSR values from rows)
+            return to_compute(legendre_basis(cosine, S), c).contiguous()
 
         def circular(trip, u_in, u_out):  # cosine of the angle at the shared atom a
             return angular((gather(u_in, trip["in"]) * gather(u_out, trip["out"])).sum(-1))  # [T, S]
