@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from json_worker import JsonWorker, serve  # benchmarks/ is on sys.path when run as a script
+from json_worker import JsonWorker, same_malloc_for_both, serve  # benchmarks/ is on sys.path when run as a script
 from sample import molecules
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,7 +199,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     from datapipe.graph import batch_from_atoms
-    from launcher.heap import keep_freed_memory
     from zoo.registry import build
 
     torch.set_num_threads(a.threads)
@@ -221,9 +220,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.save(batch.to_dict(), tmp / "batch.pt")  # fields only: the worker loads it with weights_only=True
         # glibc's malloc as the launcher sets it for CPU training, in both processes alike (launcher.heap;
         # the baseline's releases had no such setting, so this is the model code compared on equal terms)
-        malloc_env = keep_freed_memory()
-        print("glibc malloc: " + (", ".join(f"{k}={v}" for k, v in malloc_env.items()) + " in both processes"
-                                  if malloc_env else "as the environment sets it, in both processes"), flush=True)
+        malloc_env = same_malloc_for_both()
         base = Baseline(a.baseline, tmp, a.threads, malloc_env)
         print(f"HEAD {head_sha()} against baseline {a.baseline} = {base.sha} (git archive in a child process)")
         try:

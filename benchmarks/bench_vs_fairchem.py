@@ -61,10 +61,9 @@ sys.path.insert(0, str(REPO))
 
 from datapipe import keys  # noqa: E402
 from datapipe.graph import batch_from_atoms  # noqa: E402
-from launcher.heap import keep_freed_memory  # noqa: E402
 from zoo.registry import build  # noqa: E402
 
-from json_worker import JsonWorker  # noqa: E402
+from json_worker import JsonWorker, same_malloc_for_both  # noqa: E402
 from sample import molecules  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 PARAM_TOLERANCE = 0.005
@@ -202,9 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{len(mols)} molecules, {n_atoms} atoms, {n_edges} edges (data/omol25_sample/val); device {a.device}, "
           f"{a.threads} thread(s), {clock} clock, load average {os.getloadavg()[0]:.2f} at start", flush=True)
     # glibc's malloc as the launcher sets it for CPU training, in both processes alike (launcher.heap)
-    malloc_env = keep_freed_memory() if a.device == "cpu" else {}
-    print("glibc malloc: " + (", ".join(f"{k}={v}" for k, v in malloc_env.items()) + " in both processes"
-                              if malloc_env else "as the environment sets it, in both processes"), flush=True)
+    malloc_env = same_malloc_for_both(cpu=a.device == "cpu")
     theirs = Fairchem(a.fairchem_python, a.threads, malloc_env)
     rows = []
     try:

@@ -75,3 +75,15 @@ def serve(handle: Callable[[dict], dict]) -> None:
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops with it
             reply = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         print(json.dumps(reply), flush=True)
+
+
+def same_malloc_for_both(cpu: bool = True) -> dict[str, str]:
+    """Set glibc's malloc here as the launcher sets it for CPU training (:mod:`launcher.heap`), print
+    what both sides run with, and return the environment variables that give the child the same
+    (``{}`` off the CPU or where the user's own settings stand: the child inherits those)."""
+    from launcher.heap import keep_freed_memory  # the repository is on sys.path in both benchmarks
+
+    env = keep_freed_memory() if cpu else {}
+    print("glibc malloc: " + (", ".join(f"{k}={v}" for k, v in env.items()) + " in both processes"
+                              if env else "as the environment sets it, in both processes"), flush=True)
+    return env
