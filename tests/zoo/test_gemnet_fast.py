@@ -201,7 +201,7 @@ def test_legendre_recursion_on_normalised_harmonics_matches_bonnet():
             polys.append(((2 * l + 1) * c * polys[l] - l * polys[l - 1]) / (l + 1))
         old = torch.stack([math.sqrt((2 * l + 1) / (4 * math.pi)) * p for l, p in enumerate(polys[:num])], dim=-1)
         new = legendre_basis(x, num)
-        assert new.shape == (x.numel(), num) and new.t().is_contiguous()  # one contiguous row per order
+        assert new.shape == (x.numel(), num) and new.is_contiguous()  # rows (zoo.models.gemnet_oc.layout.columns)
         torch.testing.assert_close(new, old, **TOL)
         torch.testing.assert_close(grads([new], [x])[0], grads([old], [x])[0], **TOL)
 
