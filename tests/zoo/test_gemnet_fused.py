@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from zoo.models.gemnet_oc import activation
+from zoo.models import dense
+from zoo.models.gemnet_oc import activation, blocks
 from zoo.models.gemnet_oc.activation import silu
 from zoo.models.gemnet_oc.blocks import legendre_basis
 from zoo.models.gemnet_oc.layout import columns
@@ -82,3 +83,29 @@ def test_silu_is_plain_without_gradients_or_under_counters():
         assert silu(x).grad_fn.name() == "SiluBackward0"
     assert silu(x.detach()).grad_fn is None
     assert silu(x).grad_fn.name() == "_SiLUBackward"
+
+
+def test_small_products_take_functional_linear_and_agree_with_onednn(monkeypatch):
+    """Under blocks.SMALL_ROWS rows the product is F.linear (no oneDNN Function); values and two
+    derivatives agree with the oneDNN path to fp32 round-off."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 64, generator=gen, requires_grad=True)
+    calls = []
+    original = dense._Linear.apply
+    monkeypatch.setattr(dense._Linear, "apply", lambda *a: calls.append(1) or original(*a))
+
+    def run(rows):
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        y = silu(blocks.linear(x, w))
+        first = torch.autograd.grad((y**2).sum(), [x, w], create_graph=True)
+        return [y, *first, *torch.autograd.grad(sum((f**2).sum() for f in first), [x, w])]
+
+    rows = blocks.SMALL_ROWS - 1
+    small = run(rows)
+    assert not calls
+    monkeypatch.setattr(blocks, "SMALL_ROWS", 0)
+    onednn = run(rows)  # the same input through oneDNN
+    if dense.takes_onednn(torch.zeros(1, 64), w):
+        assert calls
+    for a, b in zip(small, onednn):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
