@@ -80,7 +80,7 @@ class Dense(nn.Module):
         self.activation = ScaledSiLU() if activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(linear(x, self.linear.weight))
+        return self.activation(self.linear(x))  # (the module: its hooks see the product)
 
     def scaled(self, v: torch.Tensor, k: float = 1.0) -> tuple[torch.Tensor, float]:
         """``(v', k')`` with ``forward(k·v) = k'·v'`` ``[rows, out]``: the input's scale folded into the
