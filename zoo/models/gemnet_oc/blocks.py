@@ -21,9 +21,28 @@ import torch
 from torch import nn
 
 from zoo.models.common import GaussianBasis, PolynomialEnvelope
+from zoo.models.gemnet_oc.activation import silu
 from zoo.models.gemnet_oc.graph import inner_index
-from zoo.models.dense import Linear, linear
+from zoo.models.gemnet_oc.layout import columns
+from zoo.models import dense
+from zoo.models.dense import Linear
 from zoo.models.precision import fp32_island
+
+
+#: below this many rows a product runs as ``torch.nn.functional.linear`` (the BLAS), not through
+#: :func:`zoo.models.dense.linear`'s oneDNN Function: on GemNet-OC's atom rows (N ≈ 350) the Function's
+#: Python backward and its transposed copies cost more than oneDNN's faster kernel gains (one core,
+#: ``[350, 64] @ [64, 64]`` forward + backward 0.18 against 0.13 ms; equal at 1,000 rows, oneDNN
+#: 1.7× faster at 5,268). Both are fp32 products with fp32 sums (round-off differs).
+SMALL_ROWS = 1024
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weightᵀ`` ``[rows, in] → [rows, out]`` (bias-free): ``F.linear`` under :data:`SMALL_ROWS` rows,
+    else :func:`zoo.models.dense.linear` (its errors)."""
+    if x.dim() == 2 and x.shape[0] < SMALL_ROWS:
+        return nn.functional.linear(x, weight)
+    return dense.linear(x, weight)
 
 
 def he_orthogonal_(weight: torch.Tensor) -> torch.Tensor:
@@ -44,10 +63,11 @@ def he_orthogonal_(weight: torch.Tensor) -> torch.Tensor:
 
 
 class ScaledSiLU(nn.Module):
-    """``silu(x) / 0.6``: keeps unit variance for unit-normal inputs (GemNet App. B)."""
+    """``silu(x) / 0.6``: keeps unit variance for unit-normal inputs (GemNet App. B); the SiLU of
+    :mod:`zoo.models.gemnet_oc.activation` (hand-written first and second derivatives)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.silu(x) * (1.0 / 0.6)
+        return silu(x) * (1.0 / 0.6)
 
 
 class Dense(nn.Module):
@@ -60,7 +80,7 @@ class Dense(nn.Module):
         self.activation = ScaledSiLU() if activation else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.linear(x))
+        return self.activation(self.linear(x))  # (the module: its hooks see the product)
 
     def scaled(self, v: torch.Tensor, k: float = 1.0) -> tuple[torch.Tensor, float]:
         """``(v', k')`` with ``forward(k·v) = k'·v'`` ``[rows, out]``: the input's scale folded into the
@@ -69,7 +89,7 @@ class Dense(nn.Module):
         weight = self.linear.weight if k == 1.0 else self.linear.weight * k  # [out, in]
         if isinstance(self.activation, nn.Identity):
             return linear(v, weight), 1.0
-        return nn.functional.silu(linear(v, weight)), 1.0 / 0.6
+        return silu(linear(v, weight)), 1.0 / 0.6
 
 
 class ResidualLayer(nn.Module):
@@ -86,8 +106,8 @@ class ResidualLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, second = self.dense[0].linear.weight, self.dense[1].linear.weight
-        y = nn.functional.silu(linear(x, first))  # [rows, units], 0.6 · Dense₁(x)
-        y = nn.functional.silu(linear(y, second * (1.0 / 0.6)))  # 0.6 · Dense₂(Dense₁(x))
+        y = silu(linear(x, first))  # [rows, units], 0.6 · Dense₁(x)
+        y = silu(linear(y, second * (1.0 / 0.6)))  # 0.6 · Dense₂(Dense₁(x))
         return torch.add(x, y, alpha=1.0 / 0.6).mul_(1.0 / math.sqrt(2.0))
 
     def scaled(self, v: torch.Tensor, k: float = 1.0) -> tuple[torch.Tensor, float]:
@@ -95,8 +115,8 @@ class ResidualLayer(nn.Module):
         ``(k·v + y/0.6)/√2 = (y + 0.6·k·v) / (0.6·√2)``, so one elementwise pass (an add) instead of two,
         the factor ``k' = 1/(0.6·√2)`` left for the caller to fold (into the next weight)."""
         first, second = self.dense[0].linear.weight, self.dense[1].linear.weight
-        y = nn.functional.silu(linear(v, first if k == 1.0 else first * k))  # [rows, units]
-        y = nn.functional.silu(linear(y, second * (1.0 / 0.6)))
+        y = silu(linear(v, first if k == 1.0 else first * k))  # [rows, units]
+        y = silu(linear(y, second * (1.0 / 0.6)))
         return torch.add(y, v, alpha=0.6 * k), 1.0 / (0.6 * math.sqrt(2.0))
 
 
@@ -234,8 +254,8 @@ def legendre_basis(cosine: torch.Tensor, num_spherical: int) -> torch.Tensor:
     The recursion runs on the normalised ``Y_l = n_l P_l`` directly,
     ``Y_{l+1} = (n_{l+1}/n_l)·((2l+1)/(l+1))·x·Y_l − (n_{l+1}/n_{l−1})·(l/(l+1))·Y_{l−1}``: two passes
     per order and no normalising pass (the same polynomials; float round-off differs). The result is
-    the transpose of a contiguous ``[num_spherical, T]`` (one contiguous row per order, as the
-    recursion writes them); ``.contiguous()`` gives rows.
+    row-major ``[T, num_spherical]`` (the layout the sparse sums read), the orders written as its
+    columns (:func:`zoo.models.gemnet_oc.layout.columns`: no transposed copy).
     """
     x = cosine.clamp(-1.0, 1.0)
     norms = [math.sqrt((2 * l + 1) / (4 * math.pi)) for l in range(num_spherical)]
@@ -244,7 +264,7 @@ def legendre_basis(cosine: torch.Tensor, num_spherical: int) -> torch.Tensor:
         a = norms[l + 1] / norms[l] * (2 * l + 1) / (l + 1)
         b = norms[l + 1] / norms[l - 1] * l / (l + 1)
         ys.append(torch.addcmul(ys[l - 1] * -b, x, ys[l], value=a))  # (out of place: the FLOP counters' addcmul)
-    return torch.stack(ys[:num_spherical]).t()  # [T, S], a view of [S, T]
+    return columns(ys[:num_spherical])  # [T, S]
 
 
 class BasisEmbedding(nn.Module):

@@ -30,12 +30,11 @@ import torch
 from torch import nn
 
 from zoo.models.common import gather, scatter_sum
-from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, ScaleFactor, dense_stack, run_scaled
-from zoo.models.dense import linear
+from zoo.models.gemnet_oc.activation import silu  # SiLU with hand-written derivatives (conservative forces)
+from zoo.models.gemnet_oc.blocks import Dense, ResidualLayer, ScaleFactor, dense_stack, linear, run_scaled
 from zoo.models.gemnet_oc.sparse import OuterPlan, outer_sum
 
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-silu = nn.functional.silu
 
 
 def scaled_product(factor: ScaleFactor, act: torch.Tensor, k: float, rad: torch.Tensor,

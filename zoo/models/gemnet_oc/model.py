@@ -267,7 +267,7 @@ class GemNetOC(ForceField):
         rbf_qint, rbf_aeaint, rbf_aint = (to_compute(r, c) for r in (rbf_qint, rbf_aeaint, rbf_aint))
 
         def angular(cosine):  # [T] → [T, S], rows (the sums gather their CSR values from rows)
-            return to_compute(legendre_basis(cosine, S), c).contiguous()
+            return to_compute(legendre_basis(cosine, S), c)
 
         def circular(trip, u_in, u_out):  # cosine of the angle at the shared atom a
             return angular((gather(u_in, trip["in"]) * gather(u_out, trip["out"])).sum(-1))  # [T, S]
