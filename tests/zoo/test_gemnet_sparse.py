@@ -148,3 +148,50 @@ def test_model_forces_and_parameter_gradients_match_plain_autograd(direct, monke
     assert grad_new.keys() == grad_ref.keys() and grad_new
     for name in grad_new:
         torch.testing.assert_close(grad_new[name], grad_ref[name], **TOL, msg=name)
+
+
+def loop_maps(out: list[int], inp: list[int], k: int, num_out: int, num_in: int) -> dict:
+    """The index maps of ``A``, ``Aᵀ`` and the sampled dots, written out element by element."""
+    rows = [[t for t in range(len(out)) if out[t] == o] for o in range(num_out)]
+    crow, col, gather = [0], [], []
+    for o in range(num_out):
+        for kk in range(k):
+            col += [inp[t] for t in rows[o]]
+            gather += [t * k + kk for t in rows[o]]
+            crow.append(len(col))
+    order = [t for i in range(num_in) for t in range(len(out)) if inp[t] == i]
+    col_t = [out[t] * k + kk for t in order for kk in range(k)]
+    crow_t = [0]
+    for i in range(num_in):
+        crow_t.append(crow_t[-1] + k * inp.count(i))
+    kmax = max(len(r) for r in rows)
+    sample = [(out[t] * k + kk) * kmax + rows[out[t]].index(t) for t in range(len(out)) for kk in range(k)]
+    return {"maps": (crow, col, gather), "maps_t": (crow_t, col_t, order), "sampling": (sample,)}
+
+
+@pytest.mark.parametrize("case", ["empty rows", "one row", "k=1", "single"])
+def test_index_maps_match_element_by_element_construction(case):
+    """The vectorised maps (cumulative sums, sorts) against loops over rows, exactly, with empty
+    rows at the start, the middle and the end, and the index type they promise."""
+    gen = torch.Generator().manual_seed(11)
+    num_out, num_in, t, k = {"empty rows": (9, 6, 40, 3), "one row": (1, 5, 12, 4), "k=1": (5, 7, 30, 1),
+                             "single": (3, 2, 1, 2)}[case]
+    out = torch.randint(0, num_out, (t,), generator=gen)
+    if case == "empty rows":
+        out = out.clamp(2, num_out - 2)
+        out[out == 4] = 5  # rows 0, 1, 4 and 8 empty
+    out = torch.sort(out).values
+    inp = torch.randint(0, num_in, (t,), generator=gen)
+    plan = OuterPlan(out, inp, k, num_out, num_in)
+    expected = loop_maps(out.tolist(), inp.tolist(), k, num_out, num_in)
+    got = {"maps": plan.maps(), "maps_t": plan.maps_t(), "sampling": (plan.sampling(),)}
+    for name, maps in expected.items():
+        for want, have in zip(maps, got[name]):
+            assert have.tolist() == want, name
+    assert all(m.dtype == torch.int32 for m in (*plan.maps(), *plan.maps_t()[:2], plan.sampling()))
+
+
+def test_unsorted_output_index_is_refused():
+    plan = OuterPlan(torch.tensor([0, 2, 1]), torch.tensor([0, 1, 0]), 2, 3, 2)
+    with pytest.raises(ValueError, match="must be sorted"):
+        plan.maps()

@@ -99,10 +99,11 @@ class OuterPlan:
         if self.sample is None:
             with torch.no_grad():
                 kmax, _, _, slot = self.padding()
+                dtype = _index_dtype(slot.numel() * self.k, self.num_out * self.k * kmax)
                 rank = slot - self.out * kmax  # [T] position in its group
-                ks = torch.arange(self.k, device=slot.device) * kmax
-                flat = ((self.out * (self.k * kmax) + rank).unsqueeze(1) + ks).reshape(-1)  # [T·K]
-                self.sample = flat.to(_index_dtype(flat.numel(), self.num_out * self.k * kmax))
+                ks = torch.arange(self.k, dtype=dtype, device=slot.device) * kmax
+                first = (self.out * (self.k * kmax) + rank).to(dtype)  # [T] where [t, 0] lies
+                self.sample = (first.unsqueeze(1) + ks).reshape(-1)  # [T·K], in the index type
         return self.sample
 
     def values(self, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -143,13 +144,14 @@ class OuterPlan:
         """``(crow_t, col_t, order_t)`` of ``Aᵀ``, built once (on the first backward: inference needs none)."""
         if self.csr_t is None:
             with torch.no_grad():
-                order = torch.argsort(self.inp, stable=True)  # [T]
-                dtype = _index_dtype(self.out.numel() * self.k, self.num_out * self.k)
-                ks = torch.arange(self.k, device=self.out.device)
-                col_t = (self.out.index_select(0, order).unsqueeze(1) * self.k + ks).reshape(-1)  # [T·K]
+                dtype = _index_dtype(self.out.numel() * self.k, max(self.num_out * self.k, self.num_in))
+                # a stable sort of 32-bit keys where they fit: the same order, 1.7× faster than of int64
+                order = torch.argsort(self.inp.to(dtype), stable=True)  # [T]
+                ks = torch.arange(self.k, dtype=dtype, device=self.out.device)
+                col_t = ((self.out.to(dtype) * self.k).index_select(0, order).unsqueeze(1) + ks).reshape(-1)  # [T·K]
                 crow_t = self.out.new_zeros(self.num_in + 1)
                 crow_t[1:] = torch.cumsum(torch.bincount(self.inp, minlength=self.num_in) * self.k, 0)
-                self.csr_t = (crow_t.to(dtype), col_t.to(dtype), order)
+                self.csr_t = (crow_t.to(dtype), col_t, order)
         return self.csr_t
 
 
@@ -157,9 +159,15 @@ def _csr_maps(plan: OuterPlan) -> tuple[torch.Tensor, ...]:
     """``A``'s row pointers ``[O·K + 1]``, columns ``[T·K]`` and, for each of its values, the index
     ``t·K + k`` of ``basis[t, k]`` in the flattened basis ``[T·K]``.
 
-    Row ``o·K + k`` holds, in order, the ``n_o`` basis rows ``t = start_o + j`` of group ``o``: the
-    value ``basis[t, k]`` sits at ``K·start_o + k·n_o + j = (K − 1)·start_o + t + k·n_o``; both maps
-    are scattered there (in the index type of the maps: 2× faster in int32 than in int64).
+    Row ``r = o·K + k`` holds, in order, the ``n_o`` basis rows ``t = start_o + j`` of group ``o``, from
+    position ``crow[r] = K·start_o + k·n_o``: at position ``q = crow[r] + j`` the gather index is
+    ``K·t + k = K·q + h[r]`` with ``h[r] = K·(start_o − crow[r]) + k``. So the gather map rises by ``K``
+    from one position to the next except where a row starts, where it jumps by ``h[r] − h[r − 1] + K``:
+    it is one cumulative sum of a ``K``-filled array with the ``O·K`` jumps added (sequential writes in
+    the index type, no scatter of ``[T·K]`` entries: 2.4× faster than placing both maps by
+    ``index_copy_``, 11.7 against 28 ms for the quadruplet sum, 811,698 × 7, one core). The columns
+    follow by one gather: ``col[q] = inp[gather[q] // K]``, the input row of each basis row repeated
+    ``K`` times and picked.
     """
     out, k, num_out, t = plan.out, plan.k, plan.num_out, plan.out.numel()
     if t > 1 and bool((out[1:] < out[:-1]).any()):
@@ -168,13 +176,14 @@ def _csr_maps(plan: OuterPlan) -> tuple[torch.Tensor, ...]:
     ks = torch.arange(k, device=out.device)
     counts = torch.bincount(out, minlength=num_out)  # [O] n_o
     start = torch.cumsum(counts, 0) - counts  # [O] start_o
-    crow = torch.cat([out.new_zeros(1), (k * start.unsqueeze(1) + (ks + 1) * counts.unsqueeze(1)).reshape(-1)])  # [O·K + 1]
-    place = ((k - 1) * start.index_select(0, out) + torch.arange(t, device=out.device)).unsqueeze(1)
-    place = (place + ks * counts.index_select(0, out).unsqueeze(1)).reshape(-1)  # [T·K] where [t, k] goes
-    gather = torch.empty(t * k, dtype=dtype, device=out.device)
-    gather.index_copy_(0, place, torch.arange(t * k, dtype=dtype, device=out.device))  # [T·K]
-    col = torch.empty(t * k, dtype=dtype, device=out.device)
-    col.index_copy_(0, place, plan.inp.to(dtype).unsqueeze(1).expand(t, k).reshape(-1))  # [T·K]
+    first = (k * start.unsqueeze(1) + ks * counts.unsqueeze(1)).reshape(-1)  # [O·K] crow[r]
+    crow = torch.cat([first, first.new_full((1,), t * k)])  # [O·K + 1]
+    h = (k * (start.unsqueeze(1) - first.view(num_out, k)) + ks).reshape(-1)  # [O·K]
+    jumps = torch.diff(h, prepend=h.new_full((1,), k)).to(dtype)  # [O·K]: h[0] − K at the first row
+    steps = torch.full((t * k + 1,), k, dtype=dtype, device=out.device)  # one more: empty last rows land there
+    steps.index_add_(0, first, jumps)  # jumps of empty rows telescope into the next row's start
+    gather = steps[:-1].cumsum_(0)  # [T·K]
+    col = plan.inp.to(dtype).unsqueeze(1).expand(t, k).reshape(-1).index_select(0, gather)  # [T·K]
     return crow.to(dtype), col, gather
 
 
