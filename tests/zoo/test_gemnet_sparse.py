@@ -195,3 +195,22 @@ def test_unsorted_output_index_is_refused():
     plan = OuterPlan(torch.tensor([0, 2, 1]), torch.tensor([0, 1, 0]), 2, 3, 2)
     with pytest.raises(ValueError, match="must be sorted"):
         plan.maps()
+
+
+def test_plans_of_the_same_structure_share_their_maps():
+    """share_index_maps: equal (out, inp, sizes) → one set of maps, the products unchanged; a plan
+    that differs in one input row, or only in size, keeps its own."""
+    plan, b, x, g = random_case(9)
+    same = OuterPlan(plan.out.clone(), plan.inp.clone(), plan.k, plan.num_out, plan.num_in)
+    other_inp = plan.inp.clone()
+    other_inp[3] = (other_inp[3] + 1) % plan.num_in
+    other = OuterPlan(plan.out, other_inp, plan.k, plan.num_out, plan.num_in)
+    wider = OuterPlan(plan.out, plan.inp, plan.k, plan.num_out, plan.num_in + 1)
+    sparse.share_index_maps([plan, other, same, wider])
+    assert same.twin is plan and other.twin is None and wider.twin is None and plan.twin is None
+    assert same.maps() is plan.maps() and same.maps_t() is plan.maps_t() and same.sampling() is plan.sampling()
+    assert other.maps()[1] is not plan.maps()[1]
+    for p in (same, other):
+        for name in ("P", "Pt", "S"):
+            first, second = operands(name, b, x, g)
+            torch.testing.assert_close(PRIMITIVES[name].apply(first, second, p), reference(name, p, first, second), **TOL)

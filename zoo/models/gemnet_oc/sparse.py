@@ -34,6 +34,7 @@ scatters around them); so the FLOP counters see the formulation they counted bef
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,8 @@ class OuterPlan:
         ``[T·K]`` and the order of the basis rows in it ``[T]``.
     pad : built on first use: the zero-padded layout (:meth:`padding`).
     sample : built on first use: :meth:`sampling`.
+    twin : set by :func:`share_index_maps`: an earlier plan of the same structure whose maps this
+        one uses (built once for both); the kept CSR values stay per plan.
     """
 
     out: torch.Tensor
@@ -79,11 +82,21 @@ class OuterPlan:
     pad: tuple | None = field(default=None, repr=False)
     sample: torch.Tensor | None = field(default=None, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
+    twin: OuterPlan | None = field(default=None, repr=False)
+
+    def same_structure(self, other: OuterPlan) -> bool:
+        """Whether ``other`` has the same sizes and the same ``out`` and ``inp`` (then the same maps)."""
+        return ((self.k, self.num_out, self.num_in, self.out.shape) == (other.k, other.num_out, other.num_in, other.out.shape)
+                and self.out.device == other.out.device
+                and (self.out is other.out or torch.equal(self.out, other.out))
+                and (self.inp is other.inp or torch.equal(self.inp, other.inp)))
 
     def padding(self) -> tuple:
         """``(Kmax, rows, inputs, slot)`` of the zero-padded layout, built once: for each of the
         ``O·Kmax`` padded rows the basis row ``[O·Kmax]`` (``T`` for a padding row) and the input row
         (``I``), and for each basis row its padded row ``[T]``."""
+        if self.twin is not None:
+            return self.twin.padding()
         if self.pad is None:
             with torch.no_grad():
                 kmax, slot = pad_slots(self.out, self.num_out)
@@ -96,6 +109,8 @@ class OuterPlan:
     def sampling(self) -> torch.Tensor:
         """Where each ``[t, k]`` lies in the flattened ``[O, K, Kmax]`` dot products of
         :func:`_sampled` ``[T·K]`` (int32 where the size fits), built once."""
+        if self.twin is not None:
+            return self.twin.sampling()
         if self.sample is None:
             with torch.no_grad():
                 kmax, _, _, slot = self.padding()
@@ -135,6 +150,8 @@ class OuterPlan:
 
     def maps(self) -> tuple[torch.Tensor, ...]:
         """``(crow, col, gather)`` of ``A``, built once (on the first sparse product)."""
+        if self.twin is not None:
+            return self.twin.maps()
         if self.csr is None:
             with torch.no_grad():
                 self.csr = _csr_maps(self)
@@ -142,6 +159,8 @@ class OuterPlan:
 
     def maps_t(self) -> tuple[torch.Tensor, ...]:
         """``(crow_t, col_t, order_t)`` of ``Aᵀ``, built once (on the first backward: inference needs none)."""
+        if self.twin is not None:
+            return self.twin.maps_t()
         if self.csr_t is None:
             with torch.no_grad():
                 dtype = _index_dtype(self.out.numel() * self.k, max(self.num_out * self.k, self.num_in))
@@ -153,6 +172,21 @@ class OuterPlan:
                 crow_t[1:] = torch.cumsum(torch.bincount(self.inp, minlength=self.num_in) * self.k, 0)
                 self.csr_t = (crow_t.to(dtype), col_t, order)
         return self.csr_t
+
+
+def share_index_maps(plans: Iterable[OuterPlan]) -> None:
+    """Let plans with the same structure (:meth:`OuterPlan.same_structure`) build their index maps once.
+
+    GemNet-OC's triplet plans coincide where the atom-to-edge graph holds the same edges as the main
+    graph (molecules with fewer atoms than either neighbour limit, all within the cutoffs); the check is
+    two comparisons of ``[T]`` index tensors per pair, against ``[T·K]`` maps built for each.
+    Each plan whose structure matches an earlier one gets that one as its :attr:`~OuterPlan.twin`.
+    """
+    first: list[OuterPlan] = []
+    for plan in plans:
+        plan.twin = next((other for other in first if plan.same_structure(other)), None)
+        if plan.twin is None:
+            first.append(plan)
 
 
 def _csr_maps(plan: OuterPlan) -> tuple[torch.Tensor, ...]:
