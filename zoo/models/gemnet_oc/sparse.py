@@ -19,8 +19,8 @@ with ``dP = (S(∂y, x), Pᵀ(b, ∂y))``, ``dPᵀ = (S(g, ∂z), P(b, ∂z))``,
 Each is an autograd Function whose backward calls the others, so derivatives of any order — the
 double backward of conservative-force training — run on the same kernels, each computing only
 the gradients asked for. The index bookkeeping (:class:`OuterPlan`) depends only on the graph, so
-it is built once per batch and shared by all interaction blocks, and a basis's layout as CSR values
-is kept for its next products. The sums are the same as before; only the order of the additions
+it is built once per batch and shared by all interaction blocks (and by plans of the same
+structure, :func:`share_index_maps`), and a basis's layout as CSR values is kept for its next products. The sums are the same as before; only the order of the additions
 differs (float round-off).
 
 Where a sparse product cannot run — under ``torch.jit.trace`` and ``TorchDispatchMode`` (the FLOP
