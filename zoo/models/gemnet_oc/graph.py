@@ -254,7 +254,7 @@ def _join_quadruplets(trip_in: dict, trip_out: dict, source: torch.Tensor, num_q
     past = (first + found - start.index_select(0, edge)).index_select(0, at)  # [T_out'] where the next one sits
     steps.index_add_(0, past, torch.ones_like(past))
     steps[0] -= 1  # the list starts at level + 0
-    quad_in = steps[:total].cumsum_(0)  # [Q]
+    quad_in = torch.cumsum(steps[:total], 0)  # [Q] (out of place: the FLOP counter knows cumsum)
     return quad_in, quad_out
 
 
