@@ -177,8 +177,9 @@ class OuterPlan:
 def share_index_maps(plans: Iterable[OuterPlan]) -> None:
     """Let plans with the same structure (:meth:`OuterPlan.same_structure`) build their index maps once.
 
-    GemNet-OC's triplet plans coincide where the atom-to-edge graph holds the same edges as the main
-    graph (molecules with fewer atoms than either neighbour limit, all within the cutoffs); the check is
+    GemNet-OC's three triplet plans coincide where the atom-to-edge graph holds the same edges as the
+    main graph (the same cutoff, and molecules under both neighbour limits); at the defaults (main
+    cutoff 6 Å, atom-to-edge 8 Å) they differ in size and the check stops at the sizes. Otherwise it is
     two comparisons of ``[T]`` index tensors per pair, against ``[T·K]`` maps built for each.
     Each plan whose structure matches an earlier one gets that one as its :attr:`~OuterPlan.twin`.
     """
