@@ -214,3 +214,15 @@ def test_plans_of_the_same_structure_share_their_maps():
         for name in ("P", "Pt", "S"):
             first, second = operands(name, b, x, g)
             torch.testing.assert_close(PRIMITIVES[name].apply(first, second, p), reference(name, p, first, second), **TOL)
+
+
+def test_order_major_basis_gives_the_same_products():
+    """A basis whose memory is order-major (strides ``(1, T)``, as the Legendre bases' gradients
+    arrive in the double backward) is laid out from rows: the same products as from rows."""
+    plan, b, x, g = random_case(10)
+    rows = b.detach() * 1.0
+    order_major = rows.t().contiguous().t()  # [T, K], strides (1, T)
+    assert order_major.stride() == (1, plan.out.numel())
+    for basis in (rows, order_major):
+        torch.testing.assert_close(outer_sum(basis, x, plan), outer_sum_dense(rows, x, plan), **TOL)
+        torch.testing.assert_close(sparse._ProductT.apply(basis, g, plan), reference("Pt", plan, rows, g), **TOL)

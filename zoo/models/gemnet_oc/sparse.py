@@ -137,10 +137,13 @@ class OuterPlan:
         if hit is not None:
             return hit[1]
         with torch.no_grad():
+            # rows first: the gradients of the Legendre bases arrive order-major (strides (1, T)), where
+            # the row gather took 38.8 ms against 3 ms for rows (quadruplets, 555,710 × 7, one core)
+            rows = basis.contiguous()  # [T, K]
             if transpose:
-                values = basis.index_select(0, self.maps_t()[2]).reshape(-1)  # [T·K] in Aᵀ's order
+                values = rows.index_select(0, self.maps_t()[2]).reshape(-1)  # [T·K] in Aᵀ's order
             else:
-                values = basis.reshape(-1).index_select(0, self.maps()[2])  # [T·K] in A's order
+                values = rows.reshape(-1).index_select(0, self.maps()[2])  # [T·K] in A's order
         if basis.is_leaf and basis.requires_grad:
             return values
         while len(self.cache) >= CACHED_LAYOUTS:
