@@ -148,3 +148,81 @@ def test_model_forces_and_parameter_gradients_match_plain_autograd(direct, monke
     assert grad_new.keys() == grad_ref.keys() and grad_new
     for name in grad_new:
         torch.testing.assert_close(grad_new[name], grad_ref[name], **TOL, msg=name)
+
+
+def loop_maps(out: list[int], inp: list[int], k: int, num_out: int, num_in: int) -> dict:
+    """The index maps of ``A``, ``Aᵀ`` and the sampled dots, written out element by element."""
+    rows = [[t for t in range(len(out)) if out[t] == o] for o in range(num_out)]
+    crow, col, gather = [0], [], []
+    for o in range(num_out):
+        for kk in range(k):
+            col += [inp[t] for t in rows[o]]
+            gather += [t * k + kk for t in rows[o]]
+            crow.append(len(col))
+    order = [t for i in range(num_in) for t in range(len(out)) if inp[t] == i]
+    col_t = [out[t] * k + kk for t in order for kk in range(k)]
+    crow_t = [0]
+    for i in range(num_in):
+        crow_t.append(crow_t[-1] + k * inp.count(i))
+    kmax = max(len(r) for r in rows)
+    sample = [(out[t] * k + kk) * kmax + rows[out[t]].index(t) for t in range(len(out)) for kk in range(k)]
+    return {"maps": (crow, col, gather), "maps_t": (crow_t, col_t, order), "sampling": (sample,)}
+
+
+@pytest.mark.parametrize("case", ["empty rows", "one row", "k=1", "single"])
+def test_index_maps_match_element_by_element_construction(case):
+    """The vectorised maps (cumulative sums, sorts) against loops over rows, exactly, with empty
+    rows at the start, the middle and the end, and the index type they promise."""
+    gen = torch.Generator().manual_seed(11)
+    num_out, num_in, t, k = {"empty rows": (9, 6, 40, 3), "one row": (1, 5, 12, 4), "k=1": (5, 7, 30, 1),
+                             "single": (3, 2, 1, 2)}[case]
+    out = torch.randint(0, num_out, (t,), generator=gen)
+    if case == "empty rows":
+        out = out.clamp(2, num_out - 2)
+        out[out == 4] = 5  # rows 0, 1, 4 and 8 empty
+    out = torch.sort(out).values
+    inp = torch.randint(0, num_in, (t,), generator=gen)
+    plan = OuterPlan(out, inp, k, num_out, num_in)
+    expected = loop_maps(out.tolist(), inp.tolist(), k, num_out, num_in)
+    got = {"maps": plan.maps(), "maps_t": plan.maps_t(), "sampling": (plan.sampling(),)}
+    for name, maps in expected.items():
+        for want, have in zip(maps, got[name]):
+            assert have.tolist() == want, name
+    assert all(m.dtype == torch.int32 for m in (*plan.maps(), *plan.maps_t()[:2], plan.sampling()))
+
+
+def test_unsorted_output_index_is_refused():
+    plan = OuterPlan(torch.tensor([0, 2, 1]), torch.tensor([0, 1, 0]), 2, 3, 2)
+    with pytest.raises(ValueError, match="must be sorted"):
+        plan.maps()
+
+
+def test_plans_of_the_same_structure_share_their_maps():
+    """share_index_maps: equal (out, inp, sizes) → one set of maps, the products unchanged; a plan
+    that differs in one input row, or only in size, keeps its own."""
+    plan, b, x, g = random_case(9)
+    same = OuterPlan(plan.out.clone(), plan.inp.clone(), plan.k, plan.num_out, plan.num_in)
+    other_inp = plan.inp.clone()
+    other_inp[3] = (other_inp[3] + 1) % plan.num_in
+    other = OuterPlan(plan.out, other_inp, plan.k, plan.num_out, plan.num_in)
+    wider = OuterPlan(plan.out, plan.inp, plan.k, plan.num_out, plan.num_in + 1)
+    sparse.share_index_maps([plan, other, same, wider])
+    assert same.twin is plan and other.twin is None and wider.twin is None and plan.twin is None
+    assert same.maps() is plan.maps() and same.maps_t() is plan.maps_t() and same.sampling() is plan.sampling()
+    assert other.maps()[1] is not plan.maps()[1]
+    for p in (same, other):
+        for name in ("P", "Pt", "S"):
+            first, second = operands(name, b, x, g)
+            torch.testing.assert_close(PRIMITIVES[name].apply(first, second, p), reference(name, p, first, second), **TOL)
+
+
+def test_order_major_basis_gives_the_same_products():
+    """A basis whose memory is order-major (strides ``(1, T)``, as the Legendre bases' gradients
+    arrive in the double backward) is laid out from rows: the same products as from rows."""
+    plan, b, x, g = random_case(10)
+    rows = b.detach() * 1.0
+    order_major = rows.t().contiguous().t()  # [T, K], strides (1, T)
+    assert order_major.stride() == (1, plan.out.numel())
+    for basis in (rows, order_major):
+        torch.testing.assert_close(outer_sum(basis, x, plan), outer_sum_dense(rows, x, plan), **TOL)
+        torch.testing.assert_close(sparse._ProductT.apply(basis, g, plan), reference("Pt", plan, rows, g), **TOL)

@@ -86,7 +86,7 @@ from zoo.models.gemnet_oc.graph import (
     triplets,
 )
 from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock, cab_plan
-from zoo.models.gemnet_oc.sparse import OuterPlan
+from zoo.models.gemnet_oc.sparse import OuterPlan, share_index_maps
 from zoo.models.precision import to_compute
 
 #: size of each embedding as a fraction of the width (emb_size_atom); fairchem OC20 ratios at 256
@@ -247,6 +247,7 @@ class GemNetOC(ForceField):
             "cab": cab_plan(t_out["out"], S, main.num_edges),
             "aint": OuterPlan(aint.target, aint.source, self.sizes["rbf"], n, n),
         }
+        share_index_maps(g["plans"].values())  # plans of the same structure build their CSR maps once
         return g
 
     def bases(self, g: dict) -> dict:

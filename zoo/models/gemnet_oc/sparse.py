@@ -19,8 +19,8 @@ with ``dP = (S(∂y, x), Pᵀ(b, ∂y))``, ``dPᵀ = (S(g, ∂z), P(b, ∂z))``,
 Each is an autograd Function whose backward calls the others, so derivatives of any order — the
 double backward of conservative-force training — run on the same kernels, each computing only
 the gradients asked for. The index bookkeeping (:class:`OuterPlan`) depends only on the graph, so
-it is built once per batch and shared by all interaction blocks, and a basis's layout as CSR values
-is kept for its next products. The sums are the same as before; only the order of the additions
+it is built once per batch and shared by all interaction blocks (and by plans of the same
+structure, :func:`share_index_maps`), and a basis's layout as CSR values is kept for its next products. The sums are the same as before; only the order of the additions
 differs (float round-off).
 
 Where a sparse product cannot run — under ``torch.jit.trace`` and ``TorchDispatchMode`` (the FLOP
@@ -34,6 +34,7 @@ scatters around them); so the FLOP counters see the formulation they counted bef
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,8 @@ class OuterPlan:
         ``[T·K]`` and the order of the basis rows in it ``[T]``.
     pad : built on first use: the zero-padded layout (:meth:`padding`).
     sample : built on first use: :meth:`sampling`.
+    twin : set by :func:`share_index_maps`: an earlier plan of the same structure whose maps this
+        one uses (built once for both); the kept CSR values stay per plan.
     """
 
     out: torch.Tensor
@@ -79,11 +82,21 @@ class OuterPlan:
     pad: tuple | None = field(default=None, repr=False)
     sample: torch.Tensor | None = field(default=None, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
+    twin: OuterPlan | None = field(default=None, repr=False)
+
+    def same_structure(self, other: OuterPlan) -> bool:
+        """Whether ``other`` has the same sizes and the same ``out`` and ``inp`` (then the same maps)."""
+        return ((self.k, self.num_out, self.num_in, self.out.shape) == (other.k, other.num_out, other.num_in, other.out.shape)
+                and self.out.device == other.out.device
+                and (self.out is other.out or torch.equal(self.out, other.out))
+                and (self.inp is other.inp or torch.equal(self.inp, other.inp)))
 
     def padding(self) -> tuple:
         """``(Kmax, rows, inputs, slot)`` of the zero-padded layout, built once: for each of the
         ``O·Kmax`` padded rows the basis row ``[O·Kmax]`` (``T`` for a padding row) and the input row
         (``I``), and for each basis row its padded row ``[T]``."""
+        if self.twin is not None:
+            return self.twin.padding()
         if self.pad is None:
             with torch.no_grad():
                 kmax, slot = pad_slots(self.out, self.num_out)
@@ -96,13 +109,16 @@ class OuterPlan:
     def sampling(self) -> torch.Tensor:
         """Where each ``[t, k]`` lies in the flattened ``[O, K, Kmax]`` dot products of
         :func:`_sampled` ``[T·K]`` (int32 where the size fits), built once."""
+        if self.twin is not None:
+            return self.twin.sampling()
         if self.sample is None:
             with torch.no_grad():
                 kmax, _, _, slot = self.padding()
+                dtype = _index_dtype(slot.numel() * self.k, self.num_out * self.k * kmax)
                 rank = slot - self.out * kmax  # [T] position in its group
-                ks = torch.arange(self.k, device=slot.device) * kmax
-                flat = ((self.out * (self.k * kmax) + rank).unsqueeze(1) + ks).reshape(-1)  # [T·K]
-                self.sample = flat.to(_index_dtype(flat.numel(), self.num_out * self.k * kmax))
+                ks = torch.arange(self.k, dtype=dtype, device=slot.device) * kmax
+                first = (self.out * (self.k * kmax) + rank).to(dtype)  # [T] where [t, 0] lies
+                self.sample = (first.unsqueeze(1) + ks).reshape(-1)  # [T·K], in the index type
         return self.sample
 
     def values(self, basis: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -121,10 +137,13 @@ class OuterPlan:
         if hit is not None:
             return hit[1]
         with torch.no_grad():
+            # rows first: the gradients of the Legendre bases arrive order-major (strides (1, T)), where
+            # the row gather took 38.8 ms against 3 ms for rows (quadruplets, 555,710 × 7, one core)
+            rows = basis.contiguous()  # [T, K]
             if transpose:
-                values = basis.index_select(0, self.maps_t()[2]).reshape(-1)  # [T·K] in Aᵀ's order
+                values = rows.index_select(0, self.maps_t()[2]).reshape(-1)  # [T·K] in Aᵀ's order
             else:
-                values = basis.reshape(-1).index_select(0, self.maps()[2])  # [T·K] in A's order
+                values = rows.reshape(-1).index_select(0, self.maps()[2])  # [T·K] in A's order
         if basis.is_leaf and basis.requires_grad:
             return values
         while len(self.cache) >= CACHED_LAYOUTS:
@@ -134,6 +153,8 @@ class OuterPlan:
 
     def maps(self) -> tuple[torch.Tensor, ...]:
         """``(crow, col, gather)`` of ``A``, built once (on the first sparse product)."""
+        if self.twin is not None:
+            return self.twin.maps()
         if self.csr is None:
             with torch.no_grad():
                 self.csr = _csr_maps(self)
@@ -141,25 +162,50 @@ class OuterPlan:
 
     def maps_t(self) -> tuple[torch.Tensor, ...]:
         """``(crow_t, col_t, order_t)`` of ``Aᵀ``, built once (on the first backward: inference needs none)."""
+        if self.twin is not None:
+            return self.twin.maps_t()
         if self.csr_t is None:
             with torch.no_grad():
-                order = torch.argsort(self.inp, stable=True)  # [T]
-                dtype = _index_dtype(self.out.numel() * self.k, self.num_out * self.k)
-                ks = torch.arange(self.k, device=self.out.device)
-                col_t = (self.out.index_select(0, order).unsqueeze(1) * self.k + ks).reshape(-1)  # [T·K]
+                dtype = _index_dtype(self.out.numel() * self.k, max(self.num_out * self.k, self.num_in))
+                # a stable sort of 32-bit keys where they fit: the same order, 1.7× faster than of int64
+                order = torch.argsort(self.inp.to(dtype), stable=True)  # [T]
+                ks = torch.arange(self.k, dtype=dtype, device=self.out.device)
+                col_t = ((self.out.to(dtype) * self.k).index_select(0, order).unsqueeze(1) + ks).reshape(-1)  # [T·K]
                 crow_t = self.out.new_zeros(self.num_in + 1)
                 crow_t[1:] = torch.cumsum(torch.bincount(self.inp, minlength=self.num_in) * self.k, 0)
-                self.csr_t = (crow_t.to(dtype), col_t.to(dtype), order)
+                self.csr_t = (crow_t.to(dtype), col_t, order)
         return self.csr_t
+
+
+def share_index_maps(plans: Iterable[OuterPlan]) -> None:
+    """Let plans with the same structure (:meth:`OuterPlan.same_structure`) build their index maps once.
+
+    GemNet-OC's three triplet plans coincide where the atom-to-edge graph holds the same edges as the
+    main graph (the same cutoff, and molecules under both neighbour limits); at the defaults (main
+    cutoff 6 Å, atom-to-edge 8 Å) they differ in size and the check stops at the sizes. Otherwise it is
+    two comparisons of ``[T]`` index tensors per pair, against ``[T·K]`` maps built for each.
+    Each plan whose structure matches an earlier one gets that one as its :attr:`~OuterPlan.twin`.
+    """
+    first: list[OuterPlan] = []
+    for plan in plans:
+        plan.twin = next((other for other in first if plan.same_structure(other)), None)
+        if plan.twin is None:
+            first.append(plan)
 
 
 def _csr_maps(plan: OuterPlan) -> tuple[torch.Tensor, ...]:
     """``A``'s row pointers ``[O·K + 1]``, columns ``[T·K]`` and, for each of its values, the index
     ``t·K + k`` of ``basis[t, k]`` in the flattened basis ``[T·K]``.
 
-    Row ``o·K + k`` holds, in order, the ``n_o`` basis rows ``t = start_o + j`` of group ``o``: the
-    value ``basis[t, k]`` sits at ``K·start_o + k·n_o + j = (K − 1)·start_o + t + k·n_o``; both maps
-    are scattered there (in the index type of the maps: 2× faster in int32 than in int64).
+    Row ``r = o·K + k`` holds, in order, the ``n_o`` basis rows ``t = start_o + j`` of group ``o``, from
+    position ``crow[r] = K·start_o + k·n_o``: at position ``q = crow[r] + j`` the gather index is
+    ``K·t + k = K·q + h[r]`` with ``h[r] = K·(start_o − crow[r]) + k``. So the gather map rises by ``K``
+    from one position to the next except where a row starts, where it jumps by ``h[r] − h[r − 1] + K``:
+    it is one cumulative sum of a ``K``-filled array with the ``O·K`` jumps added (sequential writes in
+    the index type, no scatter of ``[T·K]`` entries: 2.4× faster than placing both maps by
+    ``index_copy_``, 11.7 against 28 ms for the quadruplet sum, 811,698 × 7, one core). The columns
+    follow by one gather: ``col[q] = inp[gather[q] // K]``, the input row of each basis row repeated
+    ``K`` times and picked.
     """
     out, k, num_out, t = plan.out, plan.k, plan.num_out, plan.out.numel()
     if t > 1 and bool((out[1:] < out[:-1]).any()):
@@ -168,13 +214,14 @@ def _csr_maps(plan: OuterPlan) -> tuple[torch.Tensor, ...]:
     ks = torch.arange(k, device=out.device)
     counts = torch.bincount(out, minlength=num_out)  # [O] n_o
     start = torch.cumsum(counts, 0) - counts  # [O] start_o
-    crow = torch.cat([out.new_zeros(1), (k * start.unsqueeze(1) + (ks + 1) * counts.unsqueeze(1)).reshape(-1)])  # [O·K + 1]
-    place = ((k - 1) * start.index_select(0, out) + torch.arange(t, device=out.device)).unsqueeze(1)
-    place = (place + ks * counts.index_select(0, out).unsqueeze(1)).reshape(-1)  # [T·K] where [t, k] goes
-    gather = torch.empty(t * k, dtype=dtype, device=out.device)
-    gather.index_copy_(0, place, torch.arange(t * k, dtype=dtype, device=out.device))  # [T·K]
-    col = torch.empty(t * k, dtype=dtype, device=out.device)
-    col.index_copy_(0, place, plan.inp.to(dtype).unsqueeze(1).expand(t, k).reshape(-1))  # [T·K]
+    first = (k * start.unsqueeze(1) + ks * counts.unsqueeze(1)).reshape(-1)  # [O·K] crow[r]
+    crow = torch.cat([first, first.new_full((1,), t * k)])  # [O·K + 1]
+    h = (k * (start.unsqueeze(1) - first.view(num_out, k)) + ks).reshape(-1)  # [O·K]
+    jumps = torch.diff(h, prepend=h.new_full((1,), k)).to(dtype)  # [O·K]: h[0] − K at the first row
+    steps = torch.full((t * k + 1,), k, dtype=dtype, device=out.device)  # one more: empty last rows land there
+    steps.index_add_(0, first, jumps)  # jumps of empty rows telescope into the next row's start
+    gather = steps[:-1].cumsum_(0)  # [T·K]
+    col = plan.inp.to(dtype).unsqueeze(1).expand(t, k).reshape(-1).index_select(0, gather)  # [T·K]
     return crow.to(dtype), col, gather
 
 
