@@ -12,7 +12,9 @@ from processes import (  # noqa: F401  (fixtures and hooks are registered by nam
 )
 from cputime import (  # noqa: F401  (`pytest --cpu-durations=N`: CPU seconds per test)
     pytest_addoption,
-    pytest_runtest_protocol,
+    pytest_runtest_logreport,
+    pytest_runtest_logstart,
+    pytest_runtest_makereport,
     pytest_terminal_summary,
 )
 from freed_heap import pytest_runtest_logfinish  # noqa: F401  (a test's freed heap goes back before the next)
