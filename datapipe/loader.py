@@ -363,10 +363,23 @@ class StreamingLoader:
         dataset = _RankDataset(self.index, self._streams, skips, self.cutoff, first, self.skip_bad_shards,
                                self.retries)
         if self.num_workers > 0:
-            source = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                                prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init)
+            source = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                                     prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init))
         else:
-            source = dataset
+            source = iter(dataset)
+        try:
+            yield from self._checked(source, local)
+        finally:
+            # the workers stop now, not when the garbage collector finds the iterator: after an error the
+            # traceback keeps this frame (and so the iterator) alive, and a late shutdown waited for
+            # workers still blocked on their queue (5 s each, in whatever ran next)
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _checked(self, source, local: int) -> Iterator:
+        """The batches of ``source`` (this rank's workers interleaved, from batch ``local`` of the plan),
+        each checked against the plan."""
         expected_workers = self._workers[local:]
         expected_batches = self._batches[local:]
         count = 0
