@@ -31,11 +31,12 @@ train: setup
 # tests and the docstring examples of the four rooms (pyproject.toml: testpaths, --doctest-modules)
 # Both end with the tests that took longest in wall time and in CPU time (tests/cputime.py: a busy
 # machine stretches the first, hardly the second); PYTEST_ARGS=... adds options.
-# PYTEST_WORKERS=2 runs the suite on two pytest-xdist workers, a test file to one worker (its module
-# fixtures are built once, session fixtures once per worker); 0 (the default for now: not yet proven
-# free of failures on a loaded 2-core machine) runs it serially in one process.
+# The suite runs on PYTEST_WORKERS pytest-xdist workers (default 2: one pytest process cannot use
+# more than one core, and serially the suite took ~17 min beside `make train`), a test file to one
+# worker (its module fixtures are built once, session fixtures once per worker); PYTEST_WORKERS=0
+# runs it serially in one process.
 PYTEST_REPORT ?= --durations=30 --cpu-durations=30
-PYTEST_WORKERS ?= 0
+PYTEST_WORKERS ?= 2
 PYTEST_DIST := -n $(PYTEST_WORKERS) --dist loadfile
 test: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(PYTEST_DIST) $(PYTEST_REPORT) $(PYTEST_ARGS)

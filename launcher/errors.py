@@ -43,7 +43,11 @@ def debug_requested(argv: list[str] | None) -> bool:
 def run(main, argv: list[str] | None = None) -> int:
     """Call ``main(argv)``; a :class:`UserError` becomes one line on rank 0 and :data:`EXIT_USER_ERROR`.
 
-    Returns 0 when ``main`` returns. With ``--debug`` the error propagates with its traceback.
+    Returns 0 when ``main`` returns, after closing torch.distributed's process group if the job
+    started one: left open, its communication threads were still running when the interpreter tore
+    down, and now and then a rank ended in ``terminate called without an active exception``
+    (SIGABRT, exit status −6) after a finished job. With ``--debug`` the error propagates with its
+    traceback.
     """
     try:
         main(argv)
@@ -54,7 +58,15 @@ def run(main, argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr, flush=True)
         _leave_process_group()
         return EXIT_USER_ERROR
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Destroy torch.distributed's process groups, if any were started (every rank has finished)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _leave_process_group() -> None:
@@ -74,4 +86,4 @@ def _leave_process_group() -> None:
                 dist.barrier()
         except Exception:  # noqa: BLE001 - a rank that did not raise: nothing more to wait for
             pass
-        dist.destroy_process_group()
+    _close_process_group()
