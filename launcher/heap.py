@@ -90,3 +90,19 @@ def keep_freed_memory(environ=None) -> dict[str, str]:
     if not applied:
         return {}
     return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+
+
+def return_freed_memory() -> bool:
+    """Hand the heap's free memory back to the kernel now (glibc's ``malloc_trim(0)``).
+
+    The opposite of :func:`keep_freed_memory`, for a process that moves on to unrelated work
+    (the test suite between tests, ``tests/freed_heap.py``). Returns whether it ran: ``False`` off
+    glibc or where ``malloc_trim`` is missing. Values of live tensors are untouched.
+    """
+    if not _glibc():
+        return False
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True

@@ -11,29 +11,14 @@ suite's peak much (3.92 -> 3.76 GB): glibc reused the kept memory for the next l
 peak is ``test_gemnet_oc.py::test_large_next_to_small[conservative]``'s own 2.6 GB (3.0 GB in a
 fresh process) over the live 1.1 GB. Nothing a test computes changes: only where its memory comes from.
 
-Loaded by ``tests/conftest.py``; glibc only (elsewhere, and where ``malloc_trim`` is missing, a no-op).
+Loaded by ``tests/conftest.py``; :func:`launcher.heap.return_freed_memory` (glibc only, a no-op elsewhere).
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-
-
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or ``None`` off glibc."""
-    try:
-        if os.confstr("CS_GNU_LIBC_VERSION") is None:
-            return None
-        return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-_TRIM = _malloc_trim()
+from launcher.heap import return_freed_memory
 
 
 def pytest_runtest_logfinish(nodeid, location) -> None:
     """After each test (its teardown included): give the heap's free memory back to the kernel."""
-    if _TRIM is not None:
-        _TRIM(0)
+    return_freed_memory()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.heap import USER_SETTINGS, keep_freed_memory
+from launcher.heap import USER_SETTINGS, keep_freed_memory, return_freed_memory
 
 REPO = Path(__file__).resolve().parents[2]
 GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
@@ -68,3 +68,15 @@ def test_freed_memory_is_reused_without_page_faults():
                                      {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}])
 def test_steps_aside_where_the_user_chose(environ):
     assert keep_freed_memory(environ) == {}
+
+
+def test_return_freed_memory_runs_on_glibc_and_keeps_live_tensors():
+    """``malloc_trim`` runs where glibc is the C library, and a live tensor keeps its values."""
+    import torch
+
+    live = torch.arange(1_000_000, dtype=torch.float64)
+    freed = torch.ones(20_000_000)
+    del freed
+    glibc = os.confstr("CS_GNU_LIBC_VERSION") is not None
+    assert return_freed_memory() is glibc
+    assert torch.equal(live, torch.arange(1_000_000, dtype=torch.float64))
