@@ -154,10 +154,21 @@ def reverse_edges(edge_index: torch.Tensor, num_atoms: int) -> torch.Tensor:
     return found
 
 
+def group_starts(counts: torch.Tensor) -> torch.Tensor:
+    """Where each group begins in a list grouped in order: the exclusive prefix sum of ``counts``.
+
+    ``counts`` ``[G]`` (integers ≥ 0) → ``[G]`` with ``start[g] = Σ_{h<g} counts[h]``.
+
+    >>> group_starts(torch.tensor([2, 0, 3])).tolist()
+    [0, 2, 2]
+    """
+    return torch.cumsum(counts, 0) - counts
+
+
 def inner_index(index: torch.Tensor, size: int) -> torch.Tensor:
     """Rank of each element among the elements with the same value of a *sorted* ``index``."""
     counts = torch.bincount(index, minlength=size)
-    start = torch.cumsum(counts, 0) - counts
+    start = group_starts(counts)
     return torch.arange(index.numel(), device=index.device) - start.index_select(0, index)
 
 
@@ -169,11 +180,11 @@ def pairs_sharing_atom(key_in: torch.Tensor, key_out: torch.Tensor, size: int) -
     """
     order = torch.argsort(key_in, stable=True)
     counts = torch.bincount(key_in, minlength=size)
-    start = torch.cumsum(counts, 0) - counts
+    start = group_starts(counts)
     repeats = counts.index_select(0, key_out)  # [O]
     idx_out = torch.repeat_interleave(torch.arange(key_out.numel(), device=key_out.device), repeats)  # [P]
     # rank of each pair within its out-row, minus that row's first in-position: one [O] table, one gather
-    first = start.index_select(0, key_out) - (torch.cumsum(repeats, 0) - repeats)  # [O]
+    first = start.index_select(0, key_out) - group_starts(repeats)  # [O]
     idx_in = order.index_select(0, first.index_select(0, idx_out) + torch.arange(idx_out.numel(), device=key_out.device))
     return idx_in, idx_out  # [P], [P]
 
@@ -234,14 +245,14 @@ def _join_quadruplets(trip_in: dict, trip_out: dict, source: torch.Tensor, num_q
     if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
         return _join_quadruplets_general(trip_in, trip_out, source, num_qint)
     counts = torch.bincount(run_edge, minlength=max(num_qint, 1))  # [E_q] m_e
-    start = torch.cumsum(counts, 0) - counts  # [E_q] s_e
+    start = group_starts(counts)  # [E_q] s_e
     edge = trip_out["in"]  # [T_out] qint edge e of each trip_out
     c = source.index_select(0, trip_out["out"])  # [T_out] atom c
     query = edge * num_atoms + c  # [T_out]
     found = torch.searchsorted(key, query).clamp_max(max(key.numel() - 1, 0))  # [T_out] position of d = c
     dropped = key.index_select(0, found) == query if key.numel() else torch.zeros_like(query, dtype=torch.bool)
     size = counts.index_select(0, edge) - dropped.long()  # [T_out] quadruplets per trip_out
-    first = torch.cumsum(size, 0) - size  # [T_out] where each group starts in the list
+    first = group_starts(size)  # [T_out] where each group starts in the list
     total = int(first[-1] + size[-1]) if size.numel() else 0
     quad_out = torch.repeat_interleave(torch.arange(edge.numel(), device=device), size, output_size=total)  # [Q]
     # quad_in[q] = q + level: level = s_e − first_o in group o, one more past its dropped element

@@ -41,6 +41,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from zoo.models.gemnet_oc.blocks import pad_slots
+from zoo.models.gemnet_oc.graph import group_starts
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
@@ -213,7 +214,7 @@ def _csr_maps(plan: OuterPlan) -> tuple[torch.Tensor, ...]:
     dtype = _index_dtype(t * k, max(k * num_out, plan.num_in))
     ks = torch.arange(k, device=out.device)
     counts = torch.bincount(out, minlength=num_out)  # [O] n_o
-    start = torch.cumsum(counts, 0) - counts  # [O] start_o
+    start = group_starts(counts)  # [O] start_o
     first = (k * start.unsqueeze(1) + ks * counts.unsqueeze(1)).reshape(-1)  # [O·K] crow[r]
     crow = torch.cat([first, first.new_full((1,), t * k)])  # [O·K + 1]
     h = (k * (start.unsqueeze(1) - first.view(num_out, k)) + ks).reshape(-1)  # [O·K]
