@@ -32,6 +32,7 @@ from torch import nn
 
 from datapipe import keys
 from zoo.models.common import ChargeSpinEmbedding
+from zoo.models.geometry_gate import position_gradients
 from zoo.models.precision import compute_dtype, geometry_dtype
 
 
@@ -306,7 +307,9 @@ class ForceField(nn.Module):
         """
         gradient = None
         if torch.is_grad_enabled() and energy.requires_grad:
-            (gradient,) = torch.autograd.grad(energy.sum(), positions, create_graph=self.training, allow_unused=True)
+            with position_gradients():  # gradients pass the geometry marks (zoo.models.geometry_gate)
+                (gradient,) = torch.autograd.grad(energy.sum(), positions, create_graph=self.training,
+                                                  allow_unused=True)
         if gradient is not None:
             return gradient  # [N, 3]
         if edge_index.shape[1] == 0:  # no edges: the energy does not depend on positions
