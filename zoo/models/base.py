@@ -24,6 +24,7 @@ and ``−∂E/∂positions`` stay in at least fp32; only the architecture's lear
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from torch import nn
 
 from datapipe import keys
 from zoo.models.common import ChargeSpinEmbedding
-from zoo.models.geometry_gate import position_gradients
+from zoo.models.parameter_gradients import parameter_gradients_only
 from zoo.models.precision import compute_dtype, geometry_dtype
 
 
@@ -248,6 +249,25 @@ class ForceField(nn.Module):
         if not self.direct_forces and not self.compiled:  # compiled: the gradient is taken inside (torch.func)
             # a non-leaf view: autograd.grad w.r.t. it works under engines and flop counters
             positions = positions.detach().requires_grad_(True).view_as(positions)
+        run = functools.partial(self._normalised_outputs, batch, positions, geometry, num_graphs)
+        if not self.direct_forces and not self.compiled and self.training:
+            # the trainer's backward then reaches the parameters only (zoo.models.parameter_gradients; exact)
+            normalised, gradient = parameter_gradients_only(run, self.parameters())
+        else:
+            normalised, gradient = run()  # [B], [N, 3]
+
+        refs = self.element_references.to(positions.device)
+        reference = torch.zeros(num_graphs, dtype=torch.float64, device=positions.device)
+        reference = reference.index_add(0, node_batch, refs[atomic_numbers])  # [B] eV
+        energy = reference + self.force_rms * normalised.double()  # [B] eV
+        sign = 1.0 if self.direct_forces else -1.0  # direct head, or −∂E/∂positions
+        forces = sign * self.force_rms * gradient  # [N, 3] eV/Å
+        return {keys.ENERGY: energy, keys.FORCES: forces}
+
+    def _normalised_outputs(self, batch, positions: torch.Tensor, geometry: torch.dtype,
+                            num_graphs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised energies ``[B]`` and the direct forces, or ``∂(ΣÊ)/∂positions``, ``[N, 3]``
+        (normalised units, ``geometry`` dtype) of :meth:`forward`, from its checked inputs."""
         edge_index = batch[keys.EDGE_INDEX]  # [2, E]
         source, target = edge_index[0], edge_index[1]
         edge_vectors = positions[source] - positions[target]  # [E, 3]
@@ -262,9 +282,10 @@ class ForceField(nn.Module):
         if not bool(keep.all()):
             edge_index, edge_vectors = edge_index[:, keep], edge_vectors[keep]
 
+        node_batch = batch[keys.BATCH]  # [N]
         program = self.interact if self._compiled_interact is None else self._compiled_interact
         node_energy, direct = program(
-            atomic_numbers,
+            batch[keys.ATOMIC_NUMBERS],
             positions,
             edge_index,
             edge_vectors,
@@ -277,19 +298,9 @@ class ForceField(nn.Module):
         node_energy = node_energy.to(geometry)  # [N]
         normalised = torch.zeros(num_graphs, dtype=geometry, device=node_energy.device)
         normalised = normalised.index_add(0, node_batch, node_energy)  # [B]
-
-        refs = self.element_references.to(positions.device)
-        reference = torch.zeros(num_graphs, dtype=torch.float64, device=positions.device)
-        reference = reference.index_add(0, node_batch, refs[atomic_numbers])  # [B] eV
-        energy = reference + self.force_rms * normalised.double()  # [B] eV
-
-        if self.direct_forces:
-            forces = self.force_rms * direct.to(geometry)  # [N, 3] eV/Å
-        elif self.compiled:
-            forces = -self.force_rms * direct.to(geometry)  # [N, 3] eV/Å, the gradient from the compiled program
-        else:
-            forces = -self.force_rms * self.energy_gradient(normalised, positions, edge_index)  # [N, 3] eV/Å
-        return {keys.ENERGY: energy, keys.FORCES: forces}
+        if self.direct_forces or self.compiled:
+            return normalised, direct.to(geometry)  # the head's forces / the compiled program's gradient
+        return normalised, self.energy_gradient(normalised, positions, edge_index)  # [B], [N, 3]
 
 
     def energy_gradient(self, energy: torch.Tensor, positions: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
@@ -307,9 +318,7 @@ class ForceField(nn.Module):
         """
         gradient = None
         if torch.is_grad_enabled() and energy.requires_grad:
-            with position_gradients():  # gradients pass the geometry marks (zoo.models.geometry_gate)
-                (gradient,) = torch.autograd.grad(energy.sum(), positions, create_graph=self.training,
-                                                  allow_unused=True)
+            (gradient,) = torch.autograd.grad(energy.sum(), positions, create_graph=self.training, allow_unused=True)
         if gradient is not None:
             return gradient  # [N, 3]
         if edge_index.shape[1] == 0:  # no edges: the energy does not depend on positions

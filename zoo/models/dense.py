@@ -93,11 +93,27 @@ def _wanted(ctx, index: int, tensor: torch.Tensor) -> bool:
     formulas also skip what the current call does not ask for: ``autograd.grad(energy, positions)``
     (conservative forces) computes no weight gradients. This asks the engine the same question.
     """
-    if not ctx.needs_input_grad[index]:
+    return ctx.needs_input_grad[index] and engine_will_run(gradient_node(tensor))
+
+
+def gradient_node(tensor: torch.Tensor | None):
+    """The autograd node that receives ``tensor``'s gradient (None where it needs none)."""
+    if tensor is None or not tensor.requires_grad:
+        return None
+    return torch.autograd.graph.get_gradient_edge(tensor).node
+
+
+def engine_will_run(node) -> bool:
+    """Whether the running backward will run ``node`` (a :func:`gradient_node`): False where the call
+    named its inputs (``autograd.grad``, ``backward(inputs=)``,
+    :func:`zoo.models.parameter_gradients.parameter_gradients_only`) and none lies behind ``node``.
+    True outside a backward, for every node of a ``backward()`` without inputs, and on a PyTorch
+    without the query."""
+    if node is None:
         return False
     try:
-        return bool(torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(tensor).node))
-    except (AttributeError, RuntimeError):  # a PyTorch without the query: compute it, as before
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # no query, or no backward running: compute it, as before
         return True
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from zoo.flops.trace import TraceableForceField, trace_inputs
-from zoo.models.geometry_gate import position_gradients
 
 
 @dataclass
@@ -97,8 +96,7 @@ def measure_activations(model: torch.nn.Module, batch, direct_forces: bool | Non
             out = wrapper(*inputs)
             energy = out[0] if isinstance(out, tuple) else out  # [B]
             if not direct:
-                with position_gradients():  # as ForceField.energy_gradient takes it
-                    torch.autograd.grad(energy.sum(), positions, create_graph=True)
+                torch.autograd.grad(energy.sum(), positions, create_graph=True)
     finally:
         for h in handles:
             h.remove()

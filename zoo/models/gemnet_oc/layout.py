@@ -28,16 +28,13 @@ class _Columns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *vectors):  # S × [T]
-        ctx.set_materialize_grads(False)  # no gradient (a geometry gate's drop): no zeros to split
         out = vectors[0].new_empty(vectors[0].shape[0], len(vectors))  # [T, S]
         for s, vector in enumerate(vectors):
             out[:, s].copy_(vector)
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # [T, S] or None
-        if grad is None:
-            return (None,) * len(ctx.needs_input_grad)
+    def backward(ctx, grad):  # [T, S]
         return _SplitColumns.apply(grad)
 
 
@@ -46,7 +43,6 @@ class _SplitColumns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, matrix):  # [T, S]
-        ctx.set_materialize_grads(False)  # columns without a gradient arrive as None
         return matrix.unbind(1)
 
     @staticmethod

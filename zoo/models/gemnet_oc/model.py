@@ -87,7 +87,6 @@ from zoo.models.gemnet_oc.graph import (
 )
 from zoo.models.gemnet_oc.interactions import EdgeEmbedding, InteractionBlock, OutputBlock, cab_plan
 from zoo.models.gemnet_oc.sparse import OuterPlan, share_index_maps
-from zoo.models.geometry_gate import geometric
 from zoo.models.precision import to_compute
 
 #: size of each embedding as a fraction of the width (emb_size_atom); fairchem OC20 ratios at 256
@@ -258,9 +257,7 @@ class GemNetOC(ForceField):
         # fp32 islands (zoo.models.precision): distances, unit vectors, cosines, radial and Legendre
         # bases; each is cast to the compute dtype where a learned projection takes it
         c = self.compute_dtype(main.distance.device)
-        # every tensor of the positions alone that meets a parameter is marked geometric: the trainer's
-        # backward of a conservative step stops there (zoo.models.geometry_gate; exact)
-        rbf_main = geometric(to_compute(self.radial_main(main.distance), c))  # [E, R]
+        rbf_main = to_compute(self.radial_main(main.distance), c)  # [E, R]
         if self.cutoff_qint == self.cutoff_aeaint == self.cutoff_aint:
             # one radial basis of the big graph, rows picked for each sub-graph (the same function)
             rbf_big = self.radial_aint(g["big"].distance)  # [E_big, R]
@@ -268,10 +265,10 @@ class GemNetOC(ForceField):
         else:
             rbf_qint, rbf_aeaint = self.radial_qint(qint.distance), self.radial_aeaint(aeaint.distance)
             rbf_aint = self.radial_aint(aint.distance)
-        rbf_qint, rbf_aeaint, rbf_aint = (geometric(to_compute(r, c)) for r in (rbf_qint, rbf_aeaint, rbf_aint))
+        rbf_qint, rbf_aeaint, rbf_aint = (to_compute(r, c) for r in (rbf_qint, rbf_aeaint, rbf_aint))
 
         def angular(cosine):  # [T] → [T, S], rows (the sums gather their CSR values from rows)
-            return geometric(to_compute(legendre_basis(cosine, S), c))
+            return to_compute(legendre_basis(cosine, S), c)
 
         def circular(trip, u_in, u_out):  # cosine of the angle at the shared atom a
             return angular((gather(u_in, trip["in"]) * gather(u_out, trip["out"])).sum(-1))  # [T, S]
@@ -294,7 +291,7 @@ class GemNetOC(ForceField):
         u_db = gather(main.unit, t_in["in"])  # [T_in, 3] (pos_d − pos_b)/d
         cos_abd = -(u_ba * u_db).sum(-1)  # [T_in] angle at b between a and d
         rad_ba = gather(self.mlp_cbf_qint(rbf_qint), t_in["out"])  # [T_in, cbf, S]
-        out["q_cbf"] = (rad_ba @ angular(cos_abd).unsqueeze(-1)).squeeze(-1)  # [T_in, cbf]
+        out["q_cbf"] = (rad_ba @ to_compute(legendre_basis(cos_abd, S), c).unsqueeze(-1)).squeeze(-1)  # [T_in, cbf]
         out["q_rad"] = self.mlp_rbf_qint(rbf_main)  # [E, r] of d_db
         u_ca, u_ab = gather(main.unit, t_out["out"]), gather(qint.unit, t_out["in"])  # [T_out, 3] from a to c, a to b
         cos_cab = (u_ca * u_ab).sum(-1)  # [T_out]

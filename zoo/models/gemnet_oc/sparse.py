@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from zoo.models.dense import engine_will_run, gradient_node
 from zoo.models.gemnet_oc.blocks import pad_slots
 from zoo.models.gemnet_oc.graph import group_starts
-from zoo.models.geometry_gate import marked, taking_position_gradients
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
@@ -321,10 +321,10 @@ def _sampled(g: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
 class _Bilinear(torch.autograd.Function):
     """A bilinear ``f(u, v)`` whose two partial derivatives are other such Functions (made by
     :func:`_bilinear`): ``∂u = grad_u(∂f, v)``, ``∂v = grad_v(∂f, u)``. Each operand is kept only for
-    the other's gradient, and only the gradients asked for are computed: not that of an operand marked
-    geometric (:mod:`zoo.models.geometry_gate`) outside the model's own position gradient, which in a
-    conservative training step's ``loss.backward()`` saves two of the three sampled dot products ``S``
-    of each sum of a geometric basis."""
+    the other's gradient, and only the gradients that the running backward will use are computed
+    (:func:`zoo.models.dense.engine_will_run`): where the parameters' gradients of a conservative step
+    are taken (:mod:`zoo.models.parameter_gradients`), a geometric basis's gradient is not, two of the
+    three sampled dot products ``S`` of each such sum per step."""
 
     @staticmethod
     def forward(ctx, u, v, plan: OuterPlan):
@@ -334,8 +334,9 @@ class _Bilinear(torch.autograd.Function):
     def backward(ctx, grad):
         u, v = ctx.saved_tensors
         need_u, need_v, _ = ctx.needs_input_grad
-        if not taking_position_gradients():  # a geometric basis's gradient would be dropped: not computed
-            need_u, need_v = need_u and not ctx.marked[0], need_v and not ctx.marked[1]
+        # only what this backward will use: not a basis gradient that leads to the positions alone while
+        # the parameters' gradients are taken (zoo.models.parameter_gradients)
+        need_u, need_v = need_u and engine_will_run(ctx.nodes[0]), need_v and engine_will_run(ctx.nodes[1])
         rule_u, rule_v = ctx.rules
         grad_u = rule_u(grad, v, ctx.plan) if need_u else None
         grad_v = rule_v(grad, u, ctx.plan) if need_v else None
@@ -348,7 +349,7 @@ def _bilinear(name: str, kernel, grad_u, grad_v, doc: str) -> type:
     def forward(ctx, u, v, plan: OuterPlan):
         need_u, need_v, _ = ctx.needs_input_grad
         ctx.save_for_backward(u if need_v else None, v if need_u else None)
-        ctx.plan, ctx.rules, ctx.marked = plan, (grad_u, grad_v), (marked(u), marked(v))
+        ctx.plan, ctx.rules, ctx.nodes = plan, (grad_u, grad_v), (gradient_node(u), gradient_node(v))
         return kernel(u, v, plan)
 
     return type(name, (_Bilinear,), {"forward": staticmethod(forward), "__doc__": doc})
