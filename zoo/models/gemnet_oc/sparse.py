@@ -77,11 +77,10 @@ class OuterPlan:
     sample : built on first use: :meth:`sampling`.
     twin : set by :func:`share_index_maps`: an earlier plan of the same structure whose maps this
         one uses (built once for both); the kept CSR values stay per plan.
-    by_order : ``P`` as ``K`` products of one ``[O, I]`` structure (module docstring): then ``csr`` is
-        ``(crow [O + 1], col [T])`` and ``A``'s values are the basis order-major ``[K, T]`` (no gather;
-        no copy at all for a basis whose columns are contiguous). ``Aᵀ`` and the sampled dots are as
-        without it. Pays where the maps dominate (quadruplets, ``C = 8``); with wide inputs the
-        single product is faster (cab sum, ``C = 56``: 2.9 against 5.7 ms).
+    by_order : ``P`` as ``K`` products of one ``[O, I]`` structure (module docstring): ``csr`` is then
+        ``(crow [O + 1], col [T])``, ``A``'s values the basis order-major ``[K, T]`` (a view of a basis
+        with contiguous columns); ``Aᵀ`` and ``S`` as without. For narrow inputs (``C ≤ 16``): at
+        ``C = 56`` (the cab sum) the single product took 2.9 against 5.7 ms.
     """
 
     out: torch.Tensor
@@ -242,8 +241,7 @@ def _csr_maps(plan: OuterPlan) -> tuple[torch.Tensor, ...]:
 
 
 def _order_maps(plan: OuterPlan) -> tuple[torch.Tensor, ...]:
-    """Row pointers ``[O + 1]`` and columns ``[T]`` of each order's ``A_k`` ``[O, I]`` (:attr:`OuterPlan.by_order`):
-    row ``o`` holds the basis rows of group ``o`` in order, columns ``inp``. No ``[T·K]`` map."""
+    """Row pointers ``[O + 1]`` and columns ``[T]`` (``inp``) of every order's ``A_k`` ``[O, I]`` (:attr:`OuterPlan.by_order`)."""
     out, t = plan.out, plan.out.numel()
     _check_sorted(out)
     dtype = _index_dtype(t, max(plan.num_out, plan.num_in))
