@@ -238,12 +238,16 @@ class GemNetOC(ForceField):
         }
         # the sums Σ basis ⊗ message of every block, indexed once per batch (zoo.models.gemnet_oc.sparse)
         S, quad, t_out = self.num_spherical, g["quad"], g["quad"]["trip_out"]
+        # K products of [T] maps rather than one of [T·K] maps where the messages are narrow (sparse.py;
+        # measured at width 64, 16 channels: the same products, maps 5.6 → 1.2 ms per step; at 56 the
+        # single product was 2× faster)
+        narrow = self.sizes["trip_in"] <= 16
         g["plans"] = {
-            "e2e": OuterPlan(g["trip_e2e"]["out"], g["trip_e2e"]["in"], S, main.num_edges, main.num_edges),
-            "a2e": OuterPlan(g["trip_a2e"]["out"], g["trip_a2e"]["in"], S, main.num_edges, aeaint.num_edges),
-            "e2a": OuterPlan(g["trip_e2a"]["out"], g["trip_e2a"]["in"], S, aeaint.num_edges, main.num_edges),
+            "e2e": OuterPlan(g["trip_e2e"]["out"], g["trip_e2e"]["in"], S, main.num_edges, main.num_edges, narrow),
+            "a2e": OuterPlan(g["trip_a2e"]["out"], g["trip_a2e"]["in"], S, main.num_edges, aeaint.num_edges, narrow),
+            "e2a": OuterPlan(g["trip_e2a"]["out"], g["trip_e2a"]["in"], S, aeaint.num_edges, main.num_edges, narrow),
             "quad": OuterPlan(quad["quad_out"], quad["quad_in"], S, t_out["out"].numel(),
-                              quad["trip_in"]["in"].numel()),
+                              quad["trip_in"]["in"].numel(), by_order=True),  # maps of [Q], not [Q·S]
             "cab": cab_plan(t_out["out"], S, main.num_edges),
             "aint": OuterPlan(aint.target, aint.source, self.sizes["rbf"], n, n),
         }
