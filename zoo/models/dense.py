@@ -96,7 +96,7 @@ class _Linear(torch.autograd.Function):
 #:     GemNet-OC, 5,268 edge rows:  in 64,  out 64    1.23 → 0.96     in 128, out 16   1.15 → 0.68
 #:                                  in 4,   out 64    0.39 → 0.27     in 64,  out 256  3.16 → 2.51
 #:                                  in 320, out 64    3.79 → 3.70     in 128, out 392  7.46 → 8.37 (kept)
-#:     eSEN, 105..945 atom rows:    in 64..256, out 64..512   0.41-0.71× the oneDNN time
+#:     eSEN, 105..945 atom rows:    in and out 64..256           0.41-0.71× the oneDNN time
 #:     eSEN, 1,632 edge rows:       in 64,  out 64    0.66 → 0.40     in 256, out 256  2.88 → 2.49
 #:                                  in 128, out 384   2.12 → 2.07     in 64,  out 768  2.36 → 2.36 (kept)
 #:                                  larger (in·out ≥ 320², up to 1152 × 1280): 0.93-1.15×, noise (kept)
