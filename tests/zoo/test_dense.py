@@ -26,23 +26,27 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> None:
     torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=rtol * scale)
 
 
-def operands(layout: str, bias: bool, out: int = 8):
-    """``x`` ``[5, 3, 16]`` (as a block of a larger tensor, or contiguous), ``weight`` ``[out, 16]``, ``bias``."""
+def operands(layout: str, bias: bool, out: int = 8, inp: int = 16):
+    """``x`` ``[5, 3, inp]`` (as a block of a larger tensor, or contiguous), ``weight`` ``[out, inp]``, ``bias``."""
     gen = torch.Generator().manual_seed(1)
     if layout == "block":  # the l = 1 block of [N, 9, C] features, as SO3Linear takes it
-        x = torch.randn(5, 9, 16, generator=gen)[:, 1:4].requires_grad_()
+        x = torch.randn(5, 9, inp, generator=gen)[:, 1:4].requires_grad_()
     else:
-        x = torch.randn(5, 3, 16, generator=gen, requires_grad=True)
-    weight = torch.randn(out, 16, generator=gen, requires_grad=True)
+        x = torch.randn(5, 3, inp, generator=gen, requires_grad=True)
+    weight = torch.randn(out, inp, generator=gen, requires_grad=True)
     b = torch.randn(out, generator=gen, requires_grad=True) if bias else None
     return x, weight, b
 
 
-@pytest.mark.parametrize("out", [8, 24], ids=["narrow", "wide"])  # both orientations of the weight gradient
+@pytest.mark.parametrize("shape", [(8, 16), (24, 16), (24, 4)], ids=["narrow", "wide", "few-inputs"])  # (out, in): every orientation of the weight gradient
+@pytest.mark.parametrize("kernel", ["mm", "onednn"])  # the weight gradient's product: small weights torch.mm, large ones oneDNN
 @pytest.mark.parametrize("layout", ["contiguous", "block"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_value_gradient_and_second_derivative_equal_f_linear(layout, bias, out):
-    x, weight, b = operands(layout, bias, out)
+def test_value_gradient_and_second_derivative_equal_f_linear(layout, bias, shape, kernel, monkeypatch):
+    if kernel == "onednn":
+        monkeypatch.setattr(dense, "MM_WEIGHT_GRAD_ELEMENTS", 0)
+    out, inp = shape
+    x, weight, b = operands(layout, bias, out, inp)
     assert takes_onednn(x, weight)
     inputs = [t for t in (x, weight, b) if t is not None]
     probe = torch.randn(5, 3, out, generator=torch.Generator().manual_seed(2))
@@ -63,9 +67,12 @@ def test_the_onednn_function_is_the_one_recorded():
     assert type(y.grad_fn).__name__ == "_LinearBackward"
 
 
-def test_gradients_not_asked_for_are_not_computed(monkeypatch):
+@pytest.mark.parametrize("mm_limit", [dense.MM_WEIGHT_GRAD_ELEMENTS, 0], ids=["weight-grad-mm", "weight-grad-onednn"])
+def test_gradients_not_asked_for_are_not_computed(monkeypatch, mm_limit):
     """``autograd.grad(energy, positions)`` (conservative forces) needs no weight gradient: like
-    ATen's formulas, the backward computes only what the running call asks for."""
+    ATen's formulas, the backward computes only what the running call asks for. (A weight as small
+    as this one takes its gradient from ``torch.mm``, not oneDNN, unless the limit is set to 0.)"""
+    monkeypatch.setattr(dense, "MM_WEIGHT_GRAD_ELEMENTS", mm_limit)
     products = []
     onednn = dense._onednn
     monkeypatch.setattr(dense, "_onednn", lambda *args: products.append(args[1].shape) or onednn(*args))
@@ -75,7 +82,8 @@ def test_gradients_not_asked_for_are_not_computed(monkeypatch):
     assert len(products) == 2  # the forward and grad_x only
     close(grad_x, torch.autograd.grad(F.linear(x, weight, b).sum(), x)[0])
     linear(x, weight, b).sum().backward()
-    assert len(products) == 5 and weight.grad is not None and x.grad is not None
+    assert len(products) == (4 if mm_limit else 5) and weight.grad is not None and x.grad is not None
+    close(weight.grad, torch.autograd.grad(F.linear(x, weight, b).sum(), weight)[0])
 
 
 def test_no_rows_and_empty_contraction():

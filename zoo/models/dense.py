@@ -19,6 +19,11 @@ no bf16/tf32 down-conversion). Results differ from ``F.linear`` by fp32 round-of
 (``tests/zoo/test_dense.py``). ``torch.backends.mkldnn.flags(enabled=False)`` (or
 ``torch.backends.mkldnn.enabled = False``) turns the path off and gives the BLAS results.
 
+One exception: weight gradients of small weights (:data:`MM_WEIGHT_GRAD_ELEMENTS`, 256 × 256) run
+as ``torch.mm``. They are bound by reading their two ``[rows, ·]`` operands, one of them transposed,
+which the BLAS reads in place and oneDNN copies first (GemNet-OC's ``[5268, 64]`` layers: 1.2 →
+0.96 ms each; measurements at :data:`MM_WEIGHT_GRAD_ELEMENTS`).
+
 Where it applies: fp32 tensors on the CPU (and on the meta device, so that the memory planner sees
 the path that trains). Everything else — other dtypes (bf16 already goes to oneDNN inside
 ``F.linear``), CPU autocast, CUDA, tracers, compilers, torch.func transforms, dispatch modes (the
@@ -57,10 +62,11 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 class _Linear(torch.autograd.Function):
-    """``x @ weightᵀ + bias`` whose forward and backward products all run in oneDNN.
+    """``x @ weightᵀ + bias`` whose forward and backward products run in oneDNN (small weight
+    gradients: ``torch.mm``, :func:`_weight_grad`).
 
-    The backward is made of this Function again (and a sum), so it is itself differentiable: the
-    double backward of conservative forces goes through oneDNN too.
+    The backward is made of this Function again, ``torch.mm`` and a sum, so it is itself
+    differentiable: the double backward of conservative forces goes through oneDNN too.
     """
 
     @staticmethod
@@ -74,16 +80,49 @@ class _Linear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if _wanted(ctx, 0, x):
             grad_x = _Linear.apply(grad, weight.t(), None)  # [M, in] = grad @ weight
-        if _wanted(ctx, 1, weight):  # [out, in] = gradᵀ @ x
-            # oneDNN copies a transposed first operand into rows; copy the narrower of grad and x
-            # (measured, 1,632 rows: out 768, in 64: 39 → 77 GMAC/s; out 256, in 512: 74 against 65)
-            if weight.shape[0] > weight.shape[1]:
-                grad_weight = _Linear.apply(x.t(), grad.t(), None).t()  # (xᵀ @ grad)ᵀ
-            else:
-                grad_weight = _Linear.apply(grad.t(), x.t(), None)
+        if _wanted(ctx, 1, weight):
+            grad_weight = _weight_grad(grad, x)  # [out, in] = gradᵀ @ x
         if bias is not None and _wanted(ctx, 2, bias):
             grad_bias = grad.sum(0)  # [out]
         return grad_x, grad_weight, grad_bias
+
+
+#: weight gradients ``gradᵀ @ x`` whose ``[out, in]`` result has at most this many elements, and
+#: neither dimension over :data:`MM_WEIGHT_GRAD_SIDE`, run as ``torch.mm`` (the BLAS) rather than in
+#: oneDNN. Such a product is bound by reading its two ``[M, ·]`` operands; the BLAS reads the
+#: transposed one in place, oneDNN first copies it into rows. Measured (one core, cold cache: 40 MB
+#: touched between calls; ms, oneDNN as before → ``torch.mm``)::
+#:
+#:     GemNet-OC, 5,268 edge rows:  in 64,  out 64    1.23 → 0.96     in 128, out 16   1.15 → 0.68
+#:                                  in 4,   out 64    0.39 → 0.27     in 64,  out 256  3.16 → 2.51
+#:                                  in 320, out 64    3.79 → 3.70     in 128, out 392  7.46 → 8.37 (kept)
+#:     eSEN, 105..945 atom rows:    in and out 64..256           0.41-0.71× the oneDNN time
+#:     eSEN, 1,632 edge rows:       in 64,  out 64    0.66 → 0.40     in 256, out 256  2.88 → 2.49
+#:                                  in 128, out 384   2.12 → 2.07     in 64,  out 768  2.36 → 2.36 (kept)
+#:                                  larger (in·out ≥ 320², up to 1152 × 1280): 0.93-1.15×, noise (kept)
+MM_WEIGHT_GRAD_ELEMENTS = 256 * 256
+MM_WEIGHT_GRAD_SIDE = 384
+
+
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``gradᵀ @ x``: ``grad`` ``[M, out]``, ``x`` ``[M, in]`` → ``[out, in]`` (perhaps a transposed view).
+
+    Small weights (:data:`MM_WEIGHT_GRAD_ELEMENTS`) through ``torch.mm``, which autograd differentiates
+    (a double backward of conservative forces); larger ones through :class:`_Linear`. Both are fp32
+    products with fp32 sums (another order of the same sums).
+    """
+    out, inp = grad.shape[1], x.shape[1]
+    if out * inp <= MM_WEIGHT_GRAD_ELEMENTS and max(out, inp) <= MM_WEIGHT_GRAD_SIDE:
+        if inp < min(out, 16):
+            # a result with a handful of columns runs the BLAS 2-3× slower than its transpose
+            # (5,268 rows, in 4, out 64: 0.78 against 0.27 ms); an in of 16 or more is no longer affected
+            return torch.mm(x.t(), grad).t()  # (xᵀ @ grad)ᵀ
+        return torch.mm(grad.t(), x)
+    # oneDNN copies a transposed first operand into rows; copy the narrower of grad and x
+    # (measured, 1,632 rows: out 768, in 64: 39 → 77 GMAC/s; out 256, in 512: 74 against 65)
+    if out > inp:
+        return _Linear.apply(x.t(), grad.t(), None).t()  # (xᵀ @ grad)ᵀ
+    return _Linear.apply(grad.t(), x.t(), None)
 
 
 def _wanted(ctx, index: int, tensor: torch.Tensor) -> bool:
