@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from datapipe.graph import batch_from_atoms
 from zoo.models.common import UNDERFLOW_EXPONENT, GaussianBasis, gather, scatter_sum
 from zoo.models import dense
-from zoo.models.gemnet_oc import sparse
+from zoo.models.gemnet_oc import csr, sparse
 from zoo.models.gemnet_oc import blocks, interactions
 from zoo.models.gemnet_oc.blocks import (Dense, ResidualLayer, ScaleFactor, aggregate_outer, fit_scale_factors,
                                          legendre_basis, run_scaled)
@@ -275,7 +275,7 @@ def test_model_onednn_matches_functional_linear_float32(direct, monkeypatch):
 def test_csr_maps_are_int32_where_the_counts_fit():
     plan, gen = random_plan(8)
     assert all(m.dtype == torch.int32 for m in plan.maps()) and all(m.dtype == torch.int32 for m in plan.maps_t()[:2])
-    assert sparse._index_dtype(2**31, 10) == sparse._index_dtype(10, 2**31) == torch.int64
+    assert csr.index_dtype(2**31, 10) == csr.index_dtype(10, 2**31) == torch.int64
     basis, x = torch.randn(plan.out.numel(), plan.k, generator=gen), torch.randn(plan.num_in, 4, generator=gen)
     torch.testing.assert_close(sparse_sum(basis, x, plan), outer_sum_dense(basis, x, plan), rtol=1e-5, atol=1e-6)
 

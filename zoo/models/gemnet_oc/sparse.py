@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from zoo.models.dense import engine_will_run, gradient_node
 from zoo.models.gemnet_oc.blocks import pad_slots
-from zoo.models.gemnet_oc.graph import group_starts
+from zoo.models.gemnet_oc.csr import csr_maps, index_dtype, order_maps, sort_keys
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
@@ -129,7 +129,7 @@ class OuterPlan:
         if self.sample is None:
             with torch.no_grad():
                 kmax, _, _, slot = self.padding()
-                dtype = _index_dtype(slot.numel() * self.k, self.num_out * self.k * kmax)
+                dtype = index_dtype(slot.numel() * self.k, self.num_out * self.k * kmax)
                 rank = slot - self.out * kmax  # [T] position in its group
                 ks = torch.arange(self.k, dtype=dtype, device=slot.device) * kmax
                 first = (self.out * (self.k * kmax) + rank).to(dtype)  # [T] where [t, 0] lies
@@ -175,7 +175,7 @@ class OuterPlan:
             return self.twin.maps()
         if self.csr is None:
             with torch.no_grad():
-                self.csr = _order_maps(self) if self.by_order else _csr_maps(self)
+                self.csr = order_maps(self) if self.by_order else csr_maps(self)
         return self.csr
 
     def maps_t(self) -> tuple[torch.Tensor, ...]:
@@ -184,8 +184,8 @@ class OuterPlan:
             return self.twin.maps_t()
         if self.csr_t is None:
             with torch.no_grad():
-                dtype = _index_dtype(self.out.numel() * self.k, max(self.num_out * self.k, self.num_in))
-                order = torch.argsort(_sort_keys(self.inp, self.num_in), stable=True)  # [T]
+                dtype = index_dtype(self.out.numel() * self.k, max(self.num_out * self.k, self.num_in))
+                order = torch.argsort(sort_keys(self.inp, self.num_in), stable=True)  # [T]
                 ks = torch.arange(self.k, dtype=dtype, device=self.out.device)
                 col_t = ((self.out.to(dtype) * self.k).index_select(0, order).unsqueeze(1) + ks).reshape(-1)  # [T·K]
                 crow_t = self.out.new_zeros(self.num_in + 1)
@@ -208,68 +208,6 @@ def share_index_maps(plans: Iterable[OuterPlan]) -> None:
         plan.twin = next((other for other in first if plan.same_structure(other)), None)
         if plan.twin is None:
             first.append(plan)
-
-
-def _csr_maps(plan: OuterPlan) -> tuple[torch.Tensor, ...]:
-    """``A``'s row pointers ``[O·K + 1]``, columns ``[T·K]`` and, for each of its values, the index
-    ``t·K + k`` of ``basis[t, k]`` in the flattened basis ``[T·K]``.
-
-    Row ``r = o·K + k`` holds, in order, the ``n_o`` basis rows ``t = start_o + j`` of group ``o``, from
-    position ``crow[r] = K·start_o + k·n_o``: at position ``q = crow[r] + j`` the gather index is
-    ``K·t + k = K·q + h[r]`` with ``h[r] = K·(start_o − crow[r]) + k``. So the gather map rises by ``K``
-    from one position to the next except where a row starts, where it jumps by ``h[r] − h[r − 1] + K``:
-    it is one cumulative sum of a ``K``-filled array with the ``O·K`` jumps added (sequential writes in
-    the index type, no scatter of ``[T·K]`` entries: 2.4× faster than placing both maps by
-    ``index_copy_``, 11.7 against 28 ms for the quadruplet sum, 811,698 × 7, one core). The columns
-    follow by one gather: ``col[q] = inp[gather[q] // K]``, the input row of each basis row repeated
-    ``K`` times and picked.
-    """
-    out, k, num_out, t = plan.out, plan.k, plan.num_out, plan.out.numel()
-    _check_sorted(out)
-    dtype = _index_dtype(t * k, max(k * num_out, plan.num_in))
-    ks = torch.arange(k, device=out.device)
-    counts = torch.bincount(out, minlength=num_out)  # [O] n_o
-    start = group_starts(counts)  # [O] start_o
-    first = (k * start.unsqueeze(1) + ks * counts.unsqueeze(1)).reshape(-1)  # [O·K] crow[r]
-    crow = torch.cat([first, first.new_full((1,), t * k)])  # [O·K + 1]
-    h = (k * (start.unsqueeze(1) - first.view(num_out, k)) + ks).reshape(-1)  # [O·K]
-    jumps = torch.diff(h, prepend=h.new_full((1,), k)).to(dtype)  # [O·K]: h[0] − K at the first row
-    steps = torch.full((t * k + 1,), k, dtype=dtype, device=out.device)  # one more: empty last rows land there
-    steps.index_add_(0, first, jumps)  # jumps of empty rows telescope into the next row's start
-    gather = steps[:-1].cumsum_(0)  # [T·K]
-    col = plan.inp.to(dtype).unsqueeze(1).expand(t, k).reshape(-1).index_select(0, gather)  # [T·K]
-    return crow.to(dtype), col, gather
-
-
-def _order_maps(plan: OuterPlan) -> tuple[torch.Tensor, ...]:
-    """Row pointers ``[O + 1]`` and columns ``[T]`` (``inp``) of every order's ``A_k`` ``[O, I]`` (:attr:`OuterPlan.by_order`)."""
-    out, t = plan.out, plan.out.numel()
-    _check_sorted(out)
-    dtype = _index_dtype(t, max(plan.num_out, plan.num_in))
-    crow = out.new_zeros(plan.num_out + 1)
-    torch.cumsum(torch.bincount(out, minlength=plan.num_out), 0, out=crow[1:])
-    return crow.to(dtype), plan.inp.to(dtype)
-
-
-def _sort_keys(index: torch.Tensor, size: int) -> torch.Tensor:
-    """``index`` ``[T]`` (values in ``[0, size)``) as the narrowest integers that keep its order: a stable
-    sort of them gives the same permutation, faster (quadruplets' inputs, 555,710 of them < 2¹⁶,
-    one core: int64 29, int32 15, int16 (shifted by −2¹⁵) 11 ms)."""
-    if size <= 2**16:
-        return (index - 2**15).to(torch.int16)
-    return index.to(torch.int32) if size <= 2**31 else index
-
-
-def _check_sorted(out: torch.Tensor) -> None:
-    if out.numel() > 1 and bool((out[1:] < out[:-1]).any()):
-        raise ValueError("OuterPlan: the output index must be sorted (grouped by output row)")
-
-
-def _index_dtype(nnz: int, size: int) -> torch.dtype:
-    """int32 for CSR maps whose counts fit: MKL's sparse product takes 32-bit indices, and int64 ones
-    are converted on every call (a copy of the column map each product: measured 24 ms against 8.5 ms
-    for the quadruplet sum, 555,710 × 7 non-zeros, one core)."""
-    return torch.int32 if max(nnz, size) < 2**31 - 1 else torch.int64
 
 
 def sparse_capable(*tensors: torch.Tensor) -> bool:
