@@ -62,10 +62,16 @@ def run(main, argv: list[str] | None = None) -> int:
     return 0
 
 
+def _started_process_group():
+    """``torch.distributed`` if the job started a process group (without importing torch), else None."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def _close_process_group() -> None:
     """Destroy torch.distributed's process groups, if any were started (every rank has finished)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    dist = _started_process_group()
+    if dist is not None:
         dist.destroy_process_group()
 
 
@@ -75,8 +81,8 @@ def _leave_process_group() -> None:
     The ranks first meet at a barrier (10 s at most), so that no rank exits — and makes the
     launcher kill the others — before rank 0 has printed the error.
     """
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    dist = _started_process_group()
+    if dist is not None:
         from datetime import timedelta
 
         try:

@@ -246,11 +246,12 @@ class ForceField(nn.Module):
         # geometry in at least fp32 (zoo.models.precision): bf16 would hold a 10 Å coordinate to ±0.03 Å
         geometry = geometry_dtype(self.compute_dtype(batch[keys.POSITIONS].device))
         positions = batch[keys.POSITIONS].to(geometry)  # [N, 3]
-        if not self.direct_forces and not self.compiled:  # compiled: the gradient is taken inside (torch.func)
+        eager_gradient = not self.direct_forces and not self.compiled  # compiled: taken inside (torch.func)
+        if eager_gradient:
             # a non-leaf view: autograd.grad w.r.t. it works under engines and flop counters
             positions = positions.detach().requires_grad_(True).view_as(positions)
         run = functools.partial(self._normalised_outputs, batch, positions, geometry, num_graphs)
-        if not self.direct_forces and not self.compiled and self.training:
+        if eager_gradient and self.training:
             # the trainer's backward then reaches the parameters only (zoo.models.parameter_gradients; exact)
             normalised, gradient = parameter_gradients_only(run, self.parameters())
         else:

@@ -49,9 +49,29 @@ def order_maps(plan) -> tuple[torch.Tensor, ...]:
     out, t = plan.out, plan.out.numel()
     check_sorted(out)
     dtype = index_dtype(t, max(plan.num_out, plan.num_in))
-    crow = out.new_zeros(plan.num_out + 1)
-    torch.cumsum(torch.bincount(out, minlength=plan.num_out), 0, out=crow[1:])
-    return crow.to(dtype), plan.inp.to(dtype)
+    return row_pointers(out, plan.num_out).to(dtype), plan.inp.to(dtype)
+
+
+def transpose_maps(plan) -> tuple[torch.Tensor, ...]:
+    """``Aᵀ``'s row pointers ``[I + 1]``, columns ``[T·K]`` and the order of the basis rows in it ``[T]``:
+    row ``i`` holds the basis rows with ``inp = i`` (a stable sort), each with its ``K`` columns."""
+    dtype = index_dtype(plan.out.numel() * plan.k, max(plan.num_out * plan.k, plan.num_in))
+    order = torch.argsort(sort_keys(plan.inp, plan.num_in), stable=True)  # [T]
+    ks = torch.arange(plan.k, dtype=dtype, device=plan.out.device)
+    col_t = ((plan.out.to(dtype) * plan.k).index_select(0, order).unsqueeze(1) + ks).reshape(-1)  # [T·K]
+    return row_pointers(plan.inp, plan.num_in, plan.k).to(dtype), col_t, order
+
+
+def row_pointers(index: torch.Tensor, size: int, width: int = 1) -> torch.Tensor:
+    """CSR row pointers ``[size + 1]`` (int64) of rows holding ``width`` entries per element of ``index``
+    ``[T]`` with that row (values in ``[0, size)``).
+
+    >>> row_pointers(torch.tensor([0, 0, 2]), 3, width=2).tolist()
+    [0, 4, 4, 6]
+    """
+    crow = index.new_zeros(size + 1)
+    torch.cumsum(torch.bincount(index, minlength=size) * width, 0, out=crow[1:])
+    return crow
 
 
 def sort_keys(index: torch.Tensor, size: int) -> torch.Tensor:

@@ -243,9 +243,9 @@ class GemNetOC(ForceField):
         # single product was 2× faster)
         narrow = self.sizes["trip_in"] <= 16
         g["plans"] = {
-            "e2e": OuterPlan(g["trip_e2e"]["out"], g["trip_e2e"]["in"], S, main.num_edges, main.num_edges, narrow),
-            "a2e": OuterPlan(g["trip_a2e"]["out"], g["trip_a2e"]["in"], S, main.num_edges, aeaint.num_edges, narrow),
-            "e2a": OuterPlan(g["trip_e2a"]["out"], g["trip_e2a"]["in"], S, aeaint.num_edges, main.num_edges, narrow),
+            "e2e": OuterPlan(g["trip_e2e"]["out"], g["trip_e2e"]["in"], S, main.num_edges, main.num_edges, by_order=narrow),
+            "a2e": OuterPlan(g["trip_a2e"]["out"], g["trip_a2e"]["in"], S, main.num_edges, aeaint.num_edges, by_order=narrow),
+            "e2a": OuterPlan(g["trip_e2a"]["out"], g["trip_e2a"]["in"], S, aeaint.num_edges, main.num_edges, by_order=narrow),
             "quad": OuterPlan(quad["quad_out"], quad["quad_in"], S, t_out["out"].numel(),
                               quad["trip_in"]["in"].numel(), by_order=True),  # maps of [Q], not [Q·S]
             "cab": cab_plan(t_out["out"], S, main.num_edges),

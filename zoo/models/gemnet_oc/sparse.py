@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from zoo.models.dense import engine_will_run, gradient_node
 from zoo.models.gemnet_oc.blocks import pad_slots
-from zoo.models.gemnet_oc.csr import csr_maps, index_dtype, order_maps, sort_keys
+from zoo.models.gemnet_oc.csr import csr_maps, index_dtype, order_maps, transpose_maps
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
@@ -153,8 +153,8 @@ class OuterPlan:
         if hit is not None:
             return hit[1]
         with torch.no_grad():
-            # rows first: the gradients of the Legendre bases arrive order-major (strides (1, T)), where
-            # the row gather took 38.8 ms against 3 ms for rows (quadruplets, 555,710 × 7, one core)
+            # gathers from rows: the gradients of the Legendre bases arrive order-major (strides (1, T)),
+            # where the row gather took 38.8 ms against 3 ms for rows (quadruplets, 555,710 × 7, one core)
             if transpose:
                 values = basis.contiguous().index_select(0, self.maps_t()[2]).reshape(-1)  # [T·K] in Aᵀ's order
             elif self.by_order:
@@ -184,13 +184,7 @@ class OuterPlan:
             return self.twin.maps_t()
         if self.csr_t is None:
             with torch.no_grad():
-                dtype = index_dtype(self.out.numel() * self.k, max(self.num_out * self.k, self.num_in))
-                order = torch.argsort(sort_keys(self.inp, self.num_in), stable=True)  # [T]
-                ks = torch.arange(self.k, dtype=dtype, device=self.out.device)
-                col_t = ((self.out.to(dtype) * self.k).index_select(0, order).unsqueeze(1) + ks).reshape(-1)  # [T·K]
-                crow_t = self.out.new_zeros(self.num_in + 1)
-                crow_t[1:] = torch.cumsum(torch.bincount(self.inp, minlength=self.num_in) * self.k, 0)
-                self.csr_t = (crow_t.to(dtype), col_t, order)
+                self.csr_t = transpose_maps(self)
         return self.csr_t
 
 
@@ -261,7 +255,7 @@ def outer_sum_dense(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> to
 def _product(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Tensor:
     """``A(basis)·x``: ``[T, K], [I, C] → [O, K, C]`` (one CSR product; ``K`` of them for a plan
     :attr:`~OuterPlan.by_order`)."""
-    rows, c = plan.num_out * plan.k, x.shape[-1]
+    c = x.shape[-1]
     if plan.by_order:
         crow, col = plan.maps()
         values, x, y = plan.values(basis, transpose=False), x.contiguous(), x.new_empty(plan.num_out, plan.k, c)
@@ -269,6 +263,7 @@ def _product(basis: torch.Tensor, x: torch.Tensor, plan: OuterPlan) -> torch.Ten
             matrix = torch.sparse_csr_tensor(crow, col, values[k], (plan.num_out, plan.num_in), check_invariants=False)
             torch.addmm(y[:, k], matrix, x, beta=0, out=y[:, k])
         return y  # [O, K, C]
+    rows = plan.num_out * plan.k
     crow, col, _ = plan.maps()
     matrix = torch.sparse_csr_tensor(crow, col, plan.values(basis, transpose=False), (rows, plan.num_in),
                                      check_invariants=False)  # [O·K, I]
